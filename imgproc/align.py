@@ -1,0 +1,445 @@
+"""Sub-pixel registration of frames by translation, with an optional 180° meridian flip.
+
+A :class:`Registrar` holds one reference frame (prepared and Fourier-transformed once) and
+measures other frames against it by cross-correlation:
+
+1. every frame is prepared alike: a median background mesh subtracted (removes gradients), NaN
+   set to that background, isolated hot pixels capped at their brightest 4-neighbour, and the
+   noise sigma estimated (MAD).  Two versions are kept: a *star map* clipped to ``[0,
+   coarse_clip]`` sigma (every star weighs about the same, so a few bright stars, hot pixels or
+   cosmics cannot win a chance alignment) and a *fine* version clipped to ``[-5, clip_sigma]``;
+2. the integer shift is the peak of the full-frame circular cross-correlation of the tapered
+   star maps (one forward FFT per frame against the stored reference spectrum, one inverse);
+3. the sub-pixel shift comes from the fine versions of the *overlapping* parts of frame and
+   reference only (cut to FFT-friendly sizes and tapered alike): the correlation is evaluated
+   by a matrix-multiply DFT on a ``1/upsample`` px grid within ±0.75 px of the integer peak,
+   then a parabola through the best grid point and its neighbours.
+
+Plain (not phase-normalised) cross-correlation is used: phase correlation whitens the spectrum,
+giving the noise-dominated high frequencies the same weight as the stars.
+
+``Shift.quality`` is the correlation coefficient of the overlapping star maps at the measured
+(nearest integer) shift.  Measured on synthetic fields (150 stars per 256², FWHM 3 px): same
+field 0.8-0.95 (≈0.5 at 6× the noise); pure noise ≈0.05 (64²), 0.02 (256²), <0.01 (1024²);
+an unrelated star field ≈0.2 (128²), 0.07 (256²), 0.01 (1024²).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import bottleneck as bn
+import numpy as np
+import scipy.fft
+import scipy.ndimage
+
+__all__ = ["Registrar", "Shift", "apply_shift", "pier_side_flip"]
+
+_MAD_TO_STD = 1.4826
+#: Subsampling step used for the background / noise estimates of a frame.
+_STAT_STEP = 4
+#: Fractional shifts smaller than this are treated as integers by :func:`apply_shift`.
+_INTEGER_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Shift:
+    """Registration of one frame onto the reference grid.
+
+    Attributes
+    ----------
+    dy, dx
+        Shift (pixels) to apply to the frame, after rotating it by 180° if ``flipped``, to put it
+        on the reference grid (``scipy.ndimage.shift`` convention: content moves by +dy, +dx).
+    flipped
+        The frame is rotated by 180° (meridian flip) with respect to the reference.
+    quality
+        Correlation coefficient (0..1) of the overlapping star maps at the measured shift;
+        compare with ``Registrar.min_quality``.
+    """
+
+    dy: float
+    dx: float
+    flipped: bool
+    quality: float
+
+
+def pier_side_flip(reference_pierside: str | None, pierside: str | None) -> bool:
+    """True when both pier sides are known (``EAST``/``WEST``, ``E``/``W``) and they differ."""
+    ref, cur = _pier(reference_pierside), _pier(pierside)
+    return ref is not None and cur is not None and ref != cur
+
+
+def _pier(value: str | None) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip().upper()
+    if text in ("E", "EAST", "PIERSIDE_EAST"):
+        return "E"
+    if text in ("W", "WEST", "PIERSIDE_WEST"):
+        return "W"
+    return None
+
+
+class Registrar:
+    """Holds the reference (its FFT computed once) and measures frames against it.
+
+    Parameters
+    ----------
+    reference
+        2-D reference frame; NaN allowed.
+    upsample
+        Refinement grid is ``1/upsample`` px (a parabola then refines within one grid step).
+    min_quality
+        Frames whose ``Shift.quality`` is below this should be rejected by the caller
+        (see :meth:`accepts`).  See the module docstring for measured values.
+    background_box
+        Cell size (px) of the median background mesh subtracted before correlating.
+    clip_sigma
+        The fine version (sub-pixel stage) is clipped at this many noise sigmas.
+    coarse_clip
+        The star map (integer-shift stage and ``quality``) is clipped at this many noise sigmas.
+    taper
+        Width (px) of the cosine taper applied at the edges before each FFT; 0 disables it.
+    flip_margin
+        With ``try_flip``, the rotated frame is chosen when its correlation peak is more than
+        ``flip_margin`` times stronger than the unrotated one.
+    """
+
+    def __init__(
+        self,
+        reference: np.ndarray,
+        *,
+        upsample: int = 20,
+        min_quality: float = 0.25,
+        background_box: int = 64,
+        clip_sigma: float = 50.0,
+        coarse_clip: float = 10.0,
+        taper: int = 16,
+        flip_margin: float = 1.5,
+    ) -> None:
+        reference = np.asarray(reference)
+        if reference.ndim != 2 or min(reference.shape) < 16:
+            raise ValueError(f"reference must be 2-D and at least 16x16, got {reference.shape}")
+        if upsample < 1:
+            raise ValueError("upsample must be >= 1")
+        self.shape: tuple[int, int] = reference.shape
+        self.upsample = int(upsample)
+        self.min_quality = float(min_quality)
+        self.background_box = int(background_box)
+        self.clip_sigma = float(clip_sigma)
+        self.coarse_clip = float(coarse_clip)
+        self.taper = int(taper)
+        self.flip_margin = float(flip_margin)
+        self._ref, self._ref_coarse = self._prepare(reference)
+        self._ref_spec = _spectrum(self._ref_coarse, self.taper)
+
+    def accepts(self, shift: Shift) -> bool:
+        """True when ``shift.quality`` reaches ``min_quality``."""
+        return shift.quality >= self.min_quality
+
+    def measure(self, image: np.ndarray, *, try_flip: bool = False) -> Shift:
+        """Measure the shift putting ``image`` onto the reference grid.
+
+        The integer peak comes from the full-frame cross-correlation (with ``try_flip`` the
+        180°-rotated frame is scored from the same FFT and chosen when its peak is clearly
+        stronger); the sub-pixel shift comes from the overlapping parts of the frame and the
+        reference only, so that content entering or leaving the field (or wrapping around in
+        the periodic FFT) cannot pull the peak.  ``quality`` is the correlation coefficient of
+        the overlaps of the star maps (clipped at ``coarse_clip``) at the nearest integer shift.
+        """
+        image = np.asarray(image)
+        if image.shape != self.shape:
+            raise ValueError(f"image shape {image.shape} != reference shape {self.shape}")
+        prepared, coarse = self._prepare(image)
+        spec = _spectrum(coarse, self.taper)
+        # For the frame reversed through the origin, x[-n], the spectrum is conj(spec): its
+        # cross-power is ref * spec, the frame's own is ref * conj(spec).
+        flip_peak, flip_value = (0, 0), -np.inf
+        if try_flip:
+            flip_peak, flip_value = self._coarse_peak(self._ref_spec * spec)
+        np.conjugate(spec, out=spec)
+        spec *= self._ref_spec
+        peak, value = self._coarse_peak(spec)
+        del spec
+        flipped = flip_value > self.flip_margin * max(value, 0.0)
+        if flipped:
+            # rot180(x)[n] = x[N-1-n] is x[-n] displaced by -1 px: one more pixel of shift
+            ny, nx = self.shape
+            peak = (_wrap_int(flip_peak[0] + 1, ny), _wrap_int(flip_peak[1] + 1, nx))
+            prepared, coarse = prepared[::-1, ::-1], coarse[::-1, ::-1]
+        dy, dx = self._refine(prepared, peak)
+        quality = _overlap_correlation(self._ref_coarse, coarse, round(dy), round(dx))
+        return Shift(dy, dx, flipped, quality)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fine (clipped at ``clip_sigma``) and coarse (clipped at ``coarse_clip``) versions."""
+        data, sigma = _prepare(image, self.background_box)
+        if not sigma > 0:  # noiseless (synthetic) frame
+            return data, data
+        coarse = np.clip(data, 0.0, self.coarse_clip * sigma)
+        coarse -= coarse.mean(dtype=np.float64)
+        np.clip(data, -5.0 * sigma, self.clip_sigma * sigma, out=data)
+        return data, coarse
+
+    def _coarse_peak(self, cross: np.ndarray) -> tuple[tuple[int, int], float]:
+        ny, nx = self.shape
+        corr = scipy.fft.irfft2(cross, s=self.shape, workers=-1)
+        iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
+        return (_wrap_int(int(iy), ny), _wrap_int(int(ix), nx)), float(corr[iy, ix])
+
+    def _refine(self, image: np.ndarray, peak: tuple[int, int]) -> tuple[float, float]:
+        """Sub-pixel peak of the correlation of the overlaps at integer shift ``peak``.
+
+        Both overlaps are cut to an FFT-friendly size and tapered alike; the correlation is
+        evaluated by a matrix-multiply DFT on a ``1/upsample`` grid within ±0.75 px of ``peak``.
+        """
+        ny, nx = self.shape
+        py, px = peak
+        # output (reference) pixel y takes frame pixel y - py
+        y0, x0 = max(0, py), max(0, px)
+        h = _fast_len_below(min(ny, ny + py) - y0)
+        w = _fast_len_below(min(nx, nx + px) - x0)
+        ref = self._ref[y0 : y0 + h, x0 : x0 + w]
+        img = image[y0 - py : y0 - py + h, x0 - px : x0 - px + w]
+        cross = _spectrum(ref, self.taper) * np.conj(_spectrum(img, self.taper))
+        weight = _half_spectrum_weights(w)
+
+        up = self.upsample
+        half = int(np.ceil(0.75 * up))
+        steps = np.arange(-half, half + 1, dtype=np.float64) / up
+        ky = scipy.fft.fftfreq(h) * h
+        kx = np.arange(w // 2 + 1, dtype=np.float64)
+        kern_y = np.exp(2j * np.pi * np.outer(steps, ky) / h).astype(np.complex64)
+        kern_x = np.exp(2j * np.pi * np.outer(kx, steps) / w).astype(np.complex64)
+        kern_x *= weight[:, None]
+        grid = (kern_y @ (cross @ kern_x)).real
+        if not np.any(grid):
+            return float(py), float(px)
+        iy, ix = np.unravel_index(int(np.argmax(grid)), grid.shape)
+        oy = _parabola(grid[iy - 1 : iy + 2, ix]) if 0 < iy < grid.shape[0] - 1 else 0.0
+        ox = _parabola(grid[iy, ix - 1 : ix + 2]) if 0 < ix < grid.shape[1] - 1 else 0.0
+        return float(py + steps[iy] + oy / up), float(px + steps[ix] + ox / up)
+
+
+def _spectrum(prepared: np.ndarray, taper: int) -> np.ndarray:
+    """Half spectrum (complex64) of a prepared array after the separable edge taper."""
+    if taper > 0:
+        ny, nx = prepared.shape
+        prepared = prepared * _taper(ny, taper)[:, None]
+        prepared *= _taper(nx, taper)
+    return scipy.fft.rfft2(prepared, workers=-1)
+
+
+def _half_spectrum_weights(n: int) -> np.ndarray:
+    """Hermitian weights of an rfft's columns: the inner ones stand for two columns."""
+    w = np.full(n // 2 + 1, 2.0, np.float32)
+    w[0] = 1.0
+    if n % 2 == 0:
+        w[-1] = 1.0
+    return w
+
+
+def _overlap_correlation(ref: np.ndarray, image: np.ndarray, iy: int, ix: int) -> float:
+    """Correlation coefficient (clipped to 0..1) of ``ref[y, x]`` and ``image[y - iy, x - ix]``."""
+    ny, nx = ref.shape
+    y0, y1, x0, x1 = max(0, iy), min(ny, ny + iy), max(0, ix), min(nx, nx + ix)
+    if y1 - y0 < 2 or x1 - x0 < 2:
+        return 0.0
+    a = ref[y0:y1, x0:x1]
+    b = image[y0 - iy : y1 - iy, x0 - ix : x1 - ix]
+    n = a.size
+    # one pass per sum, no temporaries (the maps are nearly zero-mean: no cancellation issue)
+    sa, sb = float(a.sum(dtype=np.float64)), float(b.sum(dtype=np.float64))
+    saa = float(np.einsum("ij,ij->", a, a)) - sa * sa / n
+    sbb = float(np.einsum("ij,ij->", b, b)) - sb * sb / n
+    sab = float(np.einsum("ij,ij->", a, b)) - sa * sb / n
+    if not (saa > 0 and sbb > 0):
+        return 0.0
+    return float(np.clip(sab / np.sqrt(saa * sbb), 0.0, 1.0))
+
+
+def _fast_len_below(n: int) -> int:
+    """Largest FFT-friendly (5-smooth) length <= n."""
+    m = n
+    while m > 1 and scipy.fft.next_fast_len(m) != m:
+        m -= 1
+    return max(m, 1)
+
+
+def _wrap_int(index: int, n: int) -> int:
+    """Periodic index in (-n/2, n/2]."""
+    index %= n
+    return index - n if index > n // 2 else index
+
+
+def _parabola(values: np.ndarray) -> float:
+    """Offset (in steps, within ±0.5) of the vertex of the parabola through three samples."""
+    left, mid, right = (float(v) for v in values)
+    denom = left - 2.0 * mid + right
+    if denom >= 0:
+        return 0.0
+    return float(np.clip(0.5 * (left - right) / denom, -0.5, 0.5))
+
+
+@functools.lru_cache(maxsize=16)
+def _taper(n: int, width: int) -> np.ndarray:
+    """1-D cosine (Tukey) edge taper of length ``n``, symmetric (``w[i] == w[n-1-i]``)."""
+    width = min(int(width), n // 4)
+    ramp = np.ones(n, np.float32)
+    if width > 0:
+        edge = 0.5 - 0.5 * np.cos(np.pi * (np.arange(width) + 0.5) / width)
+        ramp[:width] = edge
+        ramp[n - width :] = edge[::-1]
+    ramp.flags.writeable = False
+    return ramp
+
+
+def _prepare(image: np.ndarray, box: int) -> tuple[np.ndarray, float]:
+    """Float32 copy with the background mesh subtracted (NaN -> 0) and despiked; noise sigma."""
+    data = np.array(image, dtype=np.float32, copy=True)
+    data -= _background(data, box)
+    np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    # isolated hot pixels / single-pixel cosmics: cap each pixel at its brightest 4-neighbour
+    nb = np.full_like(data, -np.inf)
+    nb[1:] = data[:-1]
+    np.maximum(nb[:-1], data[1:], out=nb[:-1])
+    np.maximum(nb[:, 1:], data[:, :-1], out=nb[:, 1:])
+    np.maximum(nb[:, :-1], data[:, 1:], out=nb[:, :-1])
+    np.minimum(data, nb, out=data)
+    del nb
+    sample = data[::_STAT_STEP, ::_STAT_STEP]
+    sigma = _MAD_TO_STD * float(bn.median(np.abs(sample - bn.median(sample))))
+    return data, sigma
+
+
+def _background(data: np.ndarray, box: int) -> np.ndarray:
+    """Smooth background: medians of ``box``-sized cells, bilinearly interpolated (float32).
+
+    Cell medians use every other pixel; cells without valid pixels take the median of the others.
+    """
+    ny, nx = data.shape
+    my, mx = max(1, ny // box), max(1, nx // box)
+    hy, hx = ny // my, nx // mx
+    step = 2 if min(hy, hx) >= 8 else 1
+    cells = data[: my * hy : step, : mx * hx : step]
+    cells = cells.reshape(my, cells.shape[0] // my, mx, cells.shape[1] // mx)
+    mesh = bn.nanmedian(cells.transpose(0, 2, 1, 3).reshape(my, mx, -1), axis=-1)
+    if not np.isfinite(mesh).all():
+        fill = bn.nanmedian(mesh)
+        mesh = np.where(np.isfinite(mesh), mesh, 0.0 if np.isnan(fill) else fill)
+    return (_interp_matrix(ny, hy, my) @ mesh.astype(np.float32)) @ _interp_matrix(nx, hx, mx).T
+
+
+def _interp_matrix(n: int, cell: int, m: int) -> np.ndarray:
+    """(n, m) linear weights from cell centres to pixels, extrapolated beyond the end centres."""
+    pos = (np.arange(n) + 0.5) / cell - 0.5
+    if m == 1:
+        return np.ones((n, 1), np.float32)
+    lo = np.clip(np.floor(pos).astype(int), 0, m - 2)
+    frac = pos - lo
+    weights = np.zeros((n, m), np.float32)
+    weights[np.arange(n), lo] = 1.0 - frac
+    weights[np.arange(n), lo + 1] = frac
+    return weights
+
+
+def apply_shift(image: np.ndarray, shift: Shift, *, order: int = 1) -> np.ndarray:
+    """Float32 frame resampled onto the reference grid; pixels from outside the frame are NaN.
+
+    The frame is rotated by 180° first when ``shift.flipped``, then translated by
+    ``(shift.dy, shift.dx)``.  ``order=1`` (default) is bilinear: local, flux-preserving, no
+    ringing; any output pixel whose 2×2 footprint touches a NaN or the outside is NaN.
+    ``order=3`` is a cubic spline (``scipy.ndimage.shift``) on the frame with NaN filled by the
+    median; pixels whose 4×4 footprint touches a NaN or the outside are NaN.  Integer shifts are
+    exact copies with NaN borders for any order.
+    """
+    data = np.asarray(image, dtype=np.float32)
+    if data.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {data.shape}")
+    if shift.flipped:
+        data = data[::-1, ::-1]
+    iy, fy = _split(shift.dy)
+    ix, fx = _split(shift.dx)
+    if fy == 0.0 and fx == 0.0:
+        return _integer_shift(data, iy, ix)
+    if order == 1:
+        return _bilinear_shift(data, iy, fy, ix, fx)
+    if order == 3:
+        return _spline_shift(data, shift.dy, shift.dx)
+    raise ValueError(f"order must be 1 or 3, got {order}")
+
+
+def _split(value: float) -> tuple[int, float]:
+    """Integer and fractional (0 <= f < 1) parts, snapping near-integers."""
+    whole = float(np.floor(value))
+    frac = float(value) - whole
+    if frac < _INTEGER_TOL:
+        return int(whole), 0.0
+    if frac > 1.0 - _INTEGER_TOL:
+        return int(whole) + 1, 0.0
+    return int(whole), frac
+
+
+def _integer_shift(data: np.ndarray, iy: int, ix: int) -> np.ndarray:
+    """out[y, x] = data[y - iy, x - ix], NaN where that is outside."""
+    ny, nx = data.shape
+    out = np.full((ny, nx), np.nan, np.float32)
+    y0, y1 = max(0, iy), min(ny, ny + iy)
+    x0, x1 = max(0, ix), min(nx, nx + ix)
+    if y0 < y1 and x0 < x1:
+        out[y0:y1, x0:x1] = data[y0 - iy : y1 - iy, x0 - ix : x1 - ix]
+    return out
+
+
+def _bilinear_shift(data: np.ndarray, iy: int, fy: float, ix: int, fx: float) -> np.ndarray:
+    """out(y, x) = data(y - iy - fy, x - ix - fx), bilinear, by slicing (no coordinate arrays).
+
+    The sample point lies between rows ``y-iy-1`` and ``y-iy`` (weights ``fy`` and ``1-fy``),
+    likewise for columns; a zero fractional part uses only one row/column.
+    """
+    ny, nx = data.shape
+    out = np.full((ny, nx), np.nan, np.float32)
+    ry = [(1.0 - fy, 0), (fy, 1)] if fy else [(1.0, 0)]
+    rx = [(1.0 - fx, 0), (fx, 1)] if fx else [(1.0, 0)]
+    # output rows y need source rows y-iy-1 (if fy) .. y-iy inside [0, ny)
+    y0 = max(0, iy + (1 if fy else 0))
+    y1 = min(ny, ny + iy)
+    x0 = max(0, ix + (1 if fx else 0))
+    x1 = min(nx, nx + ix)
+    if y0 >= y1 or x0 >= x1:
+        return out
+    acc = out[y0:y1, x0:x1]
+    acc[...] = 0.0
+    for wy, oy in ry:
+        for wx, ox in rx:
+            src = data[y0 - iy - oy : y1 - iy - oy, x0 - ix - ox : x1 - ix - ox]
+            acc += np.float32(wy * wx) * src
+    return out
+
+
+def _spline_shift(data: np.ndarray, dy: float, dx: float) -> np.ndarray:
+    bad = ~np.isfinite(data)
+    filled = data
+    if bad.any():
+        filled = np.where(bad, bn.nanmedian(data), data).astype(np.float32)
+    out = scipy.ndimage.shift(filled, (dy, dx), order=3, mode="nearest")
+    out = out.astype(np.float32, copy=False)
+    # out[y] samples p = y - dy; the cubic uses rows floor(p)-1 .. floor(p)+2, i.e. rows
+    # r-2 .. r+1 of r = y - iy (a single row r when the fraction is 0), likewise for columns.
+    iy, fy = _split(dy)
+    ix, fx = _split(dx)
+    reach_y = (-2, 1) if fy else (0, 0)
+    reach_x = (-2, 1) if fx else (0, 0)
+    padded = np.pad(bad, 2, constant_values=True)
+    ny, nx = data.shape
+    touched = np.zeros_like(bad)
+    for oy in range(reach_y[0], reach_y[1] + 1):
+        for ox in range(reach_x[0], reach_x[1] + 1):
+            touched |= padded[2 + oy : 2 + oy + ny, 2 + ox : 2 + ox + nx]
+    moved = _integer_shift(touched.astype(np.float32), iy, ix)
+    out[moved != 0.0] = np.nan  # NaN (outside) compares unequal too
+    return out

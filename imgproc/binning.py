@@ -1,0 +1,54 @@
+"""Binning: mean of N×N blocks, with the header's binning, pixel size and WCS kept true."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from astropy.io import fits
+
+_SIP = re.compile(r"^(A|B|AP|BP)_(\d)_(\d)$")
+
+
+def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of ``factor``×``factor`` blocks as float32; remainder rows and columns are dropped.
+
+    A block containing a NaN is NaN (a bad pixel is not silently averaged away).
+    """
+    if factor == 1:
+        return image.astype(np.float32, copy=False)
+    ny, nx = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    if ny == 0 or nx == 0:
+        raise ValueError(f"a {image.shape} image cannot be binned {factor}x{factor}")
+    blocks = image[:ny, :nx].reshape(ny // factor, factor, nx // factor, factor)
+    return blocks.mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+
+
+def bin_header(header: fits.Header, factor: int) -> fits.Header:
+    """A copy of ``header`` for an image binned by ``factor``.
+
+    XBINNING/YBINNING and XPIXSZ/YPIXSZ are multiplied by ``factor``; a WCS stays correct:
+    CRPIX moves to the binned pixel grid, CD or CDELT scale by ``factor``, and SIP distortion
+    coefficients are rescaled to the new pixel units.
+    """
+    out = header.copy()
+    if factor == 1:
+        return out
+    for key in ("XBINNING", "YBINNING"):
+        out[key] = int(out.get(key, 1) or 1) * factor
+    for key in ("XPIXSZ", "YPIXSZ"):
+        if key in out:
+            out[key] = float(out[key]) * factor
+    for axis in (1, 2):
+        crpix = f"CRPIX{axis}"
+        if crpix in out:
+            out[crpix] = (float(out[crpix]) - 0.5) / factor + 0.5
+    has_cd = any(key.startswith("CD") and "_" in key for key in out)
+    for key in list(out.keys()):
+        if (has_cd and re.fullmatch(r"CD\d_\d", key)) or (not has_cd and re.fullmatch(r"CDELT\d", key)):
+            out[key] = float(out[key]) * factor
+        sip = _SIP.match(key)
+        if sip:
+            order = int(sip.group(2)) + int(sip.group(3))
+            out[key] = float(out[key]) * factor ** (order - 1)
+    return out

@@ -1,0 +1,286 @@
+"""The ``imgproc`` command: the original tool's flags mapped to workflow config and ``--cores``.
+
+It checks the folders, resolves the output folder, writes the resolved config into it as
+``imgproc.yaml`` and runs Snakemake there.  Running the same command again resumes: a lock left
+by a killed run is cleared (a live run's lock is respected) and incomplete jobs are redone.
+
+Exit status: 0 every light processed; 1 the workflow failed; 2 usage or folder error;
+3 finished, but some lights were skipped (see ``summary.txt`` in the output folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgproc import __version__
+from imgproc.manifest import list_fits
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+CONFIG_NAME = "imgproc.yaml"
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; printed as one line, no traceback."""
+
+
+def workflow_dir() -> Path:
+    """Folder holding the Snakefile: inside the installed package, or the source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "workflow", here.parent):
+        if (candidate / "Snakefile").is_file():
+            return candidate
+    raise UsageError(f"the imgproc workflow files were not found beside {here}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the original tool, plus pass-through of Snakemake arguments."""
+    parser = argparse.ArgumentParser(
+        prog="imgproc",
+        description="Calibrate, bin, align and stack a night of FITS frames (a Snakemake workflow).",
+        epilog="Arguments after -- go to Snakemake, e.g. -- --dry-run or -- --profile profiles/slurm. "
+        "Exit status: 0 all done, 1 workflow failed, 2 usage error, 3 some lights skipped.",
+    )
+    parser.add_argument("input_dir", type=Path, help="folder of raw light frames")
+    parser.add_argument(
+        "output_dir", type=Path, nargs="?",
+        help="output folder (default: <OBJECT>_<YYYY-MM-DD>_<OBSERVER>_CAL beside the input folder)",
+    )  # fmt: skip
+    parser.add_argument("-B", "--bias-dir", type=Path, help="folder of master bias frames")
+    parser.add_argument("-D", "--dark-dir", type=Path, help="folder of master dark frames")
+    parser.add_argument("-F", "--flat-dir", type=Path, help="folder of master flat frames")
+    parser.add_argument("-b", "--bin-level", type=positive_int, default=1, help="binning factor (default 1)")
+    parser.add_argument("-a", "--align", action="store_true", help="align frames (sub-pixel)")
+    parser.add_argument("-s", "--stack", action="store_true", help="stack groups of frames")
+    parser.add_argument("-S", "--stack-threshold", type=positive_int, default=150,
+                        help="frames in a sequence before stacking is triggered (default 150)")  # fmt: skip
+    parser.add_argument("-o", "--observer", default="DGAH", help="observer code (default DGAH)")
+    parser.add_argument("-f", "--filter", help="only process lights with this FILTER value")
+    parser.add_argument("-c", "--concurrency", type=positive_int, default=os.cpu_count() or 1,
+                        help="number of processes (default: CPU count)")  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="store_true", help="verbose diagnostic output")
+    parser.add_argument("--version", action="version", version=f"imgproc {__version__}")
+    return parser
+
+
+def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split the arguments at the first ``--`` into ours and Snakemake's."""
+    argv = list(argv)
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1 :]
+    return argv, []
+
+
+def check_folder(path: Path, what: str) -> Path:
+    """An existing folder, resolved; else a UsageError saying what to do."""
+    if not path.is_dir():
+        raise UsageError(f"{what} {path} is not a folder; check the path")
+    return path.resolve()
+
+
+def default_output_dir(input_dir: Path, observer: str, keywords: dict[str, list[str]]) -> Path:
+    """``<OBJECT>_<YYYY-MM-DD>_<OBSERVER>_CAL`` of the earliest light, beside the input folder."""
+    from imgproc.fitsio import FitsError, read_header
+    from imgproc.keywords import normalise
+    from imgproc.naming import default_output_dirname
+
+    earliest: tuple[str, str | None] | None = None
+    for path in list_fits(input_dir):
+        try:
+            values = normalise(read_header(path)[0], keywords)
+        except (FitsError, OSError):
+            continue
+        if values["imagetyp"] in (None, "light") and values["date_obs"]:
+            key = (values["date_obs"], values["object"])
+            earliest = key if earliest is None or key < earliest else earliest
+    if earliest is None:
+        raise UsageError(
+            f"no light frame with a readable DATE-OBS in {input_dir}; give OUTPUT_DIR explicitly"
+        )
+    from datetime import datetime
+
+    name = default_output_dirname(earliest[1], datetime.fromisoformat(earliest[0]), observer)
+    return input_dir.parent / name
+
+
+def resolve_config(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The workflow config for these arguments (folders resolved and checked)."""
+    config = dict(defaults)
+    input_dir = check_folder(args.input_dir, "input folder")
+    if not list_fits(input_dir):
+        raise UsageError(f"no FITS files (.fits .fit .fts .fz .fits.gz) in {input_dir}")
+    for role, path in (("bias", args.bias_dir), ("dark", args.dark_dir), ("flat", args.flat_dir)):
+        folder = None if path is None else check_folder(path, f"{role} folder")
+        if folder is not None and not list_fits(folder):
+            raise UsageError(f"the {role} folder {folder} holds no FITS files")
+        config[f"{role}_dir"] = None if folder is None else str(folder)
+    output = args.output_dir or default_output_dir(input_dir, args.observer, config["keywords"])
+    output = output.resolve()
+    if output == input_dir or input_dir in output.parents:
+        raise UsageError(f"output folder {output} is inside the input folder; choose another")
+    config.update(
+        input_dir=str(input_dir), output_dir=str(output), observer=args.observer, filter=args.filter,
+        bin=args.bin_level, align=args.align, stack=args.stack, stack_threshold=args.stack_threshold,
+        verbose=args.verbose,
+    )  # fmt: skip
+    return config
+
+
+def prepare_output(output: Path) -> None:
+    """Create the output folder and check it is writable."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output folder {output}: {exc.strerror}") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise UsageError(f"the output folder {output} is not writable")
+
+
+def write_config(output: Path, config: dict[str, Any]) -> Path:
+    """Write the resolved config as ``imgproc.yaml`` (unchanged content keeps its file)."""
+    path = output / CONFIG_NAME
+    text = "# Resolved by imgproc; repeat with: snakemake --cores N --configfile " + str(path) + "\n"
+    text += yaml.safe_dump(config, sort_keys=False)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def hold_run_lock(output: Path) -> Any:
+    """Take the per-output-folder run lock, or fail if a live run holds it."""
+    handle = open(output / ".imgproc.lock", "a+")  # noqa: SIM115  (held for the whole run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UsageError(f"another imgproc run is working in {output}; wait for it to finish") from None
+    return handle
+
+
+def live_snakemake_in(output: Path) -> bool:
+    """True when a running Snakemake process works in ``output`` (its lock must be respected)."""
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if (
+                Path(os.readlink(entry / "cwd")) == output
+                and b"snakemake" in (entry / "cmdline").read_bytes()
+            ):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def clear_stale_locks(output: Path) -> None:
+    """Remove Snakemake locks left by a killed run; a live run's lock is kept."""
+    locks = output / ".snakemake" / "locks"
+    if not locks.is_dir() or not any(locks.iterdir()):
+        return
+    if live_snakemake_in(output):
+        raise UsageError(f"a Snakemake run is working in {output}; wait for it to finish")
+    for lock in locks.iterdir():
+        lock.unlink(missing_ok=True)
+
+
+def invalidate_missing(output: Path) -> None:
+    """Drop batch receipts whose files were deleted, so Snakemake redoes those batches.
+
+    The summary goes too: Snakemake does not revisit the jobs behind an up-to-date plan
+    checkpoint, but a missing summary makes it rebuild everything the summary needs.
+    """
+    dropped = False
+    for folder, present in (("calibrated", _intermediates_present), ("published", _outputs_present)):
+        for receipt in sorted((output / "work" / folder).glob("*.json")):
+            try:
+                items = json.loads(receipt.read_text(encoding="utf-8")).get("items", {})
+            except (OSError, ValueError, AttributeError):
+                items = None
+            if items is None or not present(output, items):
+                receipt.unlink(missing_ok=True)
+                dropped = True
+    if dropped:
+        (output / "summary.json").unlink(missing_ok=True)
+
+
+def _intermediates_present(output: Path, items: dict[str, dict]) -> bool:
+    return all(
+        (output / "work" / "cal" / f"{fid}.fits").exists()
+        for fid, i in items.items()
+        if i["status"] != "skipped"
+    )
+
+
+def _outputs_present(output: Path, items: dict[str, dict]) -> bool:
+    return all((output / name).exists() for name, i in items.items() if i["status"] != "skipped")
+
+
+def snakemake_command(config_path: Path, cores: int, extra: Sequence[str]) -> list[str]:
+    """The Snakemake invocation for a resolved config."""
+    return [
+        sys.executable, "-m", "snakemake", "--snakefile", str(workflow_dir() / "Snakefile"),
+        "--configfile", str(config_path), "--cores", str(cores), "--rerun-incomplete", "--keep-going",
+        *extra,
+    ]  # fmt: skip
+
+
+def report(output: Path) -> int:
+    """Exit status from ``summary.json``: complete or not."""
+    try:
+        summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return EXIT_FAILED
+    print(f"imgproc: outputs in {output}", file=sys.stderr)
+    return EXIT_OK if summary.get("complete") else EXIT_INCOMPLETE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status."""
+    ours, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(ours)
+    try:
+        defaults = yaml.safe_load((workflow_dir() / "config.yaml").read_text(encoding="utf-8"))
+        config = resolve_config(args, defaults)
+        output = Path(config["output_dir"])
+        prepare_output(output)
+        config_path = write_config(output, config)
+        lock = hold_run_lock(output)
+        clear_stale_locks(output)
+        invalidate_missing(output)
+    except UsageError as exc:
+        print(f"imgproc: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with lock:
+        status = subprocess.call(snakemake_command(config_path, args.concurrency, extra), cwd=output)
+    dry = any(flag in extra for flag in ("-n", "--dry-run", "--dryrun", "--lint", "--unlock"))
+    if status != 0:
+        print(f"imgproc: the workflow failed (Snakemake exit {status}); see {output}/logs", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if dry else report(output)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

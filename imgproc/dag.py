@@ -1,0 +1,150 @@
+"""How the plan becomes Snakemake jobs: input lists, params and resources of each batch rule.
+
+Imported by ``rules/common.smk`` at parse time, so it imports no astropy and reads only the
+plan table (never a FITS header).  Everything here is a plain function of config and plan.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from imgproc.manifest import OK, list_fits, read_tsv
+from imgproc.plan import COLUMNS as PLAN_COLUMNS
+
+ROLES = ("bias", "dark", "flat")
+#: Bytes per pixel held by a calibrate job per frame-sized array (light, result, 3 masters...).
+_CAL_ARRAYS = 8
+_OVERHEAD_MB = 400
+
+
+class Layout:
+    """Config-derived facts: input folders and the params of the scan, plan and publish rules."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        self.input_dir = Path(config["input_dir"])
+        self.master_dirs = {r: Path(config[f"{r}_dir"]) for r in ROLES if config.get(f"{r}_dir")}
+
+    def input_files(self) -> list[str]:
+        """Every FITS file of the input and master folders (names only, no header read)."""
+        folders = [self.input_dir, *self.master_dirs.values()]
+        missing = [str(folder) for folder in folders if not folder.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"not a folder: {', '.join(missing)}")
+        return [str(path) for folder in folders for path in list_fits(folder)]
+
+    def scan_params(self) -> dict[str, Any]:
+        """What the scan depends on besides the files themselves."""
+        return {
+            "light_dir": str(self.input_dir),
+            "master_dirs": {role: str(path) for role, path in self.master_dirs.items()},
+            "keywords": dict(self.config["keywords"]),
+            "filter": self.config.get("filter"),
+        }
+
+    def plan_params(self) -> dict[str, Any]:
+        """Settings of :class:`imgproc.plan.PlanSettings`."""
+        matching = self.config["matching"]
+        return {
+            "observer": self.config["observer"],
+            "stack": self.config["stack"],
+            "stack_threshold": self.config["stack_threshold"],
+            "align": self.config["align"],
+            "reference": self.config["alignment"]["reference"],
+            "batches": self.config["batches"],
+            "max_batch": self.config["max_batch"],
+            "criteria": {role: list(matching[role]) for role in ROLES},
+            "tolerance": dict(matching["tolerance"]),
+        }
+
+    def stack_params(self) -> dict[str, Any]:
+        """Settings of :class:`imgproc.publish.StackSettings`."""
+        stacking, alignment = self.config["stacking"], self.config["alignment"]
+        return {
+            "align": self.config["align"],
+            "method": stacking["method"],
+            "sigma_low": stacking["sigma_low"],
+            "sigma_high": stacking["sigma_high"],
+            "memory_budget": stacking["memory_budget_mb"] * 1024**2,
+            "upsample": alignment["upsample"],
+            "min_quality": alignment["min_quality"],
+            "order": alignment["order"],
+        }
+
+
+class WorkflowInputs:
+    """Input functions over the plan; ``plan_path`` resolves the checkpoint (may raise while
+    the plan is still to be made, which is how Snakemake defers these jobs)."""
+
+    def __init__(self, layout: Layout, plan_path: Callable[[], str]) -> None:
+        self.layout = layout
+        self._plan_path = plan_path
+        self._cache: tuple[tuple[str, int, int], list[dict]] | None = None
+
+    def plan(self) -> list[dict[str, Any]]:
+        """Plan rows of the lights to process (read once per parse and plan version)."""
+        path = self._plan_path()
+        stat = os.stat(path)
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        if self._cache is None or self._cache[0] != key:
+            rows = [row for row in read_tsv(Path(path)) if row["status"] == OK]
+            self._cache = (key, rows)
+        return self._cache[1]
+
+    def _members(self, column: str, batch: str) -> list[dict[str, Any]]:
+        return [row for row in self.plan() if row[column] == batch]
+
+    def all_receipts(self, wildcards: Any = None) -> list[str]:
+        """Receipts of every calibrate and publish batch."""
+        plan = self.plan()
+        cal = sorted({row["cal_batch"] for row in plan})
+        pub = sorted({row["pub_batch"] for row in plan})
+        return [f"work/calibrated/{b}.json" for b in cal] + [f"work/published/{b}.json" for b in pub]
+
+    def calibrate_inputs(self, wildcards: Any) -> dict[str, list[str]]:
+        """Raw lights and the masters they use."""
+        members = self._members("cal_batch", wildcards.cal_batch)
+        masters = sorted({row[role] for row in members for role in ROLES if row.get(role)})
+        return {"lights": [row["path"] for row in members], "masters": masters}
+
+    def calibrate_entries(self, wildcards: Any) -> list[dict[str, Any]]:
+        """Plan rows of the batch (also a params rerun trigger: any change redoes the batch)."""
+        return [_entry(row) for row in self._members("cal_batch", wildcards.cal_batch)]
+
+    def calibrate_mem_mb(self, wildcards: Any) -> int:
+        """Memory of a calibrate job: a handful of frame-sized float32 arrays."""
+        members = self._members("cal_batch", wildcards.cal_batch)
+        pixels = max((row["ny"] * row["nx"] for row in members), default=0)
+        return _OVERHEAD_MB + pixels * 4 * _CAL_ARRAYS // 1024**2
+
+    def publish_inputs(self, wildcards: Any) -> list[str]:
+        """Receipts of the calibrate batches holding the batch's frames and their references."""
+        plan = self.plan()
+        members = self._members("pub_batch", wildcards.pub_batch)
+        refs = {row["reference"] for row in members if row.get("reference")}
+        batches = {row["cal_batch"] for row in members}
+        batches |= {row["cal_batch"] for row in plan if row["frame_id"] in refs}
+        return [f"work/calibrated/{batch}.json" for batch in sorted(batches)]
+
+    def publish_entries(self, wildcards: Any) -> list[dict[str, Any]]:
+        """Plan rows of the publish batch."""
+        return [_entry(row) for row in self._members("pub_batch", wildcards.pub_batch)]
+
+    def publish_references(self, wildcards: Any) -> dict[str, dict[str, Any]]:
+        """Plan rows of the reference frames the batch aligns to."""
+        refs = {row["reference"] for row in self._members("pub_batch", wildcards.pub_batch)}
+        return {row["frame_id"]: _entry(row) for row in self.plan() if row["frame_id"] in refs}
+
+    def publish_mem_mb(self, wildcards: Any) -> int:
+        """Memory of a publish job: the stacking budget plus a few frames (alignment FFTs)."""
+        members = self._members("pub_batch", wildcards.pub_batch)
+        pixels = max((row["ny"] * row["nx"] for row in members), default=0)
+        budget = self.layout.config["stacking"]["memory_budget_mb"]
+        return _OVERHEAD_MB + budget + pixels * 4 * _CAL_ARRAYS // 1024**2
+
+
+def _entry(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {column: row.get(column) for column in PLAN_COLUMNS}

@@ -1,0 +1,126 @@
+"""FITS input and output: which files are FITS, where the image is, and atomic writing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+
+
+class FitsError(ValueError):
+    """A file that cannot be used as an image, with the reason."""
+
+
+def _image_hdus(hdul: fits.HDUList) -> Iterator[tuple[int, fits.hdu.base.ExtensionHDU]]:
+    for index, hdu in enumerate(hdul):
+        if hdu.is_image and hdu.header.get("NAXIS", 0) >= 1:
+            yield index, hdu
+
+
+def find_image(hdul: fits.HDUList) -> int:
+    """Index of the first HDU holding a 2-D image (fpack files keep it in HDU 1).
+
+    Raises FitsError for files with no image or whose first image is not 2-D.
+    """
+    for index, hdu in _image_hdus(hdul):
+        naxis = hdu.header["NAXIS"]
+        if naxis == 2:
+            return index
+        raise FitsError(f"image in HDU {index} has {naxis} axes; a 2-D frame is expected")
+    raise FitsError("no image HDU")
+
+
+def open_fits(path: Path) -> fits.HDUList:
+    """Open a FITS file for reading, turning astropy's varied failures into FitsError."""
+    if path.stat().st_size == 0:
+        raise FitsError("file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            return fits.open(path, memmap=False, lazy_load_hdus=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise FitsError(f"not a readable FITS file ({exc})") from exc
+
+
+def read_header(path: Path) -> tuple[fits.Header, int, tuple[int, int]]:
+    """Header, HDU index and (ny, nx) shape of the image in ``path``, without reading pixels."""
+    with open_fits(path) as hdul:
+        try:
+            index = find_image(hdul)
+            header = hdul[index].header.copy()
+        except (OSError, ValueError, IndexError) as exc:
+            if isinstance(exc, FitsError):
+                raise
+            raise FitsError(f"damaged FITS structure ({exc})") from exc
+    if isinstance(hdul[index], fits.CompImageHDU):
+        header = _strip_compression(header)
+    shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+    return header, index, shape
+
+
+def _strip_compression(header: fits.Header) -> fits.Header:
+    """The image header of a tile-compressed HDU, without its table-only cards."""
+    clean = header.copy()
+    for key in ("XTENSION", "PCOUNT", "GCOUNT", "EXTNAME"):
+        clean.remove(key, ignore_missing=True, remove_all=True)
+    return clean
+
+
+def read_image(path: Path, hdu: int | None = None) -> tuple[np.ndarray, fits.Header]:
+    """Pixels as float32 (BZERO/BSCALE applied) and the header of the image in ``path``."""
+    with open_fits(path) as hdul:
+        index = find_image(hdul) if hdu is None else hdu
+        try:
+            data = hdul[index].data
+            header = hdul[index].header.copy()
+        except (OSError, ValueError, TypeError, IndexError) as exc:
+            raise FitsError(f"cannot read the pixels ({exc})") from exc
+        if data is None or data.ndim != 2:
+            raise FitsError("no 2-D pixel data")
+        expected = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+        if data.shape != expected:
+            raise FitsError(f"truncated: data shape {data.shape} but header says {expected}")
+        image = np.asarray(data, dtype=np.float32)
+    if isinstance(hdul[index], fits.CompImageHDU):
+        header = _strip_compression(header)
+    return image, header
+
+
+def write_atomic(path: Path, data: np.ndarray, header: fits.Header) -> None:
+    """Write a primary-HDU FITS file with CHECKSUM/DATASUM, appearing only when complete.
+
+    The data go to a temporary file in the same folder, which is then renamed over ``path``; a
+    crash leaves at worst a ``.tmp`` file, never a half-written result.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hdu = fits.PrimaryHDU(data=data, header=header)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            hdu.verify("silentfix")
+            hdu.add_checksum(when="imgproc")  # a fixed comment: no wall-clock time in the file
+            hdu.writeto(tmp, overwrite=True, checksum=False, output_verify="silentfix")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def link_atomic(source: Path, target: Path) -> None:
+    """Make ``target`` the same file as ``source`` (hard link, or copy across file systems)."""
+    tmp = target.with_name(f".{target.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)

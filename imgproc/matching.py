@@ -1,0 +1,103 @@
+"""Choosing the master bias, dark and flat of each light from manifest rows.
+
+Criteria (keywords per master type) -> candidates that agree on all of them -> the nearest in
+time, ties broken by file name.  When none agrees, the reason names the nearest candidate and
+the keywords that differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+#: Keywords that must agree, per master type (binning and image shape always must too).
+DEFAULT_CRITERIA: dict[str, list[str]] = {
+    "bias": ["instrume", "gain", "offset", "readoutm", "set_temp"],
+    "dark": ["instrume", "gain", "offset", "readoutm", "set_temp", "exptime"],
+    "flat": ["instrume", "gain", "offset", "readoutm", "filter"],
+}
+#: Numeric tolerances; other numbers must agree to 1e-6, strings case-insensitively.
+DEFAULT_TOLERANCE: dict[str, float] = {"set_temp": 0.5, "exptime": 0.01}
+_ALWAYS = ("xbinning", "ybinning", "ny", "nx")
+_LABELS = {"ny": "NAXIS2", "nx": "NAXIS1"}
+
+
+@dataclass(frozen=True)
+class Match:
+    """The master chosen for one light and role, or why there is none."""
+
+    role: str
+    path: str | None
+    reason: str = ""
+
+
+def label(name: str) -> str:
+    """Header-style label of a canonical name for messages (``set_temp`` -> ``SET-TEMP``)."""
+    return _LABELS.get(name, name.upper().replace("_", "-"))
+
+
+def _agree(name: str, a: Any, b: Any, tolerance: Mapping[str, float]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return abs(float(a) - float(b)) <= tolerance.get(name, 1e-6)
+    return str(a).strip().casefold() == str(b).strip().casefold()
+
+
+def differences(
+    light: Mapping[str, Any], master: Mapping[str, Any], keys: Sequence[str], tolerance: Mapping[str, float]
+) -> list[str]:
+    """``KEY (light vs master)`` for every criterion on which the two frames disagree."""
+    return [
+        f"{label(key)} ({light.get(key)!s} vs {master.get(key)!s})"
+        for key in (*keys, *_ALWAYS)
+        if not _agree(key, light.get(key), master.get(key), tolerance)
+    ]
+
+
+def _seconds_apart(light: Mapping[str, Any], master: Mapping[str, Any]) -> float:
+    if not light.get("date_obs") or not master.get("date_obs"):
+        return float("inf")
+    delta = datetime.fromisoformat(light["date_obs"]) - datetime.fromisoformat(master["date_obs"])
+    return abs(delta.total_seconds())
+
+
+def _rank(light: Mapping[str, Any], master: Mapping[str, Any]) -> tuple[float, str]:
+    return (_seconds_apart(light, master), Path(master["path"]).name)
+
+
+def match_master(
+    light: Mapping[str, Any],
+    candidates: Sequence[Mapping[str, Any]],
+    role: str,
+    criteria: Mapping[str, Sequence[str]] = DEFAULT_CRITERIA,
+    tolerance: Mapping[str, float] = DEFAULT_TOLERANCE,
+) -> Match:
+    """The master of ``role`` for ``light`` among ``candidates`` (manifest rows of that role)."""
+    keys = list(criteria[role])
+    if not candidates:
+        return Match(role, None, f"no {role} master in the {role} folder")
+    scored = [(differences(light, master, keys, tolerance), master) for master in candidates]
+    matching = [master for diffs, master in scored if not diffs]
+    if matching:
+        best = min(matching, key=lambda master: _rank(light, master))
+        return Match(role, best["path"])
+    diffs, nearest = min(scored, key=lambda item: (len(item[0]), *_rank(light, item[1])))
+    return Match(
+        role,
+        None,
+        f"no matching {role} master; nearest {Path(nearest['path']).name} differs in " + ", ".join(diffs),
+    )
+
+
+def match_light(
+    light: Mapping[str, Any],
+    masters: Mapping[str, Sequence[Mapping[str, Any]]],
+    criteria: Mapping[str, Sequence[str]] = DEFAULT_CRITERIA,
+    tolerance: Mapping[str, float] = DEFAULT_TOLERANCE,
+) -> dict[str, Match]:
+    """Matches for every role whose folder was given (``masters`` maps role -> candidate rows)."""
+    return {role: match_master(light, rows, role, criteria, tolerance) for role, rows in masters.items()}

@@ -1,0 +1,159 @@
+"""The plan: from manifest rows to what each light becomes.
+
+For every light: its masters (or why none matched), its sequence, its stack group and output
+name, the calibrate batch that makes its intermediate file and the publish batch that makes its
+final output.  Pure Python (no astropy) so that the Snakefile can read it cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from imgproc.manifest import OK, SKIPPED
+from imgproc.matching import DEFAULT_CRITERIA, DEFAULT_TOLERANCE, match_light
+from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
+
+#: Plan columns, in order.
+COLUMNS = (
+    "frame_id", "path", "hdu", "status", "reason", "sequence", "reference", "output", "n_group",
+    "mid", "bias", "dark", "flat", "cal_batch", "pub_batch", "pierside", "ny", "nx",
+)  # fmt: skip
+WORK = Path("work")
+
+
+@dataclass
+class PlanSettings:
+    """What the plan depends on besides the manifest."""
+
+    observer: str = "DGAH"
+    stack: bool = False
+    stack_threshold: int = 150
+    align: bool = False
+    reference: str = "first"  # first | middle
+    batches: int = 8  # target number of calibrate/publish batches
+    max_batch: int = 100  # most frames (or outputs) in one batch
+    criteria: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_CRITERIA))
+    tolerance: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
+
+
+def frame_id(path: str) -> str:
+    """Stable, file-name-safe id of a light: its name stem plus a digest of its full path."""
+    stem = Path(path).name.split(".")[0]
+    return f"{safe_part(stem, 'frame')[:40]}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+def intermediate(fid: str) -> Path:
+    """Where the calibrated intermediate file of a light lives (relative to the output folder)."""
+    return WORK / "cal" / f"{fid}.fits"
+
+
+def stack_groups(n_frames: int, threshold: int) -> list[list[int]]:
+    """The seed's grouping: more than ``threshold`` frames are grouped k = round(n/threshold)
+    consecutive frames at a time (the last group may be smaller); otherwise singles."""
+    k = round(n_frames / threshold) if n_frames > threshold else 1
+    return [list(range(start, min(start + k, n_frames))) for start in range(0, n_frames, k)]
+
+
+def sequence_key(light: Mapping[str, Any]) -> str:
+    """Name of the sequence of a light: OBJECT, FILTER, EXPTIME and binning."""
+    exptime = f"{light['exptime']:g}s"
+    return "_".join(
+        (safe_part(light["object"]), safe_part(light["filter"]), exptime,
+         f"{light['xbinning']}x{light['ybinning']}")
+    )  # fmt: skip
+
+
+def _batches(n: int, settings: PlanSettings) -> int:
+    """Items per batch: about ``settings.batches`` batches, none larger than ``max_batch``."""
+    return max(1, min(settings.max_batch, math.ceil(n / max(1, settings.batches))))
+
+
+def make_plan(rows: Sequence[Mapping[str, Any]], settings: PlanSettings) -> list[dict[str, Any]]:
+    """Plan rows for every light of the manifest (skipped ones with their reason)."""
+    masters: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    folders = {row["folder"] for row in rows}
+    for row in rows:
+        if row["folder"] != "light" and row["status"] == OK:
+            masters[row["folder"]].append(row)
+    wanted = {role: masters.get(role, []) for role in ("bias", "dark", "flat") if role in folders}
+    plan: list[dict[str, Any]] = []
+    for row in rows:
+        if row["folder"] != "light" or row["role"] != "light" or row["status"] != OK:
+            continue
+        entry = {
+            "frame_id": frame_id(row["path"]), "path": row["path"], "hdu": row["hdu"],
+            "status": OK, "reason": "", "pierside": row.get("pierside"), "ny": row["ny"], "nx": row["nx"],
+            "sequence": sequence_key(row),
+            "mid": mid_exposure(datetime.fromisoformat(row["date_obs"]), row["exptime"]),
+        }  # fmt: skip
+        matches = match_light(row, wanted, settings.criteria, settings.tolerance)
+        for role, match in matches.items():
+            entry[role] = match.path
+        failed = [match.reason for match in matches.values() if match.path is None]
+        if failed:
+            entry.update(status=SKIPPED, reason="; ".join(failed))
+        entry["_row"] = row
+        plan.append(entry)
+    _group(plan, settings)
+    _assign_batches(plan, settings)
+    for entry in plan:
+        entry.pop("_row")
+        entry["mid"] = entry["mid"].isoformat(timespec="microseconds")
+    return sorted(plan, key=lambda entry: (entry["status"] != OK, entry["mid"], entry["path"]))
+
+
+def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
+    sequences: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for entry in plan:
+        if entry["status"] == OK:
+            sequences[entry["sequence"]].append(entry)
+    claimed: dict[str, str] = {}
+    for key in sorted(sequences):
+        frames = sorted(sequences[key], key=lambda entry: (entry["mid"], entry["path"]))
+        ref = frames[len(frames) // 2 if settings.reference == "middle" else 0]
+        threshold = settings.stack_threshold if settings.stack else len(frames)
+        groups = stack_groups(len(frames), threshold)
+        for members in groups:
+            group = [frames[i] for i in members]
+            first = group[0]["_row"]
+            name = output_name(
+                first["object"],
+                settings.observer,
+                first["filter"],
+                mean_time([entry["mid"] for entry in group]),
+            )
+            owner = claimed.setdefault(name, group[0]["path"])
+            for entry in group:
+                entry.update(
+                    output=name, n_group=len(group), reference=ref["frame_id"] if settings.align else ""
+                )
+                if owner != group[0]["path"]:
+                    entry.update(
+                        status=SKIPPED,
+                        output="",
+                        reason=f"output name {name} is already made from {Path(owner).name}",
+                    )
+
+
+def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
+    ok = sorted((entry for entry in plan if entry["status"] == OK), key=lambda e: (e["sequence"], e["mid"]))
+    size = _batches(len(ok), settings)
+    for index, entry in enumerate(ok):
+        entry["cal_batch"] = f"c{index // size:04d}"
+    outputs = list(dict.fromkeys(entry["output"] for entry in ok))
+    size = _batches(len(outputs), settings)
+    pub = {name: f"p{index // size:04d}" for index, name in enumerate(outputs)}
+    for entry in ok:
+        entry["pub_batch"] = pub[entry["output"]]
+
+
+def batch_members(plan: Sequence[Mapping[str, Any]], column: str, batch: str) -> list[Mapping[str, Any]]:
+    """Plan rows of one calibrate (``cal_batch``) or publish (``pub_batch``) batch."""
+    return [entry for entry in plan if entry.get(column) == batch]

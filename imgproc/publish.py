@@ -1,0 +1,313 @@
+"""Publishing: final named outputs from calibrated intermediates.
+
+A group of one unaligned frame is published as a hard link of its intermediate (no copy); an
+aligned single is resampled onto its sequence's reference grid; a group of several frames is
+registered (with ``-a``) and combined in row strips, so memory stays within the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+from imgproc import __version__
+from imgproc.align import Registrar, Shift, apply_shift, pier_side_flip
+from imgproc.fitsio import FitsError, link_atomic, read_image, write_atomic
+from imgproc.manifest import SKIPPED
+from imgproc.naming import mean_time
+from imgproc.stack import combine
+from imgproc.stages import digest, read_json, write_json
+
+_CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
+_FILES = ("BIASFILE", "DARKFILE", "FLATFILE")
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """How frames are registered and combined."""
+
+    align: bool = False
+    method: str = "sigclip"
+    sigma_low: float = 3.0
+    sigma_high: float = 3.0
+    memory_budget: int = 2 * 1024**3
+    upsample: int = 20
+    min_quality: float = 0.1
+    order: int = 1
+
+
+@dataclass(frozen=True)
+class Member:
+    """One calibrated frame of a group: its intermediate file and plan facts."""
+
+    frame_id: str
+    path: Path
+    mid: datetime
+    pierside: str | None = None
+
+
+class ShiftedSource:
+    """Rows of an intermediate file resampled onto the reference grid, read strip by strip.
+
+    Reads only the rows a strip needs (plus a margin for interpolation) from the memory-mapped
+    float32 file; the part of the strip that comes from outside the frame is NaN.
+    """
+
+    def __init__(self, path: Path, shift: Shift, shape: tuple[int, int], order: int = 1) -> None:
+        self.path, self.shift, self._shape, self.order = path, shift, shape, order
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(ny, nx) of the frame."""
+        return self._shape
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the (possibly 180°-rotated) frame, NaN outside it."""
+        ny, nx = self._shape
+        block = np.full((stop - start, nx), np.nan, dtype=np.float32)
+        lo, hi = max(start, 0), min(stop, ny)
+        if lo >= hi:
+            return block
+        with fits.open(self.path, memmap=True) as hdul:
+            data = hdul[0].data
+            if self.shift.flipped:
+                rows = np.asarray(data[ny - hi : ny - lo], dtype=np.float32)[::-1, ::-1]
+            else:
+                rows = np.asarray(data[lo:hi], dtype=np.float32)
+            block[lo - start : hi - start] = rows
+        return block
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of the aligned frame as float32."""
+        whole = math.floor(self.shift.dy)
+        margin = 2 + self.order
+        window = self._rows(r0 - whole - margin, r1 - whole + margin)
+        moved = apply_shift(window, Shift(self.shift.dy - whole, self.shift.dx, False, 1.0), order=self.order)
+        return moved[margin : margin + (r1 - r0)]
+
+
+def registrar_for(reference: Path, settings: StackSettings) -> Registrar:
+    """A registrar built on the reference frame's intermediate."""
+    data, _ = read_image(reference)
+    return Registrar(data, upsample=settings.upsample, min_quality=settings.min_quality)
+
+
+def measure(member: Member, registrar: Registrar, reference_pierside: str | None) -> Shift:
+    """The shift that puts ``member`` on the reference grid.
+
+    A frame whose PIERSIDE differs from the reference's is rotated by 180° (meridian flip)
+    before measuring; otherwise the registrar also tries the rotation and keeps the better one.
+    """
+    data, _ = read_image(member.path)
+    if pier_side_flip(reference_pierside, member.pierside):
+        shift = registrar.measure(np.rot90(data, 2))
+        return Shift(shift.dy, shift.dx, True, shift.quality)
+    return registrar.measure(data, try_flip=True)
+
+
+def stack_header(
+    headers: Sequence[fits.Header], members: Sequence[Member], shifts: Sequence[Shift | None]
+) -> fits.Header:
+    """Header of a stack: its first frame's, plus NCOMBINE, DATE-AVG (mean mid-exposure),
+    LIVETIME (summed exposure), calibration flags true only if true for every frame, and
+    HISTORY cards listing every input with its masters and applied shift."""
+    out = headers[0].copy() if shifts[0] is None else aligned_header(headers[0], shifts[0])
+    out.remove("HISTORY", ignore_missing=True, remove_all=True)
+    out.set("NCOMBINE", len(headers), "number of frames combined")
+    out.set(
+        "DATE-AVG",
+        mean_time([m.mid for m in members]).isoformat(timespec="milliseconds"),
+        "[UTC] mean of the frames' mid-exposure times",
+    )
+    out.set("LIVETIME", float(sum(float(h.get("EXPTIME", 0) or 0) for h in headers)), "[s] summed exposure")
+    for key in _CAL:
+        out.set(key, all(bool(h.get(key, False)) for h in headers))
+    for key in ("ALIGNDX", "ALIGNDY", "ALIGNFLP"):
+        out.remove(key, ignore_missing=True)
+    out.add_history(f"Calibrated and stacked by imgproc {__version__}")
+    for header, member, shift in zip(headers, members, shifts, strict=True):
+        masters = ",".join(str(header.get(key, "-")) for key in _FILES)
+        moved = (
+            ""
+            if shift is None
+            else f" dx={shift.dx:+.3f} dy={shift.dy:+.3f}{' flip' if shift.flipped else ''}"
+        )
+        out.add_history(f"input {member.frame_id} masters={masters}{moved}")
+    return out
+
+
+def aligned_header(header: fits.Header, shift: Shift) -> fits.Header:
+    """A single frame's header after resampling: ALIGNDX/ALIGNDY/ALIGNFLP, and its WCS moved
+    with the pixels (CRPIX shifted; a 180° flip also reflects CRPIX and negates CD/PC)."""
+    out = header.copy()
+    ny, nx = int(out["NAXIS2"]), int(out["NAXIS1"])
+    if shift.flipped:
+        for axis, n in ((1, nx), (2, ny)):
+            if f"CRPIX{axis}" in out:
+                out[f"CRPIX{axis}"] = n + 1 - float(out[f"CRPIX{axis}"])
+        for key in [k for k in out if k[:2] in ("CD", "PC") and k[2:3].isdigit()]:
+            out[key] = -float(out[key])
+    for axis, delta in ((1, shift.dx), (2, shift.dy)):
+        if f"CRPIX{axis}" in out:
+            out[f"CRPIX{axis}"] = float(out[f"CRPIX{axis}"]) + delta
+    out.set("ALIGNDX", round(shift.dx, 4), "[px] x shift applied to reach the reference grid")
+    out.set("ALIGNDY", round(shift.dy, 4), "[px] y shift applied to reach the reference grid")
+    out.set("ALIGNFLP", shift.flipped, "rotated 180 deg (meridian flip) before shifting")
+    return out
+
+
+def publish_single_aligned(member: Member, shift: Shift, target: Path, order: int) -> None:
+    """Resample one frame onto the reference grid and write it to ``target``."""
+    data, header = read_image(member.path)
+    if shift.flipped:
+        data = np.rot90(data, 2).copy()
+    write_atomic(
+        target,
+        apply_shift(data, Shift(shift.dy, shift.dx, False, shift.quality), order=order),
+        aligned_header(header, shift),
+    )
+
+
+def publish_stack(
+    members: Sequence[Member], shifts: Sequence[Shift | None], target: Path, settings: StackSettings
+) -> None:
+    """Combine ``members`` (each resampled by its shift, if any) into ``target``."""
+    headers = [fits.getheader(member.path) for member in members]
+    shape = (int(headers[0]["NAXIS2"]), int(headers[0]["NAXIS1"]))
+    no_shift = Shift(0.0, 0.0, False, 1.0)
+    sources = [
+        ShiftedSource(m.path, s or no_shift, shape, settings.order)
+        for m, s in zip(members, shifts, strict=True)
+    ]
+    data = combine(
+        sources,
+        method=settings.method,
+        sigma_low=settings.sigma_low,
+        sigma_high=settings.sigma_high,
+        memory_budget=settings.memory_budget,
+    )
+    write_atomic(target, data, stack_header(headers, members, shifts))
+
+
+def check_shift(shift: Shift, settings: StackSettings) -> str:
+    """Why a measured shift cannot be used ('' when it can)."""
+    if shift.quality < settings.min_quality:
+        return f"alignment failed: correlation peak {shift.quality:.3f} below {settings.min_quality}"
+    return ""
+
+
+def plan_members(entries: Sequence[Mapping[str, object]], workdir: Path) -> list[Member]:
+    """Members of a group from its plan rows."""
+    return [
+        Member(
+            str(e["frame_id"]),
+            workdir / "cal" / f"{e['frame_id']}.fits",
+            datetime.fromisoformat(str(e["mid"])),
+            e.get("pierside"),
+        )  # type: ignore[arg-type]
+        for e in entries
+    ]
+
+
+def publish_group(
+    name: str,
+    entries: Sequence[Mapping[str, Any]],
+    reference: Mapping[str, Any] | None,
+    registrars: dict[str, Registrar],
+    workdir: Path,
+    outdir: Path,
+    settings: StackSettings,
+) -> dict[str, Any]:
+    """Make one final output from its group's intermediates; returns its receipt item.
+
+    An existing output is replaced only when it was made by imgproc from the same lights;
+    anything else at that name is left untouched and reported.
+    """
+    members = plan_members(entries, workdir)
+    stamps = {m.frame_id: (read_json(m.path.with_suffix(".json")) or {}).get("stamp") for m in members}
+    excluded = {
+        m.frame_id: "not calibrated" for m in members if not stamps[m.frame_id] or not m.path.exists()
+    }
+    members = [m for m in members if m.frame_id not in excluded]
+    sources = sorted(str(e["path"]) for e in entries)
+    target, stamp_path = outdir / name, workdir / "pub" / f"{name}.json"
+    previous = read_json(stamp_path)
+    if target.exists() and (previous is None or previous.get("sources") != sources):
+        return {
+            "status": SKIPPED,
+            "excluded": excluded,
+            "reason": f"{target} exists and was not made by imgproc from these lights; not overwritten",
+        }
+    if not members:
+        return {"status": SKIPPED, "reason": "no calibrated frame", "excluded": excluded}
+    ref_stamp = None
+    if settings.align and reference is not None:
+        ref_stamp = (read_json(workdir / "cal" / f"{reference['frame_id']}.json") or {}).get("stamp")
+    stamp = digest([name, [stamps[m.frame_id] for m in members], ref_stamp, asdict(settings), __version__])
+    if target.exists() and previous.get("stamp") == stamp:
+        return {"status": "reused", "ncombine": previous.get("ncombine", 1), "excluded": previous["excluded"]}
+    write_json(stamp_path, {"sources": sources, "stamp": None})
+    shifts: list[Shift | None] = [None] * len(members)
+    if settings.align:
+        if reference is None or not (workdir / "cal" / f"{reference['frame_id']}.fits").exists():
+            return {
+                "status": SKIPPED,
+                "reason": "the sequence's reference frame was not calibrated",
+                "excluded": excluded,
+            }
+        ref_id = str(reference["frame_id"])
+        if ref_id not in registrars:
+            registrars[ref_id] = registrar_for(workdir / "cal" / f"{ref_id}.fits", settings)
+        shifts = [measure(m, registrars[ref_id], reference.get("pierside")) for m in members]
+        for member, shift in zip(members, shifts, strict=True):
+            problem = check_shift(shift, settings)  # type: ignore[arg-type]
+            if problem:
+                excluded[member.frame_id] = problem
+        kept = [(m, s) for m, s in zip(members, shifts, strict=True) if m.frame_id not in excluded]
+        if not kept:
+            return {"status": SKIPPED, "reason": "no frame could be aligned", "excluded": excluded}
+        members, shifts = [m for m, _ in kept], [s for _, s in kept]
+    if len(members) == 1 and shifts[0] is None:
+        link_atomic(members[0].path, target)
+    elif len(members) == 1:
+        publish_single_aligned(members[0], shifts[0], target, settings.order)  # type: ignore[arg-type]
+    else:
+        publish_stack(members, shifts, target, settings)
+    item = {"status": "written", "ncombine": len(members), "excluded": excluded}
+    write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})
+    return item
+
+
+def run_publish_batch(
+    entries: Sequence[Mapping[str, Any]],
+    references: Mapping[str, Mapping[str, Any]],
+    workdir: Path,
+    outdir: Path,
+    receipt: Path,
+    settings: StackSettings,
+) -> dict[str, dict]:
+    """Make the final outputs of one publish batch and write the batch receipt.
+
+    ``references`` maps a reference frame id to its plan row (used with alignment).
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        groups[str(entry["output"])].append(entry)
+    registrars: dict[str, Registrar] = {}
+    results: dict[str, dict] = {}
+    for name, group in sorted(groups.items()):
+        reference = references.get(str(group[0].get("reference") or ""))
+        try:
+            results[name] = publish_group(name, group, reference, registrars, workdir, outdir, settings)
+        except (FitsError, ValueError, OSError) as exc:
+            results[name] = {"status": SKIPPED, "reason": f"publishing failed: {exc}", "excluded": {}}
+    write_json(receipt, {"kind": "publish", "items": results})
+    return results

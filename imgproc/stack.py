@@ -1,0 +1,237 @@
+"""Grouping of frames into sub-stacks and memory-bounded, NaN-aware combining in row strips.
+
+:func:`combine` never holds more than one strip of all frames: for each block of rows it reads
+those rows from every :class:`FrameSource` into one float32 buffer of shape
+``(rows, cols, n_frames)`` (frames on the last, contiguous axis, where bottleneck's reductions
+are fastest), reduces it to ``rows`` output rows and moves on.  :func:`strip_rows` sizes the
+strips from a memory budget.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import bottleneck as bn
+import numpy as np
+from astropy.io import fits
+
+__all__ = [
+    "ArraySource",
+    "FitsSource",
+    "FrameSource",
+    "combine",
+    "stack_groups",
+    "strip_rows",
+]
+
+#: Bytes per frame element of a strip: the float32 buffer (4), the boolean rejection masks or
+#: the float32 deviations of the MAD width (up to 4), plus margin.
+WORKING_BYTES_PER_ELEMENT = 12
+#: Bytes per output pixel of a strip independent of the frame count: per-pixel centre, width,
+#: limits and result (float32 each), the row block just read, and margin.
+PER_PIXEL_BYTES = 32
+
+METHODS = ("sigclip", "median", "mean")
+WIDTHS = ("std", "mad")
+_MAD_TO_STD = 1.482602218505602
+
+
+def stack_groups(n_frames: int, threshold: int) -> list[list[int]]:
+    """Group frame indices for sub-stacking.
+
+    Seed rule: if ``n_frames > threshold``, consecutive frames are grouped
+    ``k = round(n_frames / threshold)`` at a time (Python ``round``, so halves go to the even
+    integer; the last group may be smaller); otherwise every frame is its own group.
+    """
+    if threshold < 1:
+        raise ValueError(f"threshold must be >= 1, got {threshold}")
+    if n_frames < 0:
+        raise ValueError(f"n_frames must be >= 0, got {n_frames}")
+    k = round(n_frames / threshold) if n_frames > threshold else 1
+    return [list(range(start, min(start + k, n_frames))) for start in range(0, n_frames, k)]
+
+
+def strip_rows(n_frames: int, shape: tuple[int, int], memory_budget: int) -> int:
+    """Rows per strip so that one strip's working set stays within ``memory_budget`` bytes.
+
+    The working set of a strip of ``r`` rows is ``r × cols × (n_frames ×
+    WORKING_BYTES_PER_ELEMENT + PER_PIXEL_BYTES)``; the result is clamped to ``1..rows``
+    (a single row may exceed a budget that is too small).  The output image itself
+    (``rows × cols × 4`` bytes) is not part of the budget.
+    """
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+    n_rows, n_cols = shape
+    per_row = n_cols * (n_frames * WORKING_BYTES_PER_ELEMENT + PER_PIXEL_BYTES)
+    return int(min(max(1, memory_budget // per_row), max(1, n_rows)))
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    """A 2-D frame that can hand out row blocks as float32 without loading the whole frame."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1`` as a float32 array of shape ``(r1 - r0, cols)``."""
+        ...
+
+
+class ArraySource:
+    """An in-memory 2-D array (tests, frames already aligned in memory)."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        data = np.asarray(data)
+        if data.ndim != 2:
+            raise ValueError(f"frame must be 2-D, got shape {data.shape}")
+        self._data = data
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._data.shape
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        return np.asarray(self._data[r0:r1], dtype=np.float32)
+
+
+class FitsSource:
+    """One image HDU of a FITS file, read a row block at a time.
+
+    The file is opened for each :meth:`read_rows` call and closed again, so a stack of many
+    frames never holds many open files or mappings.  Unscaled floating-point HDUs (our
+    BITPIX=-32 intermediates) are sliced from ``astropy.io.fits.open(memmap=True)`` data;
+    scaled integer (BZERO/BSCALE/BLANK) and tile-compressed HDUs, where astropy would have to
+    load and convert the whole array, are opened without memmap and read through
+    ``hdu.section``, which reads (or decompresses) only the bytes (tiles) covering the
+    requested rows and applies the scaling and BLANK.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], hdu: int | str = 0) -> None:
+        self.path = os.fspath(path)
+        self.hdu = hdu
+        with fits.open(self.path, memmap=True) as hdul:
+            unit = hdul[hdu]
+            shape = tuple(int(n) for n in (unit.shape or ()))
+            if len(shape) != 2:
+                raise ValueError(f"{self.path}[{hdu}] is not a 2-D image (shape {shape})")
+            header = unit.header
+            self._direct = (
+                not isinstance(unit, fits.CompImageHDU)
+                and header.get("BITPIX") in (-32, -64)
+                and header.get("BSCALE", 1) == 1
+                and header.get("BZERO", 0) == 0
+            )
+        self._shape: tuple[int, int] = (shape[0], shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        # (astropy refuses memmap with BZERO/BSCALE/BLANK, even through ``section``)
+        with fits.open(self.path, memmap=self._direct) as hdul:
+            unit = hdul[self.hdu]
+            rows = unit.data[r0:r1] if self._direct else unit.section[r0:r1]
+            # copy into native-endian float32 before the mapping is closed
+            return np.array(rows, dtype=np.float32)
+
+
+def combine(
+    sources: Sequence[FrameSource],
+    *,
+    method: str = "sigclip",
+    sigma_low: float = 3.0,
+    sigma_high: float = 3.0,
+    memory_budget: int = 2 * 1024**3,
+    max_iters: int = 1,
+    width: str = "std",
+) -> np.ndarray:
+    """Combine equally-shaped frames into a float32 image, in row strips, NaN-aware.
+
+    Parameters
+    ----------
+    sources
+        Frames to combine (all the same shape).
+    method
+        ``'sigclip'``: per pixel, centre = median and width = standard deviation (``ddof=0``)
+        of the valid values, or ``1.4826 × MAD`` with ``width='mad'``; values below
+        ``centre - sigma_low × width`` or above ``centre + sigma_high × width`` are rejected,
+        repeated up to ``max_iters`` times (stopping early when nothing more is rejected, as
+        astropy's ``sigma_clip``), and the mean of the rest is returned.  ``'median'`` and
+        ``'mean'`` are plain NaN-ignoring median and mean.  With ``width='std'`` a single
+        outlier among ``n`` values lies at most ``(n-1)/sqrt(n)`` widths from the centre, so at
+        least 11 frames are needed to reject it at 3 sigma; ``'mad'`` has no such limit.
+    memory_budget
+        Bytes allowed for the working set of one strip (see :func:`strip_rows`).
+
+    NaN inputs are ignored; a pixel with no valid input is NaN.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if width not in WIDTHS:
+        raise ValueError(f"width must be one of {WIDTHS}, got {width!r}")
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    sources = list(sources)
+    if not sources:
+        raise ValueError("no frames to combine")
+    shape = tuple(sources[0].shape)
+    for src in sources[1:]:
+        if tuple(src.shape) != shape:
+            raise ValueError(f"frame shapes differ: {tuple(src.shape)} != {shape}")
+    n_rows, n_cols = shape
+    rows = strip_rows(len(sources), shape, memory_budget)
+    out = np.empty(shape, np.float32)
+    buffer = np.empty((rows, n_cols, len(sources)), np.float32)
+    for r0 in range(0, n_rows, rows):
+        r1 = min(n_rows, r0 + rows)
+        cube = buffer[: r1 - r0]
+        for i, src in enumerate(sources):
+            block = src.read_rows(r0, r1)
+            if block.shape != (r1 - r0, n_cols):
+                raise ValueError(f"source {i} returned shape {block.shape} for rows {r0}:{r1}")
+            cube[:, :, i] = block
+        out[r0:r1] = _reduce(cube, method, sigma_low, sigma_high, max_iters, width)
+    return out
+
+
+def _reduce(
+    cube: np.ndarray, method: str, sigma_low: float, sigma_high: float, max_iters: int, width: str
+) -> np.ndarray:
+    """Reduce ``(rows, cols, n)`` along the last axis; ``cube`` is used as scratch space."""
+    if method == "median":
+        return bn.nanmedian(cube, axis=-1)
+    if method == "mean":
+        return _centred_mean(cube, bn.nanmean(cube, axis=-1))
+    centre = bn.nanmedian(cube, axis=-1)
+    for iteration in range(max_iters):
+        if iteration:
+            centre = bn.nanmedian(cube, axis=-1)
+        if width == "std":
+            spread = bn.nanstd(cube, axis=-1)
+        else:
+            deviation = np.abs(cube - centre[..., None])
+            spread = bn.nanmedian(deviation, axis=-1) * np.float32(_MAD_TO_STD)
+            del deviation
+        low = (centre - np.float32(sigma_low) * spread)[..., None]
+        high = (centre + np.float32(sigma_high) * spread)[..., None]
+        reject = np.less(cube, low)
+        reject |= np.greater(cube, high)  # NaN compares False: never "rejected" twice
+        if not reject.any():
+            break
+        np.copyto(cube, np.float32(np.nan), where=reject)
+        del reject
+    return _centred_mean(cube, centre)
+
+
+def _centred_mean(cube: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """NaN-mean along the last axis, accumulated as deviations from ``centre`` (in place).
+
+    bottleneck sums float32 in float32; summing small deviations instead of the raw values
+    keeps the result within a float32 rounding of the exact mean.
+    """
+    cube -= centre[..., None]
+    return (centre + bn.nanmean(cube, axis=-1)).astype(np.float32, copy=False)

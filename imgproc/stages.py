@@ -1,0 +1,223 @@
+"""The pipeline as named stages: scan, plan, calibrate (a batch), publish (a batch), summarise.
+
+Each stage reads and writes files under the output folder and is what one workflow rule runs.
+Calibrate and publish skip work whose inputs are unchanged: every intermediate and output has a
+stamp (a digest of its inputs' paths, sizes and modification times and of the settings), so a
+rerun after a crash, or after adding frames, redoes only what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgproc import __version__
+from imgproc.calibrate import ROLES, MasterCache, calibrate_frame
+from imgproc.fitsio import FitsError, write_atomic
+from imgproc.manifest import LISTED, OK, SKIPPED, read_tsv, write_tsv
+from imgproc.plan import COLUMNS as PLAN_COLUMNS
+from imgproc.plan import PlanSettings, intermediate, make_plan
+from imgproc.scan import ScanRequest, scan
+
+log = logging.getLogger("imgproc")
+
+
+def configure_logging(log_file: str | Path | None = None, verbose: bool = False) -> None:
+    """Log to stderr and, for a workflow job, to its log file too."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        handlers=handlers,
+        force=True,
+        format="%(levelname)s imgproc: %(message)s",
+    )
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON deterministically (sorted keys) and atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """JSON content of ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def file_id(path: str | Path) -> list:
+    """Identity of a file for stamps: path, size and modification time (ns)."""
+    stat = os.stat(path)
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def digest(data: Any) -> str:
+    """A stable digest of JSON-serialisable data."""
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --- scan and plan ---------------------------------------------------------------------------
+
+
+def run_scan(request: ScanRequest, manifest: Path, cache: Path, workers: int = 1) -> list[dict]:
+    """Scan the folders into ``manifest``; unchanged files are taken from ``cache``."""
+    previous = read_tsv(cache) if cache.exists() else []
+    rows = scan(request, previous, workers)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    write_tsv(manifest, rows)
+    write_tsv(cache, rows)
+    for row in rows:
+        if row["status"] == SKIPPED:
+            log.warning("skipped %s: %s", row["path"], row["reason"])
+    return rows
+
+
+def run_plan(manifest: Path, plan_path: Path, settings: PlanSettings) -> list[dict]:
+    """Write the plan of every light (``work/plan.tsv``) from the manifest."""
+    plan = make_plan(read_tsv(manifest), settings)
+    write_tsv(plan_path, plan, PLAN_COLUMNS)
+    for entry in plan:
+        if entry["status"] != OK:
+            log.warning("skipped %s: %s", entry["path"], entry["reason"])
+    return plan
+
+
+# --- calibrate -------------------------------------------------------------------------------
+
+
+def calibration_stamp(entry: Mapping[str, Any], observer: str, binning: int) -> str:
+    """Digest of everything an intermediate depends on."""
+    masters = {role: file_id(entry[role]) for role in ROLES if entry.get(role)}
+    return digest([file_id(entry["path"]), masters, observer, binning, entry["mid"], __version__])
+
+
+def frame_diagnostics(entry: Mapping[str, Any], data: np.ndarray) -> str:
+    """One line of per-frame diagnostics (``-v``): masters used, sky level and noise."""
+    sample = data[::4, ::4]
+    sky = float(np.nanmedian(sample))
+    noise = 1.4826 * float(np.nanmedian(np.abs(sample - sky)))
+    masters = " ".join(f"{role}={Path(entry[role]).name}" for role in ROLES if entry.get(role))
+    return f"{Path(entry['path']).name}: {masters or 'no masters'} sky={sky:.2f} noise={noise:.2f}"
+
+
+def run_calibrate_batch(
+    entries: Sequence[Mapping[str, Any]], workdir: Path, receipt: Path, *, observer: str, binning: int
+) -> dict[str, dict]:
+    """Calibrate the lights of one batch to their intermediates; write the batch receipt."""
+    cache = MasterCache()
+    results: dict[str, dict] = {}
+    for entry in entries:
+        target = workdir.parent / intermediate(entry["frame_id"])
+        stamp_path = target.with_suffix(".json")
+        try:
+            stamp = calibration_stamp(entry, observer, binning)
+            previous = read_json(stamp_path) or {}
+            if previous.get("stamp") == stamp and target.exists():
+                results[entry["frame_id"]] = {"status": "reused", "stamp": stamp}
+                continue
+            data, header = calibrate_frame(
+                Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache,
+                observer=observer, mid=datetime.fromisoformat(entry["mid"]), binning=binning,
+            )  # fmt: skip
+            write_atomic(target, data, header)
+            write_json(stamp_path, {"stamp": stamp, "source": entry["path"]})
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s", frame_diagnostics(entry, data))
+            results[entry["frame_id"]] = {"status": "calibrated", "stamp": stamp}
+        except (FitsError, ValueError, OSError, KeyError) as exc:
+            log.error("cannot calibrate %s: %s", entry["path"], exc)
+            results[entry["frame_id"]] = {"status": SKIPPED, "reason": f"calibration failed: {exc}"}
+    write_json(receipt, {"kind": "calibrate", "items": results})
+    return results
+
+
+# --- summary ---------------------------------------------------------------------------------
+
+
+def summarise(
+    manifest: Sequence[Mapping[str, Any]],
+    plan: Sequence[Mapping[str, Any]],
+    receipts: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Counts and reasons of a run: what was written, stacked, listed and skipped."""
+    calibrated: dict[str, dict] = {}
+    outputs: dict[str, dict] = {}
+    for receipt in receipts:
+        (outputs if receipt.get("kind") == "publish" else calibrated).update(receipt.get("items", {}))
+    skipped = [
+        {"file": row["path"], "reason": row["reason"]}
+        for row in manifest
+        if row["status"] == SKIPPED and row["folder"] == "light"
+    ]
+    skipped += [{"file": e["path"], "reason": e["reason"]} for e in plan if e["status"] != OK]
+    by_id = {e["frame_id"]: e for e in plan}
+    skipped += [
+        {"file": by_id[fid]["path"], "reason": item["reason"]}
+        for fid, item in calibrated.items()
+        if item["status"] == SKIPPED and fid in by_id
+    ]
+    for item in outputs.values():
+        skipped += [
+            {"file": by_id[fid]["path"], "reason": reason}
+            for fid, reason in item.get("excluded", {}).items()
+            if fid in by_id and not any(s["file"] == by_id[fid]["path"] for s in skipped)
+        ]
+    written = sorted(name for name, item in outputs.items() if item["status"] != SKIPPED)
+    return {
+        "version": __version__,
+        "lights": sum(1 for row in manifest if row["folder"] == "light" and row["role"] == "light"),
+        "outputs": len(written),
+        "stacked": sum(1 for name in written if outputs[name].get("ncombine", 1) > 1),
+        "output_files": written,
+        "failed_outputs": {n: i["reason"] for n, i in sorted(outputs.items()) if i["status"] == SKIPPED},
+        "skipped": sorted(skipped, key=lambda s: s["file"]),
+        "listed": [
+            {"file": row["path"], "reason": row["reason"]} for row in manifest if row["status"] == LISTED
+        ],
+        "masters_skipped": [
+            {"file": row["path"], "reason": row["reason"]}
+            for row in manifest
+            if row["status"] == SKIPPED and row["folder"] != "light"
+        ],
+        "complete": not skipped and not any(i["status"] == SKIPPED for i in outputs.values()),
+    }
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The summary as lines for a person."""
+    lines = [
+        f"imgproc {summary['version']}: {summary['lights']} lights, {summary['outputs']} outputs written "
+        f"({summary['stacked']} stacked), {len(summary['skipped'])} lights skipped, "
+        f"{len(summary['listed'])} files listed but not processed"
+    ]
+    lines += [f"  skipped {s['file']}: {s['reason']}" for s in summary["skipped"]]
+    lines += [f"  output {n} not written: {r}" for n, r in summary["failed_outputs"].items()]
+    lines += [f"  master {s['file']} not used: {s['reason']}" for s in summary["masters_skipped"]]
+    lines += [f"  listed {s['file']}: {s['reason']}" for s in summary["listed"]]
+    lines.append("complete: every light was processed" if summary["complete"] else "INCOMPLETE: see above")
+    return "\n".join(lines) + "\n"
+
+
+def run_summary(manifest: Path, plan: Path, receipts: Sequence[Path], out_json: Path, out_text: Path) -> dict:
+    """Write ``summary.json`` and ``summary.txt`` from the manifest, plan and batch receipts."""
+    summary = summarise(read_tsv(manifest), read_tsv(plan), [read_json(p) or {} for p in receipts])
+    write_json(out_json, summary)
+    text = format_summary(summary)
+    out_text.write_text(text, encoding="utf-8")
+    log.info("%s", text.rstrip())
+    return summary

@@ -1,0 +1,17 @@
+rule calibrate_batch:
+    input:
+        unpack(INPUTS.calibrate_inputs),
+    output:
+        receipt="work/calibrated/{cal_batch}.json",
+    params:
+        entries=INPUTS.calibrate_entries,
+        observer=config["observer"],
+        binning=config["bin"],
+    resources:
+        mem_mb=INPUTS.calibrate_mem_mb,
+    conda:
+        "../envs/calibrate.yaml"
+    log:
+        "logs/calibrate/{cal_batch}.log",
+    script:
+        "../scripts/calibrate_batch.py"

@@ -1,0 +1,17 @@
+rule publish_batch:
+    input:
+        receipts=INPUTS.publish_inputs,
+    output:
+        receipt="work/published/{pub_batch}.json",
+    params:
+        entries=INPUTS.publish_entries,
+        references=INPUTS.publish_references,
+        settings=LAYOUT.stack_params(),
+    resources:
+        mem_mb=INPUTS.publish_mem_mb,
+    conda:
+        "../envs/publish.yaml"
+    log:
+        "logs/publish/{pub_batch}.log",
+    script:
+        "../scripts/publish_batch.py"

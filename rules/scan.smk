@@ -1,0 +1,47 @@
+rule scan_headers:
+    input:
+        frames=LAYOUT.input_files(),
+    output:
+        manifest="work/manifest.tsv",
+    params:
+        request=LAYOUT.scan_params(),
+    threads: workflow.cores
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/scan.yaml"
+    log:
+        "logs/scan_headers.log",
+    script:
+        "../scripts/scan_headers.py"
+
+
+checkpoint plan_frames:
+    input:
+        manifest="work/manifest.tsv",
+    output:
+        plan="work/plan.tsv",
+    params:
+        settings=LAYOUT.plan_params(),
+    conda:
+        "../envs/scan.yaml"
+    log:
+        "logs/plan_frames.log",
+    script:
+        "../scripts/plan_frames.py"
+
+
+rule summarize:
+    input:
+        manifest="work/manifest.tsv",
+        plan="work/plan.tsv",
+        receipts=INPUTS.all_receipts,
+    output:
+        json="summary.json",
+        text="summary.txt",
+    conda:
+        "../envs/scan.yaml"
+    log:
+        "logs/summarize.log",
+    script:
+        "../scripts/summarize.py"

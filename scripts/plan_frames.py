@@ -1,0 +1,10 @@
+"""Workflow adapter: match masters, group and batch every light into the plan."""
+
+from pathlib import Path
+
+from imgproc.plan import PlanSettings
+from imgproc.stages import configure_logging, run_plan
+
+sm = snakemake  # noqa: F821  (injected by Snakemake)
+configure_logging(sm.log[0], sm.config.get("verbose", False))
+run_plan(Path(sm.input.manifest), Path(sm.output.plan), PlanSettings(**sm.params.settings))

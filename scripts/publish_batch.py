@@ -1,0 +1,13 @@
+"""Workflow adapter: make the final named outputs of one batch of groups."""
+
+from pathlib import Path
+
+from imgproc.publish import StackSettings, run_publish_batch
+from imgproc.stages import configure_logging
+
+sm = snakemake  # noqa: F821  (injected by Snakemake)
+configure_logging(sm.log[0], sm.config.get("verbose", False))
+run_publish_batch(
+    sm.params.entries, sm.params.references, Path("work"), Path("."), Path(sm.output.receipt),
+    StackSettings(**sm.params.settings),
+)  # fmt: skip
