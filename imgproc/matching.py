@@ -19,7 +19,7 @@ DEFAULT_CRITERIA: dict[str, list[str]] = {
     "dark": ["instrume", "gain", "offset", "readoutm", "set_temp", "exptime"],
     "flat": ["instrume", "gain", "offset", "readoutm", "filter"],
 }
-#: Numeric tolerances; other numbers must agree to 1e-6, strings case-insensitively.
+#: Numeric tolerances (inclusive); other numbers must agree exactly, strings case-insensitively.
 DEFAULT_TOLERANCE: dict[str, float] = {"set_temp": 0.5, "exptime": 0.01}
 _ALWAYS = ("xbinning", "ybinning", "ny", "nx")
 _LABELS = {"ny": "NAXIS2", "nx": "NAXIS1"}
@@ -43,7 +43,8 @@ def _agree(name: str, a: Any, b: Any, tolerance: Mapping[str, float]) -> bool:
     if a is None or b is None:
         return a is None and b is None
     if isinstance(a, int | float) and isinstance(b, int | float):
-        return abs(float(a) - float(b)) <= tolerance.get(name, 1e-6)
+        # a hair of slack so that a tolerance is inclusive despite binary floats (120.01 - 120)
+        return abs(float(a) - float(b)) <= tolerance.get(name, 0.0) + 1e-9
     return str(a).strip().casefold() == str(b).strip().casefold()
 
 

@@ -37,7 +37,9 @@ class PlanSettings:
     stack_threshold: int = 150
     align: bool = False
     reference: str = "first"  # first | middle
+    roles: Sequence[str] | None = None  # master folders given (None: those seen in the manifest)
     batches: int = 8  # target number of calibrate/publish batches
+    min_batch: int = 8  # fewest frames (or outputs) in one batch, so job start-up stays small
     max_batch: int = 100  # most frames (or outputs) in one batch
     criteria: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_CRITERIA))
     tolerance: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
@@ -71,18 +73,21 @@ def sequence_key(light: Mapping[str, Any]) -> str:
 
 
 def _batches(n: int, settings: PlanSettings) -> int:
-    """Items per batch: about ``settings.batches`` batches, none larger than ``max_batch``."""
-    return max(1, min(settings.max_batch, math.ceil(n / max(1, settings.batches))))
+    """Items per batch: about ``settings.batches`` batches of ``min_batch``..``max_batch`` items."""
+    size = math.ceil(n / max(1, settings.batches))
+    return max(1, min(settings.max_batch, max(settings.min_batch, size)))
 
 
 def make_plan(rows: Sequence[Mapping[str, Any]], settings: PlanSettings) -> list[dict[str, Any]]:
     """Plan rows for every light of the manifest (skipped ones with their reason)."""
     masters: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    folders = {row["folder"] for row in rows}
     for row in rows:
         if row["folder"] != "light" and row["status"] == OK:
             masters[row["folder"]].append(row)
-    wanted = {role: masters.get(role, []) for role in ("bias", "dark", "flat") if role in folders}
+    roles = settings.roles
+    if roles is None:
+        roles = sorted({row["folder"] for row in rows} - {"light"})
+    wanted = {role: masters.get(role, []) for role in roles}
     plan: list[dict[str, Any]] = []
     for row in rows:
         if row["folder"] != "light" or row["role"] != "light" or row["status"] != OK:
@@ -152,8 +157,3 @@ def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
     pub = {name: f"p{index // size:04d}" for index, name in enumerate(outputs)}
     for entry in ok:
         entry["pub_batch"] = pub[entry["output"]]
-
-
-def batch_members(plan: Sequence[Mapping[str, Any]], column: str, batch: str) -> list[Mapping[str, Any]]:
-    """Plan rows of one calibrate (``cal_batch``) or publish (``pub_batch``) batch."""
-    return [entry for entry in plan if entry.get(column) == batch]

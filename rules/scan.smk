@@ -1,3 +1,10 @@
+# Bookkeeping rules run on the submitting host, never as cluster jobs.
+localrules:
+    scan_headers,
+    plan_frames,
+    summarize,
+
+
 rule scan_headers:
     input:
         frames=LAYOUT.input_files(),

@@ -1,0 +1,229 @@
+"""Tests for calibration arithmetic and the calibrated header (imgproc.calibrate)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from imgproc.calibrate import calibrate_image, calibrated_header, normalise_flat
+
+SHAPE = (6, 7)
+
+
+def _frames(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "light": rng.uniform(1000.0, 3000.0, SHAPE).astype(np.float32),
+        "bias": rng.uniform(480.0, 520.0, SHAPE).astype(np.float32),
+        "dark": rng.uniform(0.0, 30.0, SHAPE).astype(np.float32),
+        "flat": rng.uniform(0.8, 1.2, SHAPE).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("level", [1.0, 0.5, 20000.0, 3.7])
+def test_normalise_flat_scales_to_mean_one(level):
+    rng = np.random.default_rng(1)
+    shape = rng.uniform(0.7, 1.3, SHAPE)
+    flat = (level * shape / shape.mean()).astype(np.float32)
+    out = normalise_flat(flat)
+    assert out.dtype == np.float32
+    assert float(np.mean(out, dtype=np.float64)) == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(out, shape / shape.mean(), rtol=1e-6)
+
+
+def test_normalise_flat_does_not_modify_input():
+    flat = np.full(SHAPE, 2.0, dtype=np.float32)
+    flat[0, 0] = 0.0
+    before = flat.copy()
+    normalise_flat(flat)
+    np.testing.assert_array_equal(flat, before)
+
+
+@pytest.mark.parametrize("bad", [0.0, -5.0, np.nan, np.inf, -np.inf])
+def test_normalise_flat_bad_pixels_become_nan(bad):
+    flat = np.full(SHAPE, 4.0, dtype=np.float32)
+    flat[2, 3] = bad
+    flat[0, 1] = 8.0
+    out = normalise_flat(flat)
+    assert np.isnan(out[2, 3])
+    assert np.isnan(out).sum() == 1
+    usable = np.delete(flat.ravel(), 2 * SHAPE[1] + 3)
+    mean = usable.mean(dtype=np.float64)
+    assert out[0, 0] == pytest.approx(4.0 / mean, rel=1e-6)
+    assert out[0, 1] == pytest.approx(8.0 / mean, rel=1e-6)
+    assert not np.isinf(out).any()
+
+
+@pytest.mark.parametrize("values", [[0.0, 0.0], [-1.0, np.nan], [np.inf, -2.0]])
+def test_normalise_flat_without_usable_pixel_raises(values):
+    with pytest.raises(ValueError, match="no positive finite pixel"):
+        normalise_flat(np.array([values], dtype=np.float32))
+
+
+def test_calibrate_image_dead_flat_pixels_give_nan_not_inf():
+    frames = _frames(2)
+    flat = frames["flat"].copy()
+    flat[1, 1], flat[2, 2], flat[3, 3], flat[4, 4] = 0.0, -1.0, np.nan, np.inf
+    out = calibrate_image(frames["light"], frames["bias"], frames["dark"], normalise_flat(flat))
+    assert not np.isinf(out).any()
+    assert np.isnan(out).sum() == 4
+    assert all(np.isnan(out[i, i]) for i in range(1, 5))
+    assert np.isfinite(np.delete(out.ravel(), [8, 16, 24, 32])).all()
+
+
+@pytest.mark.parametrize(
+    "roles",
+    [
+        (),
+        ("bias",),
+        ("dark",),
+        ("flat",),
+        ("bias", "dark"),
+        ("bias", "flat"),
+        ("dark", "flat"),
+        ("bias", "dark", "flat"),
+    ],
+)
+def test_calibrate_image_matches_numpy_reference(roles):
+    frames = _frames(3)
+    reference = frames["light"].astype(np.float64)
+    if "bias" in roles:
+        reference = reference - frames["bias"].astype(np.float64)
+    if "dark" in roles:
+        reference = reference - frames["dark"].astype(np.float64)
+    if "flat" in roles:
+        reference = reference / frames["flat"].astype(np.float64)
+    masters = {role: frames[role] for role in roles}
+    out = calibrate_image(frames["light"], **masters)
+    assert out.dtype == np.float32
+    assert out.shape == SHAPE
+    np.testing.assert_allclose(out, reference, rtol=1e-6)
+
+
+@pytest.mark.parametrize("light_dtype", [np.uint16, np.int32, np.float64])
+def test_calibrate_image_integer_and_double_inputs(light_dtype):
+    rng = np.random.default_rng(4)
+    light = rng.integers(1000, 60000, SHAPE).astype(light_dtype)
+    bias = rng.uniform(480.0, 520.0, SHAPE)  # float64 master
+    flat = rng.uniform(0.9, 1.1, SHAPE).astype(np.float32)
+    out = calibrate_image(light, bias=bias, flat=flat)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, (light.astype(np.float64) - bias) / flat, rtol=1e-6)
+
+
+def test_calibrate_image_does_not_modify_inputs():
+    frames = _frames(5)
+    copies = {name: array.copy() for name, array in frames.items()}
+    out = calibrate_image(frames["light"], frames["bias"], frames["dark"], frames["flat"])
+    for name, array in frames.items():
+        np.testing.assert_array_equal(array, copies[name])
+    assert not np.shares_memory(out, frames["light"])
+
+
+def test_calibrate_image_without_masters_returns_new_float32_copy():
+    light = _frames(6)["light"]
+    out = calibrate_image(light)
+    np.testing.assert_array_equal(out, light)
+    assert not np.shares_memory(out, light)
+    out += 1.0
+    assert not np.array_equal(out, light)
+
+
+@pytest.mark.parametrize("role", ["bias", "dark", "flat"])
+def test_calibrate_image_shape_mismatch_raises(role):
+    frames = _frames(7)
+    wrong = np.ones((3, 7), dtype=np.float32)
+    with pytest.raises(ValueError) as info:
+        calibrate_image(frames["light"], **{role: wrong})
+    message = str(info.value)
+    assert role in message
+    assert "(3, 7)" in message
+    assert "(6, 7)" in message
+
+
+def _raw_header() -> fits.Header:
+    header = fits.Header()
+    header["SIMPLE"] = True
+    header["BITPIX"] = 16
+    header["NAXIS"] = 2
+    header["NAXIS1"] = 7
+    header["NAXIS2"] = 6
+    header["BZERO"] = 32768
+    header["BSCALE"] = 1
+    header["IMAGETYP"] = "LIGHT"
+    header["OBJECT"] = "V1234 Cyg"
+    header["EXPTIME"] = 60.0
+    header["DATE-OBS"] = "2025-05-01T21:00:00.000"
+    header["XBINNING"] = 1
+    header["YBINNING"] = 1
+    header["XPIXSZ"] = 4.63
+    header["CHECKSUM"] = "ZZZZZZZZZZZZZZZZ"
+    header["DATASUM"] = "123"
+    header["OBSERVER"] = "Someone Else"
+    return header
+
+
+MID = datetime(2025, 5, 1, 21, 0, 30, 250000)
+
+
+@pytest.mark.parametrize(
+    "masters",
+    [
+        {"bias": "/data/bias/bias_g120.fits", "dark": "/data/darks/dark_60s.fits", "flat": "/f/flat_V.fits"},
+        {"bias": "/data/bias/bias_g120.fits", "dark": None, "flat": None},
+        {"bias": None, "dark": "/data/darks/dark_60s.fits", "flat": "flat_V.fits"},
+        {"bias": None, "dark": None, "flat": None},
+        {"flat": "/f/flat_V.fits"},
+    ],
+)
+def test_calibrated_header_master_cards(masters):
+    header = _raw_header()
+    out = calibrated_header(header, masters, observer="DGAH", mid=MID, binning=1)
+    for role, cal, file_card in (
+        ("bias", "BIASCAL", "BIASFILE"),
+        ("dark", "DARKCAL", "DARKFILE"),
+        ("flat", "FLATCAL", "FLATFILE"),
+    ):
+        path = masters.get(role)
+        assert out[cal] is (path is not None)
+        if path is None:
+            assert file_card not in out
+        else:
+            assert out[file_card] == path.rsplit("/", 1)[-1]
+            assert "/" not in out[file_card]
+
+
+def test_calibrated_header_observer_date_avg_history():
+    out = calibrated_header(_raw_header(), {"bias": "/b/bias.fits"}, observer="DGAH", mid=MID, binning=1)
+    assert out["OBSERVER"] == "DGAH"
+    assert out["DATE-AVG"] == "2025-05-01T21:00:30.250"
+    history = " ".join(str(line) for line in out["HISTORY"])
+    assert "imgproc" in history
+    assert out["OBJECT"] == "V1234 Cyg"
+    assert out["DATE-OBS"] == "2025-05-01T21:00:00.000"
+
+
+def test_calibrated_header_removes_scaling_and_checksum_cards():
+    header = _raw_header()
+    header.append(("BZERO", 0), useblanks=False, bottom=True)  # a duplicate must go too
+    out = calibrated_header(header, {}, observer="DGAH", mid=MID, binning=1)
+    for key in ("BZERO", "BSCALE", "CHECKSUM", "DATASUM"):
+        assert key not in out
+
+
+def test_calibrated_header_does_not_modify_input():
+    header = _raw_header()
+    before = header.tostring()
+    calibrated_header(header, {"bias": "/b/bias.fits"}, observer="DGAH", mid=MID, binning=2)
+    assert header.tostring() == before
+
+
+@pytest.mark.parametrize("binning", [1, 2, 3])
+def test_calibrated_header_binning_cards(binning):
+    out = calibrated_header(_raw_header(), {}, observer="DGAH", mid=MID, binning=binning)
+    assert out["XBINNING"] == binning
+    assert out["YBINNING"] == binning
+    assert out["XPIXSZ"] == pytest.approx(4.63 * binning)
