@@ -47,7 +47,8 @@ def calibrate_image(
 ) -> np.ndarray:
     """(light − bias − dark) / flat as a new float32 array; the inputs are not modified.
 
-    ``flat`` must already be normalised (:func:`normalise_flat`).  Shapes must agree.
+    ``flat`` must already be normalised (:func:`normalise_flat`).  Shapes must agree.  Infinite
+    input pixels come out as NaN, like every other pixel without a valid value.
     """
     out = np.array(light, dtype=np.float32, copy=True)
     for name, master in (("bias", bias), ("dark", dark), ("flat", flat)):
@@ -59,6 +60,7 @@ def calibrate_image(
         np.subtract(out, dark, out=out)
     if flat is not None:
         np.divide(out, flat, out=out)
+    np.copyto(out, np.float32(np.nan), where=np.isinf(out))  # inf pixels are bad pixels: NaN
     return out
 
 

@@ -55,13 +55,20 @@ def read_header(path: Path) -> tuple[fits.Header, int, tuple[int, int]]:
         try:
             index = find_image(hdul)
             header = hdul[index].header.copy()
+        except FitsError:
+            raise
         except (OSError, ValueError, IndexError) as exc:
-            if isinstance(exc, FitsError):
-                raise
             raise FitsError(f"damaged FITS structure ({exc})") from exc
-    if isinstance(hdul[index], fits.CompImageHDU):
+        compressed = isinstance(hdul[index], fits.CompImageHDU)
+        data_start = hdul.fileinfo(index)["datLoc"]
+    if compressed:
         header = _strip_compression(header)
     shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+    if not compressed and not path.name.lower().endswith(".gz"):
+        needed = data_start + abs(int(header["BITPIX"])) // 8 * shape[0] * shape[1]
+        size = path.stat().st_size
+        if size < needed:
+            raise FitsError(f"truncated: {size} bytes, but the header needs {needed}")
     return header, index, shape
 
 
