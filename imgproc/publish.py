@@ -40,7 +40,7 @@ class StackSettings:
     sigma_high: float = 3.0
     memory_budget: int = 2 * 1024**3
     upsample: int = 20
-    min_quality: float = 0.1
+    min_quality: float = 0.3
     order: int = 1
 
 
@@ -49,7 +49,8 @@ class Member:
     """One calibrated frame of a group: its intermediate file and plan facts."""
 
     frame_id: str
-    path: Path
+    path: Path  # the intermediate file
+    source: str  # file name of the raw light
     mid: datetime
     pierside: str | None = None
 
@@ -140,7 +141,7 @@ def stack_header(
             if shift is None
             else f" dx={shift.dx:+.3f} dy={shift.dy:+.3f}{' flip' if shift.flipped else ''}"
         )
-        out.add_history(f"input {member.frame_id} masters={masters}{moved}")
+        out.add_history(f"input {member.source} masters={masters}{moved}")
     return out
 
 
@@ -204,15 +205,16 @@ def check_shift(shift: Shift, settings: StackSettings) -> str:
     return ""
 
 
-def plan_members(entries: Sequence[Mapping[str, object]], workdir: Path) -> list[Member]:
+def plan_members(entries: Sequence[Mapping[str, Any]], workdir: Path) -> list[Member]:
     """Members of a group from its plan rows."""
     return [
         Member(
-            str(e["frame_id"]),
-            workdir / "cal" / f"{e['frame_id']}.fits",
-            datetime.fromisoformat(str(e["mid"])),
-            e.get("pierside"),
-        )  # type: ignore[arg-type]
+            frame_id=str(e["frame_id"]),
+            path=workdir / "cal" / f"{e['frame_id']}.fits",
+            source=Path(str(e["path"])).name,
+            mid=datetime.fromisoformat(str(e["mid"])),
+            pierside=e.get("pierside"),  # type: ignore[arg-type]
+        )
         for e in entries
     ]
 

@@ -1,0 +1,137 @@
+"""End-to-end stacking (-s, -S) and alignment (-a): grouping, timing, provenance, registration."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.time import Time
+from astropy.wcs import WCS
+from conftest import master_flags, run_cli
+
+from imgproc.align import Registrar
+from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
+from imgproc.synth import NightSpec, make_night
+
+
+def mid(path: Path) -> datetime:
+    header = fits.getheader(path)
+    return datetime.fromisoformat(header["DATE-OBS"]) + timedelta(seconds=header["EXPTIME"] / 2)
+
+
+def by_filter(night, filt: str) -> list[Path]:
+    return sorted((p for p in night.lights if fits.getheader(p)["FILTER"] == filt), key=mid)
+
+
+def test_stacks_group_each_sequence_with_mean_mid_time(night, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "2") == EXIT_OK
+    outputs = sorted(out.glob("*.fits"))
+    assert len(outputs) == 4  # 4 lights per filter > 2: k = round(4/2) = 2 -> 2 stacks per filter
+    for filt in ("V", "R"):
+        frames = by_filter(night, filt)
+        for group in (frames[:2], frames[2:]):
+            mids = [mid(p) for p in group]
+            mean = mids[0] + (mids[1] - mids[0]) / 2
+            jd = Time(mean, scale="utc").jd
+            matches = [p for p in outputs if p.name.endswith(f"_{jd:.8f}.fits") and f"_{filt}_" in p.name]
+            assert len(matches) == 1, (filt, jd, [p.name for p in outputs])
+            header = fits.getheader(matches[0])
+            assert header["NCOMBINE"] == 2
+            assert header["DATE-AVG"] == mean.isoformat(timespec="milliseconds")
+            assert header["LIVETIME"] == pytest.approx(120.0) and header["EXPTIME"] == pytest.approx(60.0)
+            assert header["BIASCAL"] and header["DARKCAL"] and header["FLATCAL"]
+            history = " ".join(str(card) for card in header["HISTORY"])
+            assert all(p.name in history for p in group) and "flat_" + filt in history
+
+
+def test_short_sequences_stay_single_frames(night, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "4") == EXIT_OK
+    assert len(list(out.glob("*.fits"))) == len(night.lights)
+    assert all("NCOMBINE" not in fits.getheader(p) for p in out.glob("*.fits"))
+
+
+def test_aligned_singles_record_the_shift_and_share_one_grid(night, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-a") == EXIT_OK
+    summary = json.loads((out / "summary.json").read_text())
+    for filt in ("V", "R"):
+        frames = by_filter(night, filt)
+        outputs = sorted(
+            (p for p in out.glob(f"*_{filt}_*.fits")), key=lambda p: fits.getheader(p)["DATE-AVG"]
+        )
+        assert len(outputs) == len(frames)
+        reference = fits.getdata(outputs[0])
+        ref_wcs = WCS(fits.getheader(outputs[0]))
+        for light, output in zip(frames, outputs, strict=True):
+            header, data = fits.getheader(output), fits.getdata(output)
+            true_dy, true_dx = night.shifts[light.name]
+            assert header["ALIGNDY"] == pytest.approx(-true_dy, abs=0.1)
+            assert header["ALIGNDX"] == pytest.approx(-true_dx, abs=0.1)
+            assert header["ALIGNFLP"] is False
+            # borders shifted in from outside the frame are NaN, never zeros
+            if header["ALIGNDX"] > 0.5:
+                assert np.isnan(data[:, 0]).all()
+            if header["ALIGNDY"] < -0.5:
+                assert np.isnan(data[-1, :]).all()
+            assert not (data == 0).any()
+            # the WCS moved with the pixels: the same pixel is the same sky position
+            sky = WCS(header).pixel_to_world(20.0, 30.0)
+            assert sky.separation(ref_wcs.pixel_to_world(20.0, 30.0)).arcsec < 0.15
+            # and the pixels line up with the reference frame
+            residual = Registrar(np.nan_to_num(reference, nan=np.nanmedian(reference))).measure(
+                np.nan_to_num(data, nan=np.nanmedian(data))
+            )
+            assert abs(residual.dy) < 0.1 and abs(residual.dx) < 0.1
+    assert summary["complete"]
+
+
+def test_aligned_stack_is_sharper_than_unaligned(night, tmp_path: Path) -> None:
+    aligned, plain = tmp_path / "aligned", tmp_path / "plain"
+    assert run_cli(night.root / "lights", aligned, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_OK
+    assert run_cli(night.root / "lights", plain, *master_flags(night), "-s", "-S", "1") == EXIT_OK
+    for filt in ("V", "R"):
+        (a,) = aligned.glob(f"*_{filt}_*.fits")
+        (p,) = plain.glob(f"*_{filt}_*.fits")
+        assert fits.getheader(a)["NCOMBINE"] == 4
+        peak_aligned, peak_plain = np.nanmax(fits.getdata(a)), np.nanmax(fits.getdata(p))
+        assert peak_aligned > 1.3 * peak_plain  # dithers of up to 2 px smear the unaligned stack
+        history = " ".join(str(card) for card in fits.getheader(a)["HISTORY"])
+        assert history.count("dx=") == 4
+
+
+def test_meridian_flip_is_rotated_before_registration(tmp_path: Path) -> None:
+    night = make_night(
+        tmp_path / "night", NightSpec(n_lights=4, shape=(96, 96), filters=("V",), meridian_flip=True)
+    )
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-a") == EXIT_OK
+    outputs = sorted(out.glob("*.fits"), key=lambda p: fits.getheader(p)["DATE-AVG"])
+    flips = [fits.getheader(p)["ALIGNFLP"] for p in outputs]
+    assert flips == [False, False, True, True]
+    reference = fits.getdata(outputs[0])
+    registrar = Registrar(np.nan_to_num(reference, nan=np.nanmedian(reference)))
+    for path in outputs[1:]:
+        data = fits.getdata(path)
+        residual = registrar.measure(np.nan_to_num(data, nan=np.nanmedian(data)))
+        assert abs(residual.dy) < 0.15 and abs(residual.dx) < 0.15 and not residual.flipped
+
+
+def test_frame_that_cannot_be_aligned_is_left_out_and_reported(night, tmp_path: Path) -> None:
+    victim = by_filter(night, "V")[2]
+    with fits.open(victim, mode="update") as hdul:
+        rng = np.random.default_rng(5)
+        hdul[0].data = rng.integers(1000, 1100, size=hdul[0].data.shape).astype(np.uint16)
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_INCOMPLETE
+    (stack,) = out.glob("*_V_*.fits")
+    header = fits.getheader(stack)
+    assert header["NCOMBINE"] == 3 and victim.name not in " ".join(str(c) for c in header["HISTORY"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert [Path(s["file"]).name for s in summary["skipped"]] == [victim.name]
+    assert "alignment failed" in summary["skipped"][0]["reason"]
