@@ -198,6 +198,11 @@ def publish_stack(
     write_atomic(target, data, stack_header(headers, members, shifts))
 
 
+def _shift_record(shift: Shift) -> dict[str, Any]:
+    return {"dy": round(shift.dy, 4), "dx": round(shift.dx, 4), "flipped": shift.flipped,
+            "quality": round(shift.quality, 4)}  # fmt: skip
+
+
 def check_shift(shift: Shift, settings: StackSettings) -> str:
     """Why a measured shift cannot be used ('' when it can)."""
     if shift.quality < settings.min_quality:
@@ -255,7 +260,7 @@ def publish_group(
         ref_stamp = (read_json(workdir / "cal" / f"{reference['frame_id']}.json") or {}).get("stamp")
     stamp = digest([name, [stamps[m.frame_id] for m in members], ref_stamp, asdict(settings), __version__])
     if target.exists() and previous.get("stamp") == stamp:
-        return {"status": "reused", "ncombine": previous.get("ncombine", 1), "excluded": previous["excluded"]}
+        return {key: previous[key] for key in ("ncombine", "excluded", "shifts")} | {"status": "reused"}
     write_json(stamp_path, {"sources": sources, "stamp": None})
     shifts: list[Shift | None] = [None] * len(members)
     if settings.align:
@@ -283,7 +288,8 @@ def publish_group(
         publish_single_aligned(members[0], shifts[0], target, settings.order)  # type: ignore[arg-type]
     else:
         publish_stack(members, shifts, target, settings)
-    item = {"status": "written", "ncombine": len(members), "excluded": excluded}
+    records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}
+    item = {"status": "written", "ncombine": len(members), "excluded": excluded, "shifts": records}
     write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})
     return item
 
