@@ -25,7 +25,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check imgproc tests scripts bench
+	$(BIN)/ruff format --check .
 	mkdir -p $(VENV)/lint-input && $(BIN)/snakemake --lint --snakefile Snakefile --config input_dir=$(CURDIR)/$(VENV)/lint-input output_dir=$(CURDIR)/$(VENV)/lint-output
 
 bench: setup

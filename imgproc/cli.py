@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from imgproc import __version__
-from imgproc.manifest import list_fits
+from imgproc.manifest import list_fits, read_tsv
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 CONFIG_NAME = "imgproc.yaml"
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--concurrency", type=positive_int, default=os.cpu_count() or 1,
                         help="number of processes (default: CPU count)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="verbose diagnostic output")
+    parser.add_argument(
+        "--plan", action="store_true",
+        help="only show (and write to OUTPUT_DIR/plan.txt) what every light will become; calibrate nothing",
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"imgproc {__version__}")
     return parser
 
@@ -247,6 +251,22 @@ def snakemake_command(config_path: Path, cores: int, extra: Sequence[str]) -> li
     ]  # fmt: skip
 
 
+def show_plan(output: Path) -> int:
+    """Print the plan table, write it to ``plan.txt``; incomplete when a light will be skipped."""
+    from imgproc.plan import format_plan
+
+    plan = read_tsv(output / "work" / "plan.tsv")
+    manifest = read_tsv(output / "work" / "manifest.tsv")
+    text = format_plan(plan, manifest)
+    (output / "plan.txt").write_text(text, encoding="utf-8")
+    print(text, end="")
+    print(f"imgproc: plan written to {output / 'plan.txt'}; nothing was calibrated", file=sys.stderr)
+    complete = all(row["status"] == "ok" for row in plan) and not any(
+        row["status"] == "skipped" and row["folder"] == "light" for row in manifest
+    )
+    return EXIT_OK if complete else EXIT_INCOMPLETE
+
+
 def report(output: Path) -> int:
     """Exit status from ``summary.json``: complete or not."""
     try:
@@ -273,12 +293,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"imgproc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    targets = ["work/plan.tsv"] if args.plan else []
     with lock:
-        status = subprocess.call(snakemake_command(config_path, args.concurrency, extra), cwd=output)
+        status = subprocess.call(
+            snakemake_command(config_path, args.concurrency, [*extra, *targets]), cwd=output
+        )
     dry = any(flag in extra for flag in ("-n", "--dry-run", "--dryrun", "--lint", "--unlock"))
     if status != 0:
         print(f"imgproc: the workflow failed (Snakemake exit {status}); see {output}/logs", file=sys.stderr)
         return EXIT_FAILED
+    if args.plan and not dry:
+        return show_plan(output)
     return EXIT_OK if dry else report(output)
 
 

@@ -25,7 +25,7 @@ COLUMNS = (
     "offset", "readoutm", "set_temp", "xbinning", "ybinning", "pierside", "header_sha1", "table_sha1",
 )  # fmt: skip
 _FLOAT = frozenset({"exptime", "gain", "offset", "set_temp"})
-_INT = frozenset({"size", "mtime_ns", "hdu", "ny", "nx", "xbinning", "ybinning"})
+_INT = frozenset({"size", "mtime_ns", "hdu", "ny", "nx", "xbinning", "ybinning", "n_group"})
 _BOOL = frozenset({"is_master"})
 
 #: Status values: ``ok`` (used), ``listed`` (left out on purpose), ``skipped`` (bad input).

@@ -157,3 +157,27 @@ def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
     pub = {name: f"p{index // size:04d}" for index, name in enumerate(outputs)}
     for entry in ok:
         entry["pub_batch"] = pub[entry["output"]]
+
+
+def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:
+    """The plan as a table for a person: each light's sequence, group, masters and output, or why
+    it will be skipped; then the files that are only listed."""
+    header = ("light", "sequence", "group", "bias", "dark", "flat", "output / reason")
+    rows = []
+    for entry in sorted(plan, key=lambda e: (e["sequence"] or "", e["mid"] or "", e["path"])):
+        masters = [Path(entry[role]).name if entry.get(role) else "-" for role in ("bias", "dark", "flat")]
+        outcome = entry["output"] if entry["status"] == OK else f"SKIPPED: {entry['reason']}"
+        group = f"{entry['n_group']} frames" if (entry.get("n_group") or 1) > 1 else "single"
+        rows.append((Path(entry["path"]).name, entry["sequence"] or "-", group, *masters, outcome))
+    for row in manifest:
+        if row["folder"] == "light" and row["status"] != OK:
+            rows.append(
+                (Path(row["path"]).name, "-", "-", "-", "-", "-", f"{row['status'].upper()}: {row['reason']}")
+            )
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + str(r[-1])
+             for r in [header, *rows]]  # fmt: skip
+    ok = sum(1 for e in plan if e["status"] == OK)
+    outputs = len({e["output"] for e in plan if e["status"] == OK})
+    lines.append(f"{ok} lights -> {outputs} outputs; {len(rows) - ok} files skipped or listed")
+    return "\n".join(lines) + "\n"

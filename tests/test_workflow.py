@@ -275,3 +275,23 @@ def test_compressed_inputs_are_calibrated(night, tmp_path: Path) -> None:
     for light in (fz, gz):
         name = expected_name(light)
         np.testing.assert_array_equal(fits.getdata(packed_out / name), fits.getdata(reference_out / name))
+
+
+def test_plan_shows_every_light_and_calibrates_nothing(night, tmp_path: Path) -> None:
+    wrong = tmp_path / "bias_wrong_gain"
+    wrong.mkdir()
+    shutil.copy(night.bias_dir / "bias_g0.fits", wrong)
+    out = tmp_path / "out"
+    result = run_cli_process(night.root / "lights", out, "-B", wrong, "-s", "-S", "2", "--plan")
+    assert result.returncode == EXIT_INCOMPLETE, result.stderr
+    text = (out / "plan.txt").read_text()
+    assert result.stdout == text
+    for light in night.lights:
+        line = next(row for row in text.splitlines() if row.startswith(light.name))
+        assert "SKIPPED: no matching bias master; nearest bias_g0.fits differs in GAIN" in line
+    assert not list(out.glob("*.fits")) and not (out / "work" / "cal").exists()
+    good = tmp_path / "good"
+    assert run_cli(night.root / "lights", good, *master_flags(night), "-s", "-S", "2", "--plan") == EXIT_OK
+    text = (good / "plan.txt").read_text()
+    assert "2 frames" in text and "flat_V.fits" in text and "dark_60s.fits" in text
+    assert f"{len(night.lights)} lights -> 4 outputs" in text
