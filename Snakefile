@@ -1,5 +1,6 @@
 # imgproc: calibrate, bin, align and stack a night of FITS frames.
-# Stages: scan_headers -> plan_frames (checkpoint) -> calibrate_batch -> publish_batch -> summarize.
+# Stages: scan_headers -> plan_frames (checkpoint) -> [build_master] -> calibrate_batch -> publish_batch
+# -> summarize.
 # Run it through the `imgproc` command, or `snakemake --cores N --configfile OUT/imgproc.yaml`.
 from snakemake.utils import min_version
 
@@ -11,6 +12,7 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 
 include: "rules/common.smk"
 include: "rules/scan.smk"
+include: "rules/masters.smk"
 include: "rules/calibrate.smk"
 include: "rules/publish.smk"
 

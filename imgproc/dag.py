@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from imgproc.manifest import OK, list_fits, read_tsv
+from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
 
 ROLES = ("bias", "dark", "flat")
@@ -60,6 +61,8 @@ class Layout:
             "max_batch": self.config["max_batch"],
             "criteria": {role: list(matching[role]) for role in ROLES},
             "tolerance": dict(matching["tolerance"]),
+            "min_master_frames": self.config["masters"]["min_frames"],
+            "prefer_finished": self.config["masters"]["prefer_finished"],
         }
 
     def stack_params(self) -> dict[str, Any]:
@@ -78,23 +81,56 @@ class Layout:
 
 
 class WorkflowInputs:
-    """Input functions over the plan; ``plan_path`` resolves the checkpoint (may raise while
-    the plan is still to be made, which is how Snakemake defers these jobs)."""
+    """Input functions over the plan; ``plan_outputs`` resolves the checkpoint (it raises while
+    the plan is still to be made, which is how Snakemake defers these jobs) to its outputs
+    ``plan`` and ``masters``."""
 
-    def __init__(self, layout: Layout, plan_path: Callable[[], str]) -> None:
+    def __init__(self, layout: Layout, plan_outputs: Callable[[], Any]) -> None:
         self.layout = layout
-        self._plan_path = plan_path
-        self._cache: tuple[tuple[str, int, int], list[dict]] | None = None
+        self._plan_outputs = plan_outputs
+        self._cache: dict[str, tuple[tuple[int, int], list[dict]]] = {}
+
+    def _table(self, name: str) -> list[dict[str, Any]]:
+        """Rows of a checkpoint table with status ok (read once per parse and table version)."""
+        path = getattr(self._plan_outputs(), name)
+        stat = os.stat(path)
+        key = (stat.st_mtime_ns, stat.st_size)
+        if name not in self._cache or self._cache[name][0] != key:
+            self._cache[name] = (key, [row for row in read_tsv(Path(path)) if row["status"] == OK])
+        return self._cache[name][1]
 
     def plan(self) -> list[dict[str, Any]]:
-        """Plan rows of the lights to process (read once per parse and plan version)."""
-        path = self._plan_path()
-        stat = os.stat(path)
-        key = (path, stat.st_mtime_ns, stat.st_size)
-        if self._cache is None or self._cache[0] != key:
-            rows = [row for row in read_tsv(Path(path)) if row["status"] == OK]
-            self._cache = (key, rows)
-        return self._cache[1]
+        """Plan rows of the lights to process."""
+        return self._table("plan")
+
+    def masters(self) -> list[dict[str, Any]]:
+        """Masters to build from raw calibration frames."""
+        return self._table("masters")
+
+    def built_masters(self, wildcards: Any = None) -> list[str]:
+        """Every master to build (relative paths, as the build rule's outputs)."""
+        return [row["path"] for row in self.masters()]
+
+    def _master(self, name: str) -> dict[str, Any]:
+        return next(row for row in self.masters() if Path(row["path"]).stem == name)
+
+    def master_inputs(self, wildcards: Any) -> dict[str, list[str]]:
+        """Raw frames of a master and the masters they are corrected with."""
+        master = self._master(wildcards.master)
+        return {
+            "frames": master["members"].split(";"),
+            "corrections": [master[role] for role in ("bias", "dark") if master.get(role)],
+        }
+
+    def master_entry(self, wildcards: Any) -> dict[str, Any]:
+        """The planned master (also a params rerun trigger)."""
+        return {column: self._master(wildcards.master).get(column) for column in MASTER_COLUMNS}
+
+    def master_mem_mb(self, wildcards: Any) -> int:
+        """Memory of a master build: the combining budget plus the correction frames."""
+        master = self._master(wildcards.master)
+        budget = self.layout.config["stacking"]["memory_budget_mb"]
+        return _OVERHEAD_MB + budget + master["ny"] * master["nx"] * 4 * 3 // 1024**2
 
     def _members(self, column: str, batch: str) -> list[dict[str, Any]]:
         return [row for row in self.plan() if row[column] == batch]

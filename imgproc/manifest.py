@@ -24,8 +24,8 @@ COLUMNS = (
     "imagetyp_raw", "is_master", "object", "filter", "exptime", "date_obs", "instrume", "gain",
     "offset", "readoutm", "set_temp", "xbinning", "ybinning", "pierside", "header_sha1", "table_sha1",
 )  # fmt: skip
-_FLOAT = frozenset({"exptime", "gain", "offset", "set_temp"})
-_INT = frozenset({"size", "mtime_ns", "hdu", "ny", "nx", "xbinning", "ybinning", "n_group"})
+_FLOAT = frozenset({"exptime", "gain", "offset", "set_temp", "dark_scale"})
+_INT = frozenset({"size", "mtime_ns", "hdu", "ny", "nx", "xbinning", "ybinning", "n_group", "n_frames"})
 _BOOL = frozenset({"is_master"})
 
 #: Status values: ``ok`` (used), ``listed`` (left out on purpose), ``skipped`` (bad input).

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imgproc.manifest import OK, SKIPPED
+from imgproc.masters import MasterSettings, plan_masters
 from imgproc.matching import DEFAULT_CRITERIA, DEFAULT_TOLERANCE, match_light
 from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 
@@ -43,6 +44,12 @@ class PlanSettings:
     max_batch: int = 100  # most frames (or outputs) in one batch
     criteria: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_CRITERIA))
     tolerance: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
+    min_master_frames: int = 3  # raw calibration frames needed to build a master
+    prefer_finished: bool = True  # a finished master covering a group wins over building one
+
+    def master_settings(self) -> MasterSettings:
+        """How raw calibration frames become masters."""
+        return MasterSettings(self.min_master_frames, self.prefer_finished, self.criteria, self.tolerance)
 
 
 def frame_id(path: str) -> str:
@@ -57,8 +64,16 @@ def intermediate(fid: str) -> Path:
 
 
 def stack_groups(n_frames: int, threshold: int) -> list[list[int]]:
-    """The seed's grouping: more than ``threshold`` frames are grouped k = round(n/threshold)
-    consecutive frames at a time (the last group may be smaller); otherwise singles."""
+    """Group frame indices for sub-stacking.
+
+    Seed rule: if ``n_frames > threshold``, consecutive frames are grouped
+    ``k = round(n_frames / threshold)`` at a time (Python ``round``, so halves go to the even
+    integer; the last group may be smaller); otherwise every frame is its own group.
+    """
+    if threshold < 1:
+        raise ValueError(f"threshold must be >= 1, got {threshold}")
+    if n_frames < 0:
+        raise ValueError(f"n_frames must be >= 0, got {n_frames}")
     k = round(n_frames / threshold) if n_frames > threshold else 1
     return [list(range(start, min(start + k, n_frames))) for start in range(0, n_frames, k)]
 
@@ -78,11 +93,21 @@ def _batches(n: int, settings: PlanSettings) -> int:
     return max(1, min(settings.max_batch, max(settings.min_batch, size)))
 
 
-def make_plan(rows: Sequence[Mapping[str, Any]], settings: PlanSettings) -> list[dict[str, Any]]:
-    """Plan rows for every light of the manifest (skipped ones with their reason)."""
+def make_plan(
+    rows: Sequence[Mapping[str, Any]],
+    settings: PlanSettings,
+    built: Sequence[Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Plan rows for every light of the manifest (skipped ones with their reason).
+
+    Lights are matched against the finished masters of the manifest and the masters ``built``
+    from raw calibration frames (:func:`imgproc.masters.plan_masters`, computed when not given).
+    """
+    if built is None:
+        built = plan_masters(rows, settings.master_settings())
     masters: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row["folder"] != "light" and row["status"] == OK:
+    for row in [*rows, *built]:
+        if row["folder"] != "light" and row["status"] == OK and row["is_master"]:
             masters[row["folder"]].append(row)
     roles = settings.roles
     if roles is None:

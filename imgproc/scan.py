@@ -57,7 +57,7 @@ def scan_file(path: Path, folder: str, keywords: Mapping[str, list[str]]) -> dic
     values = normalise(header, keywords)
     row.update({key: values.get(key) for key in COLUMNS if key in values})
     row.update(hdu=hdu, ny=ny, nx=nx, header_sha1=hashlib.sha1(header.tostring().encode()).hexdigest())
-    row["is_master"] = is_master_type(values["imagetyp_raw"]) or "NCOMBINE" in header
+    row["is_master"] = is_master_type(values["imagetyp_raw"]) or "NCOMBINE" in header or "COMBINED" in header
     row["role"] = _role(folder, values["imagetyp"])
     row["error"] = _problem(row, values)
     return row

@@ -1,4 +1,4 @@
-"""Grouping of frames into sub-stacks and memory-bounded, NaN-aware combining in row strips.
+"""Memory-bounded, NaN-aware combining of frames in row strips.
 
 :func:`combine` never holds more than one strip of all frames: for each block of rows it reads
 those rows from every :class:`FrameSource` into one float32 buffer of shape
@@ -22,7 +22,6 @@ __all__ = [
     "FitsSource",
     "FrameSource",
     "combine",
-    "stack_groups",
     "strip_rows",
 ]
 
@@ -36,21 +35,6 @@ PER_PIXEL_BYTES = 32
 METHODS = ("sigclip", "median", "mean")
 WIDTHS = ("std", "mad")
 _MAD_TO_STD = 1.482602218505602
-
-
-def stack_groups(n_frames: int, threshold: int) -> list[list[int]]:
-    """Group frame indices for sub-stacking.
-
-    Seed rule: if ``n_frames > threshold``, consecutive frames are grouped
-    ``k = round(n_frames / threshold)`` at a time (Python ``round``, so halves go to the even
-    integer; the last group may be smaller); otherwise every frame is its own group.
-    """
-    if threshold < 1:
-        raise ValueError(f"threshold must be >= 1, got {threshold}")
-    if n_frames < 0:
-        raise ValueError(f"n_frames must be >= 0, got {n_frames}")
-    k = round(n_frames / threshold) if n_frames > threshold else 1
-    return [list(range(start, min(start + k, n_frames))) for start in range(0, n_frames, k)]
 
 
 def strip_rows(n_frames: int, shape: tuple[int, int], memory_budget: int) -> int:

@@ -23,6 +23,9 @@ from imgproc import __version__
 from imgproc.calibrate import ROLES, MasterCache, calibrate_frame
 from imgproc.fitsio import FitsError, write_atomic
 from imgproc.manifest import LISTED, OK, SKIPPED, read_tsv, write_tsv
+from imgproc.masterbuild import build_master
+from imgproc.masters import COLUMNS as MASTER_COLUMNS
+from imgproc.masters import plan_masters
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
 from imgproc.plan import PlanSettings, intermediate, make_plan
 from imgproc.scan import ScanRequest, scan
@@ -87,14 +90,28 @@ def run_scan(request: ScanRequest, manifest: Path, cache: Path, workers: int = 1
     return rows
 
 
-def run_plan(manifest: Path, plan_path: Path, settings: PlanSettings) -> list[dict]:
-    """Write the plan of every light (``work/plan.tsv``) from the manifest."""
-    plan = make_plan(read_tsv(manifest), settings)
+def run_plan(manifest: Path, plan_path: Path, masters_path: Path, settings: PlanSettings) -> list[dict]:
+    """Write the masters to build (``work/masters.tsv``) and the plan of every light
+    (``work/plan.tsv``) from the manifest."""
+    rows = read_tsv(manifest)
+    built = plan_masters(rows, settings.master_settings())
+    plan = make_plan(rows, settings, built)
+    write_tsv(masters_path, built, MASTER_COLUMNS)
     write_tsv(plan_path, plan, PLAN_COLUMNS)
+    for master in built:
+        if master["status"] != OK:
+            log.warning("raw %s frames not combined: %s", master["role"], master["reason"])
     for entry in plan:
         if entry["status"] != OK:
             log.warning("skipped %s: %s", entry["path"], entry["reason"])
     return plan
+
+
+def run_build_master(master: Mapping[str, Any], target: Path, memory_budget: int) -> None:
+    """Combine one planned master's raw frames into ``target``."""
+    data, header = build_master(master, memory_budget)
+    write_atomic(target, data, header)
+    log.info("built %s from %d %s frames", target.name, master["n_frames"], master["role"])
 
 
 # --- calibrate -------------------------------------------------------------------------------
@@ -159,6 +176,7 @@ def summarise(
     manifest: Sequence[Mapping[str, Any]],
     plan: Sequence[Mapping[str, Any]],
     receipts: Sequence[Mapping[str, Any]],
+    masters: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Counts and reasons of a run: what was written, stacked, listed and skipped."""
     calibrated: dict[str, dict] = {}
@@ -200,6 +218,12 @@ def summarise(
             for row in manifest
             if row["status"] == SKIPPED and row["folder"] != "light"
         ],
+        "masters_built": [m["path"] for m in masters if m["status"] == OK],
+        "masters_not_built": [
+            {"role": m["role"], "frames": m["members"].split(";"), "reason": m["reason"]}
+            for m in masters
+            if m["status"] != OK
+        ],
         "complete": not skipped and not any(i["status"] == SKIPPED for i in outputs.values()),
     }
 
@@ -214,14 +238,22 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines += [f"  skipped {s['file']}: {s['reason']}" for s in summary["skipped"]]
     lines += [f"  output {n} not written: {r}" for n, r in summary["failed_outputs"].items()]
     lines += [f"  master {s['file']} not used: {s['reason']}" for s in summary["masters_skipped"]]
+    lines += [f"  built master {path}" for path in summary["masters_built"]]
+    lines += [
+        f"  raw {m['role']} frames {', '.join(Path(f).name for f in m['frames'])} not combined: {m['reason']}"
+        for m in summary["masters_not_built"]
+    ]
     lines += [f"  listed {s['file']}: {s['reason']}" for s in summary["listed"]]
     lines.append("complete: every light was processed" if summary["complete"] else "INCOMPLETE: see above")
     return "\n".join(lines) + "\n"
 
 
-def run_summary(manifest: Path, plan: Path, receipts: Sequence[Path], out_json: Path, out_text: Path) -> dict:
-    """Write ``summary.json`` and ``summary.txt`` from the manifest, plan and batch receipts."""
-    summary = summarise(read_tsv(manifest), read_tsv(plan), [read_json(p) or {} for p in receipts])
+def run_summary(
+    manifest: Path, plan: Path, masters: Path, receipts: Sequence[Path], out_json: Path, out_text: Path
+) -> dict:
+    """Write ``summary.json`` and ``summary.txt`` from the manifest, plan, masters and receipts."""
+    receipts_data = [read_json(p) or {} for p in receipts]
+    summary = summarise(read_tsv(manifest), read_tsv(plan), receipts_data, read_tsv(masters))
     write_json(out_json, summary)
     text = format_summary(summary)
     out_text.write_text(text, encoding="utf-8")

@@ -18,9 +18,10 @@ LAYOUT = Layout(config)
 workdir: config["output_dir"]
 
 
-INPUTS = WorkflowInputs(LAYOUT, lambda: checkpoints.plan_frames.get().output.plan)
+INPUTS = WorkflowInputs(LAYOUT, lambda: checkpoints.plan_frames.get().output)
 
 
 wildcard_constraints:
     cal_batch=r"c\d{4}",
     pub_batch=r"p\d{4}",
+    master=r"master_[^/]+",

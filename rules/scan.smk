@@ -28,6 +28,7 @@ checkpoint plan_frames:
         manifest="work/manifest.tsv",
     output:
         plan="work/plan.tsv",
+        masters="work/masters.tsv",
     params:
         settings=LAYOUT.plan_params(),
     conda:
@@ -42,7 +43,9 @@ rule summarize:
     input:
         manifest="work/manifest.tsv",
         plan="work/plan.tsv",
+        masters_table="work/masters.tsv",
         receipts=INPUTS.all_receipts,
+        masters=INPUTS.built_masters,
     output:
         json="summary.json",
         text="summary.txt",

@@ -7,4 +7,6 @@ from imgproc.stages import configure_logging, run_plan
 
 sm = snakemake  # noqa: F821  (injected by Snakemake)
 configure_logging(sm.log[0], sm.config.get("verbose", False))
-run_plan(Path(sm.input.manifest), Path(sm.output.plan), PlanSettings(**sm.params.settings))
+run_plan(
+    Path(sm.input.manifest), Path(sm.output.plan), Path(sm.output.masters), PlanSettings(**sm.params.settings)
+)

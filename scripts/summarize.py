@@ -7,6 +7,6 @@ from imgproc.stages import configure_logging, run_summary
 sm = snakemake  # noqa: F821  (injected by Snakemake)
 configure_logging(sm.log[0], sm.config.get("verbose", False))
 run_summary(
-    Path(sm.input.manifest), Path(sm.input.plan), [Path(p) for p in sm.input.receipts],
-    Path(sm.output.json), Path(sm.output.text),
+    Path(sm.input.manifest), Path(sm.input.plan), Path(sm.input.masters_table),
+    [Path(p) for p in sm.input.receipts], Path(sm.output.json), Path(sm.output.text),
 )  # fmt: skip

@@ -48,6 +48,7 @@ def tircam_masters(
         header = fits.getheader(TIRCAM / template)
         for key in ("BZERO", "BSCALE"):
             header.remove(key, ignore_missing=True)
+        header["NCOMBINE"] = 3 if folder == bias_dir else 5  # a finished master says so
         fits.PrimaryHDU(data, header).writeto(folder / f"master_{template}")
     return lights, bias_dir, flat_dir, bias, flat
 

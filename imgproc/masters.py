@@ -1,0 +1,159 @@
+"""Master frames built from raw calibration frames: grouping (Maker's plan) and combining.
+
+Raw bias, dark and flat frames given with ``-B``/``-D``/``-F`` are grouped by the keywords that
+matching uses (bias: instrument, gain, offset, readout mode, set temperature, binning, shape;
+darks also exposure; flats also filter).  A group of at least ``min_frames`` becomes a master,
+unless a finished master in the same folder already covers it.  Darks are bias-subtracted when
+a bias is available; flats are bias- and dark-corrected (a dark of another exposure is scaled)
+and normalised to mean 1 over the central region.  Each frame is combined by a sigma-clipped
+mean (3σ, median centre, MAD width) in row strips under the memory budget.
+
+This module is the planning, in pure Python (the Snakefile reads it at parse time);
+:mod:`imgproc.masterbuild` does the combining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from imgproc.manifest import OK
+from imgproc.matching import DEFAULT_CRITERIA, DEFAULT_TOLERANCE, differences, match_master
+from imgproc.naming import mean_time, safe_part
+
+ROLES = ("bias", "dark", "flat")
+MASTER_DIR = Path("masters")
+#: Columns of ``work/masters.tsv`` (a master's metadata uses the manifest's column names).
+COLUMNS = (
+    "path", "folder", "role", "status", "reason", "members", "n_frames", "bias", "dark", "dark_scale",
+    "is_master", "object", "filter", "exptime", "date_obs", "instrume", "gain", "offset", "readoutm",
+    "set_temp", "xbinning", "ybinning", "ny", "nx",
+)  # fmt: skip
+_META = (
+    "filter",
+    "exptime",
+    "instrume",
+    "gain",
+    "offset",
+    "readoutm",
+    "set_temp",
+    "xbinning",
+    "ybinning",
+    "ny",
+    "nx",
+)
+IMAGETYP = {"bias": "masterBIAS", "dark": "masterDARK", "flat": "masterFLAT"}
+
+
+@dataclass(frozen=True)
+class MasterSettings:
+    """How raw calibration frames become masters."""
+
+    min_frames: int = 3
+    prefer_finished: bool = True  # a finished master of the same group wins over building one
+    criteria: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_CRITERIA))
+    tolerance: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
+
+
+def group_raw(rows: Sequence[Mapping[str, Any]], role: str, settings: MasterSettings) -> list[list[Mapping]]:
+    """Raw frames of ``role`` in groups that agree on every matching keyword (within tolerance).
+
+    Frames are taken in file-name order; each joins the first group whose first frame it
+    agrees with, so the grouping is deterministic.
+    """
+    keys = list(settings.criteria[role])
+    groups: list[list[Mapping[str, Any]]] = []
+    for row in sorted(rows, key=lambda r: r["path"]):
+        for group in groups:
+            if not differences(group[0], row, keys, settings.tolerance):
+                group.append(row)
+                break
+        else:
+            groups.append([row])
+    return groups
+
+
+def master_name(role: str, members: Sequence[Mapping[str, Any]]) -> str:
+    """File name of the master built from ``members``: readable, and unique per member set."""
+    first = members[0]
+    label = {
+        "bias": "",
+        "dark": f"_{first.get('exptime') or 0:g}s",
+        "flat": f"_{safe_part(first.get('filter'))}",
+    }
+    digest = hashlib.sha1("\n".join(sorted(m["path"] for m in members)).encode()).hexdigest()[:8]
+    return f"master_{role}{label[role]}_{digest}.fits"
+
+
+def _as_master_row(role: str, members: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    first = members[0]
+    dates = [datetime.fromisoformat(m["date_obs"]) for m in members if m.get("date_obs")]
+    row: dict[str, Any] = {key: first.get(key) for key in _META}
+    row.update(
+        path=str(MASTER_DIR / master_name(role, members)), folder=role, role=role, is_master=True, status=OK,
+        reason="", object=None, members=";".join(sorted(m["path"] for m in members)), n_frames=len(members),
+        date_obs=mean_time(dates).isoformat(timespec="milliseconds") if dates else None,
+    )  # fmt: skip
+    return row
+
+
+def plan_masters(rows: Sequence[Mapping[str, Any]], settings: MasterSettings) -> list[dict[str, Any]]:
+    """Masters to build from the raw calibration frames of the manifest (and rejected groups).
+
+    Returns rows with the manifest's metadata columns plus ``members``, ``bias``, ``dark`` and
+    ``dark_scale`` (what the frames are corrected with); ``status`` is ``ok`` for a master to
+    build and ``skipped`` (with ``reason``) for a group that will not be built.
+    """
+    finished = {
+        r: [x for x in rows if x["folder"] == r and x["status"] == OK and x["is_master"]] for r in ROLES
+    }
+    raw = {
+        r: [x for x in rows if x["folder"] == r and x["status"] == OK and not x["is_master"]] for r in ROLES
+    }
+    planned: list[dict[str, Any]] = []
+    usable: dict[str, list[Mapping[str, Any]]] = {role: list(finished[role]) for role in ROLES}
+    for role in ROLES:  # bias first: darks and flats are corrected with the masters before them
+        for members in group_raw(raw[role], role, settings):
+            master = _as_master_row(role, members)
+            covering = match_master(master, finished[role], role, settings.criteria, settings.tolerance)
+            if len(members) < settings.min_frames:
+                master.update(status="skipped", reason=f"only {len(members)} raw {role} frames; "
+                              f"at least {settings.min_frames} are needed")  # fmt: skip
+            elif covering.path and settings.prefer_finished:
+                master.update(
+                    status="skipped", reason=f"finished master {Path(covering.path).name} covers this group"
+                )
+            else:
+                _corrections(master, role, usable, settings)
+                usable[role].append(master)
+            planned.append(master)
+    return planned
+
+
+def _corrections(
+    master: dict[str, Any], role: str, usable: Mapping[str, Sequence[Mapping]], settings
+) -> None:
+    """Which bias (and dark, with its exposure scale) a dark or flat group is corrected with."""
+    master["dark_scale"] = None
+    if role == "bias":
+        return
+    bias = match_master(master, usable["bias"], "bias", settings.criteria, settings.tolerance)
+    master["bias"] = bias.path
+    if role != "flat":
+        return
+    dark = match_master(master, usable["dark"], "dark", settings.criteria, settings.tolerance)
+    if dark.path is None:  # no dark of this exposure: scale one that agrees on everything else
+        others = {**settings.criteria, "dark": [k for k in settings.criteria["dark"] if k != "exptime"]}
+        dark = match_master(master, usable["dark"], "dark", others, settings.tolerance)
+    if dark.path is not None:
+        dark_row = next(d for d in usable["dark"] if d["path"] == dark.path)
+        master["dark"] = dark.path
+        master["dark_scale"] = (
+            (master.get("exptime") or 0.0) / dark_row["exptime"] if dark_row["exptime"] else None
+        )
+        if master["dark_scale"] is None:
+            master["dark"] = None

@@ -1,0 +1,16 @@
+rule build_master:
+    input:
+        unpack(INPUTS.master_inputs),
+    output:
+        master="masters/{master}.fits",
+    params:
+        entry=INPUTS.master_entry,
+        memory_budget=config["stacking"]["memory_budget_mb"] * 1024**2,
+    resources:
+        mem_mb=INPUTS.master_mem_mb,
+    conda:
+        "../envs/publish.yaml"
+    log:
+        "logs/build_master/{master}.log",
+    script:
+        "../scripts/build_master.py"
