@@ -7,7 +7,8 @@ plan table (never a FITS header).  Everything here is a plain function of config
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
 
 ROLES = ("bias", "dark", "flat")
+_SNAKEMAKE_SYNTAX = re.compile(r"[{}<>]")
 #: Bytes per pixel held by a calibrate job per frame-sized array (light, result, 3 masters...).
 _CAL_ARRAYS = 8
 _OVERHEAD_MB = 400
@@ -30,12 +32,16 @@ class Layout:
         self.master_dirs = {r: Path(config[f"{r}_dir"]) for r in ROLES if config.get(f"{r}_dir")}
 
     def input_files(self) -> list[str]:
-        """Every FITS file of the input and master folders (names only, no header read)."""
+        """Every FITS file of the input and master folders (names only, no header read).
+
+        These are the scan's inputs only so that Snakemake rescans when files come, go or
+        change (see :func:`trackable`).
+        """
         folders = [self.input_dir, *self.master_dirs.values()]
         missing = [str(folder) for folder in folders if not folder.is_dir()]
         if missing:
             raise FileNotFoundError(f"not a folder: {', '.join(missing)}")
-        return [str(path) for folder in folders for path in list_fits(folder)]
+        return trackable(str(path) for folder in folders for path in list_fits(folder))
 
     def scan_params(self) -> dict[str, Any]:
         """What the scan depends on besides the files themselves."""
@@ -118,7 +124,7 @@ class WorkflowInputs:
         """Raw frames of a master and the masters they are corrected with."""
         master = self._master(wildcards.master)
         return {
-            "frames": master["members"].split(";"),
+            "frames": trackable(master["members"].split(";")),
             "corrections": [master[role] for role in ("bias", "dark") if master.get(role)],
         }
 
@@ -146,7 +152,7 @@ class WorkflowInputs:
         """Raw lights and the masters they use."""
         members = self._members("cal_batch", wildcards.cal_batch)
         masters = sorted({row[role] for row in members for role in ROLES if row.get(role)})
-        return {"lights": [row["path"] for row in members], "masters": masters}
+        return {"lights": trackable(row["path"] for row in members), "masters": masters}
 
     def calibrate_entries(self, wildcards: Any) -> list[dict[str, Any]]:
         """Plan rows of the batch (also a params rerun trigger: any change redoes the batch)."""
@@ -182,6 +188,13 @@ class WorkflowInputs:
         pixels = max((row["ny"] * row["nx"] for row in members), default=0)
         budget = self.layout.config["stacking"]["memory_budget_mb"]
         return _OVERHEAD_MB + budget + pixels * 4 * _CAL_ARRAYS // 1024**2
+
+
+def trackable(paths: Iterable[str]) -> list[str]:
+    """Paths Snakemake can take as inputs: names it would read as wildcards or path variables
+    (``{}``, ``<>``) are left out.  Such files are still processed (jobs get every path through
+    their params, which also trigger reruns); only their modification times go unwatched."""
+    return [path for path in paths if not _SNAKEMAKE_SYNTAX.search(path)]
 
 
 def _entry(row: Mapping[str, Any]) -> dict[str, Any]:

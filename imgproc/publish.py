@@ -24,7 +24,7 @@ from imgproc.fitsio import FitsError, link_atomic, read_image, write_atomic
 from imgproc.manifest import SKIPPED
 from imgproc.naming import mean_time
 from imgproc.stack import combine
-from imgproc.stages import digest, read_json, write_json
+from imgproc.stages import Progress, digest, read_json, write_json
 
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
 _FILES = ("BIASFILE", "DARKFILE", "FLATFILE")
@@ -311,11 +311,13 @@ def run_publish_batch(
         groups[str(entry["output"])].append(entry)
     registrars: dict[str, Registrar] = {}
     results: dict[str, dict] = {}
-    for name, group in sorted(groups.items()):
+    progress = Progress(f"publish {receipt.stem}", len(groups))
+    for done, (name, group) in enumerate(sorted(groups.items()), start=1):
         reference = references.get(str(group[0].get("reference") or ""))
         try:
             results[name] = publish_group(name, group, reference, registrars, workdir, outdir, settings)
         except (FitsError, ValueError, OSError) as exc:
             results[name] = {"status": SKIPPED, "reason": f"publishing failed: {exc}", "excluded": {}}
+        progress.step(done)
     write_json(receipt, {"kind": "publish", "items": results})
     return results

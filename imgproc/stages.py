@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -117,6 +118,25 @@ def run_build_master(master: Mapping[str, Any], target: Path, memory_budget: int
 # --- calibrate -------------------------------------------------------------------------------
 
 
+class Progress:
+    """Plain progress lines for a batch: done/total and an estimate of the time left, at most
+    every ``every`` seconds and at the end (readable on a terminal and in a log file)."""
+
+    def __init__(self, label: str, total: int, every: float = 5.0) -> None:
+        self.label, self.total, self.every = label, total, every
+        self.start = self.last = time.monotonic()
+
+    def step(self, done: int) -> None:
+        """Report that ``done`` of ``total`` items are finished."""
+        now = time.monotonic()
+        if done < self.total and now - self.last < self.every:
+            return
+        self.last = now
+        left = (now - self.start) / done * (self.total - done) if done else 0.0
+        log.info("%s: %d/%d done, %.0f s elapsed, ~%.0f s left", self.label, done, self.total,
+                 now - self.start, left)  # fmt: skip
+
+
 def calibration_stamp(entry: Mapping[str, Any], observer: str, binning: int) -> str:
     """Digest of everything an intermediate depends on."""
     masters = {role: file_id(entry[role]) for role in ROLES if entry.get(role)}
@@ -138,33 +158,40 @@ def frame_diagnostics(entry: Mapping[str, Any], stats: Mapping[str, float]) -> s
     return f"{name}: {masters or 'no masters'} sky={stats['sky']:.2f} noise={stats['noise']:.2f}"
 
 
+def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache, observer: str,
+                    binning: int) -> dict[str, Any]:  # fmt: skip
+    """Calibrate one light to its intermediate, unless an up-to-date one exists; its receipt item."""
+    target = workdir.parent / intermediate(entry["frame_id"])
+    stamp_path = target.with_suffix(".json")
+    stamp = calibration_stamp(entry, observer, binning)
+    previous = read_json(stamp_path) or {}
+    if previous.get("stamp") == stamp and target.exists():
+        return {"status": "reused", "stamp": stamp, **previous.get("stats", {})}
+    data, header = calibrate_frame(
+        Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache,
+        observer=observer, mid=datetime.fromisoformat(entry["mid"]), binning=binning,
+    )  # fmt: skip
+    write_atomic(target, data, header)
+    stats = frame_statistics(data)
+    write_json(stamp_path, {"stamp": stamp, "source": entry["path"], "stats": stats})
+    log.debug("%s", frame_diagnostics(entry, stats))
+    return {"status": "calibrated", "stamp": stamp, **stats}
+
+
 def run_calibrate_batch(
     entries: Sequence[Mapping[str, Any]], workdir: Path, receipt: Path, *, observer: str, binning: int
 ) -> dict[str, dict]:
     """Calibrate the lights of one batch to their intermediates; write the batch receipt."""
     cache = MasterCache()
     results: dict[str, dict] = {}
-    for entry in entries:
-        target = workdir.parent / intermediate(entry["frame_id"])
-        stamp_path = target.with_suffix(".json")
+    progress = Progress(f"calibrate {receipt.stem}", len(entries))
+    for done, entry in enumerate(entries, start=1):
         try:
-            stamp = calibration_stamp(entry, observer, binning)
-            previous = read_json(stamp_path) or {}
-            if previous.get("stamp") == stamp and target.exists():
-                results[entry["frame_id"]] = {"status": "reused", "stamp": stamp, **previous.get("stats", {})}
-                continue
-            data, header = calibrate_frame(
-                Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache,
-                observer=observer, mid=datetime.fromisoformat(entry["mid"]), binning=binning,
-            )  # fmt: skip
-            write_atomic(target, data, header)
-            stats = frame_statistics(data)
-            write_json(stamp_path, {"stamp": stamp, "source": entry["path"], "stats": stats})
-            log.debug("%s", frame_diagnostics(entry, stats))
-            results[entry["frame_id"]] = {"status": "calibrated", "stamp": stamp, **stats}
+            results[entry["frame_id"]] = calibrate_entry(entry, workdir, cache, observer, binning)
         except (FitsError, ValueError, OSError, KeyError) as exc:
             log.error("cannot calibrate %s: %s", entry["path"], exc)
             results[entry["frame_id"]] = {"status": SKIPPED, "reason": f"calibration failed: {exc}"}
+        progress.step(done)
     write_json(receipt, {"kind": "calibrate", "items": results})
     return results
 

@@ -253,3 +253,13 @@ def test_scan_survives_random_files(blob: bytes, tmp_path_factory) -> None:
     path.write_bytes(blob)
     row = scan_file(path, "light", {"date_obs": ["DATE-OBS"], "exptime": ["EXPTIME"]})
     assert row["error"]  # random bytes are never a usable light
+
+
+def test_file_names_with_snakemake_syntax_are_processed(night, tmp_path: Path) -> None:
+    lights = night.root / "lights"
+    odd = lights / "odd<b>{c}&'.fits"
+    night.lights[0].rename(odd)
+    out = tmp_path / "out"
+    assert run_cli(lights, out, *master_flags(night)) == EXIT_OK
+    assert len(list(out.glob("*.fits"))) == len(night.lights)
+    assert odd.name in (out / "work" / "plan.tsv").read_text()

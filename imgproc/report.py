@@ -1,0 +1,739 @@
+"""The run report: one self-contained HTML page about an output folder.
+
+Thumbnails of the final outputs (PNG as data: URIs, made here with numpy and zlib), a table of
+every light (sky, noise, alignment shift, masters, output, status), inline SVG plots of the
+shifts and the sky level against time per filter, the master usage, what was skipped or listed
+and why, the configuration used and the software versions.  No external URL, no wall-clock
+time: the same run gives the same page.  Every string that comes from a header or a file name
+is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import math
+import os
+import platform
+import struct
+import warnings
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+
+from imgproc import __version__
+from imgproc.manifest import OK, read_tsv
+from imgproc.stages import read_json
+
+#: Longest side of a thumbnail, in pixels.
+THUMB_MAX = 256
+#: Colour of pixels without data (NaN) in the thumbnails.
+NAN_RGB = (46, 92, 184)
+ROLES = ("bias", "dark", "flat")
+_SERIES_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+_PACKAGES = ("imgproc", "numpy", "astropy", "snakemake")
+
+#: Sets data-images-loaded / data-images-total on <body> once every image has been decoded.
+_IMAGE_CHECK = (
+    "(function(){function check(){var imgs=document.images,n=0;"
+    "for(var i=0;i<imgs.length;i++){if(imgs[i].complete&&imgs[i].naturalWidth>0){n++;}}"
+    "document.body.dataset.imagesLoaded=String(n);document.body.dataset.imagesTotal=String(imgs.length);}"
+    "if(document.readyState==='complete'){check();}else{window.addEventListener('load',check);}})();"
+)
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:1.5em;color:#222;background:#fff}
+h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;font-size:.8em;margin:.5em 0;max-width:100%}
+th,td{border:1px solid #d0d0d0;padding:.2em .4em;text-align:left;vertical-align:top}
+td.file{overflow-wrap:anywhere;min-width:11em}td.nowrap{white-space:nowrap}
+th{background:#f0f0f0;position:sticky;top:0}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.bad td{background:#fde8e8}tr.warn td{background:#fff6dc}
+.thumbs{display:flex;flex-wrap:wrap;gap:12px}
+.thumb{border:1px solid #ccc;padding:6px;width:270px;font-size:.78em;background:#fafafa}
+.thumb img{display:block;margin:0 auto 4px auto;image-rendering:pixelated;background:#000}
+.thumb .name{font-weight:600;word-break:break-all}
+.plots{display:flex;flex-wrap:wrap;gap:10px}
+pre{background:#f6f6f6;border:1px solid #ddd;padding:.6em;font-size:.8em;overflow:auto;max-height:40em}
+.ok{color:#1a7f37}.fail{color:#b42318;font-weight:600}.muted{color:#777}
+"""
+
+
+# --- small PNG writer and thumbnails ----------------------------------------------------------
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An 8-bit RGB PNG of a (height, width, 3) uint8 array (row 0 at the top)."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    height, width = rgb.shape[:2]
+    raw = np.zeros((height, 1 + 3 * width), dtype=np.uint8)  # filter byte 0 (None) per row
+    raw[:, 1:] = rgb.reshape(height, 3 * width)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw.tobytes(), 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def block_mean(data: np.ndarray, max_side: int = THUMB_MAX) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mean of ``f`` x ``f`` blocks (NaN ignored; all-NaN blocks stay NaN), with the smallest
+    factor ``f`` that makes the long side at most ``max_side``; read one block row at a time,
+    so a memory-mapped image is never loaded whole.  Partial edge blocks are kept.  Returns the
+    means, the number of finite pixels behind each, and ``f``."""
+    ny, nx = data.shape
+    factor = max(1, math.ceil(max(ny, nx) / max_side))
+    ty, tx = math.ceil(ny / factor), math.ceil(nx / factor)
+    out = np.empty((ty, tx), dtype=np.float64)
+    counts = np.empty((ty, tx), dtype=np.int64)
+    for row in range(ty):
+        strip = np.asarray(data[row * factor : (row + 1) * factor], dtype=np.float64)
+        padded = np.full((strip.shape[0], tx * factor), np.nan)
+        padded[:, :nx] = strip
+        blocks = padded.reshape(strip.shape[0], tx, factor)
+        finite = np.isfinite(blocks)
+        count = finite.sum(axis=(0, 2))
+        total = np.where(finite, blocks, 0.0).sum(axis=(0, 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[row] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        counts[row] = count
+    return out, counts, factor
+
+
+def robust_background(values: np.ndarray) -> tuple[float, float]:
+    """Median and 1.4826 × MAD of the finite values (0, 0 when there are none)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 0.0
+    median = float(np.median(finite))
+    return median, 1.4826 * float(np.median(np.abs(finite - median)))
+
+
+def stretch(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """RGB uint8 of ``image`` with a robust asinh stretch, NaN in :data:`NAN_RGB`; also the
+    (low, high) display range.
+
+    Black is 2σ below the sky (median), white the 99.7th percentile; in between the levels follow
+    asinh((value - low) / 3σ), linear near the sky so its noise shows, logarithmic for stars.
+    """
+    finite = image[np.isfinite(image)]
+    rgb = np.empty((*image.shape, 3), dtype=np.uint8)
+    rgb[:] = NAN_RGB
+    if finite.size == 0:
+        return rgb, (0.0, 0.0)
+    sky, noise = robust_background(finite)
+    low = sky - 2.0 * noise if noise > 0 else float(np.percentile(finite, 0.5))
+    high = float(np.percentile(finite, 99.7))
+    if not high > low:
+        high = float(finite.max())
+    if not high > low:
+        high = low + 1.0
+    soft = 3.0 * noise if noise > 0 else (high - low) / 10
+    with np.errstate(invalid="ignore"):
+        scaled = np.clip(image - low, 0.0, high - low) / soft
+        level = np.arcsinh(scaled) / np.arcsinh((high - low) / soft)
+    grey = np.round(255 * np.nan_to_num(level, nan=0.0)).astype(np.uint8)
+    mask = np.isfinite(image)
+    rgb[mask] = grey[mask, None]
+    return rgb, (low, high)
+
+
+def local_maxima(image: np.ndarray, threshold: float | np.ndarray) -> list[tuple[float, int, int]]:
+    """(value, y, x) of pixels above ``threshold`` (a number or one per pixel) and above all
+    8 neighbours, brightest first."""
+    filled = np.where(np.isfinite(image), image, -np.inf)
+    padded = np.pad(filled, 1, constant_values=-np.inf)
+    ny, nx = image.shape
+    peak = filled > threshold
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                peak &= filled > padded[1 + dy : 1 + dy + ny, 1 + dx : 1 + dx + nx]
+    ys, xs = np.nonzero(peak)
+    found = [(float(filled[y, x]), int(y), int(x)) for y, x in zip(ys, xs, strict=True)]
+    return sorted(found, key=lambda item: (-item[0], item[1], item[2]))
+
+
+def fwhm_estimate(
+    data: np.ndarray, peaks: Sequence[tuple[float, int, int]], factor: int, radius: int = 8
+) -> float | None:
+    """Median FWHM (px, full resolution) of up to 25 of the brightest stars found on the
+    thumbnail, each from its flux and peak as a Gaussian: FWHM = 2.355·sqrt(flux / (2π·peak))."""
+    ny, nx = data.shape
+    widths = []
+    for _, ty, tx in peaks[:25]:
+        y0, x0 = max(ty * factor - 1, 0), max(tx * factor - 1, 0)
+        window = np.asarray(data[y0 : ty * factor + factor + 1, x0 : tx * factor + factor + 1], float)
+        if window.size == 0 or not np.isfinite(window).any():
+            continue
+        iy, ix = np.unravel_index(np.nanargmax(window), window.shape)
+        cy, cx = y0 + int(iy), x0 + int(ix)
+        if cy < radius or cx < radius or cy + radius >= ny or cx + radius >= nx:
+            continue
+        stamp = np.asarray(data[cy - radius : cy + radius + 1, cx - radius : cx + radius + 1], float)
+        if not np.isfinite(stamp).all():
+            continue
+        ring = np.concatenate([stamp[0], stamp[-1], stamp[1:-1, 0], stamp[1:-1, -1]])
+        background = float(np.median(ring))
+        peak = float(stamp[radius, radius]) - background
+        yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+        flux = float((stamp - background)[yy**2 + xx**2 <= (radius - 1) ** 2].sum())
+        if peak > 0 and flux > 0:
+            widths.append(2.3548 * math.sqrt(flux / (2 * math.pi * peak)))
+    return float(np.median(widths)) if widths else None
+
+
+def open_output(path: Path) -> tuple[fits.HDUList, int]:
+    """The output file opened memory-mapped, and the index of its image HDU."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        hdul = fits.open(path, memmap=True)
+    for index, hdu in enumerate(hdul):
+        if hdu.is_image and hdu.header.get("NAXIS", 0) == 2:
+            return hdul, index
+    hdul.close()
+    raise ValueError("no 2-D image")
+
+
+def thumbnail(path: Path) -> dict[str, Any]:
+    """Thumbnail (PNG bytes and size), header facts and star statistics of one output."""
+    hdul, index = open_output(path)
+    with hdul:
+        hdu = hdul[index]
+        header, data = hdu.header, hdu.data
+        small, counts, factor = block_mean(data)
+        rgb, (low, high) = stretch(small)
+        sky, noise = robust_background(small[counts == counts.max()])
+        # blocks with fewer pixels (edges, partly NaN) are noisier: their threshold is higher
+        threshold = sky + 5 * noise * np.sqrt(counts.max() / np.maximum(counts, 1))
+        peaks = local_maxima(small, threshold) if noise > 0 else []
+        fwhm = fwhm_estimate(data, peaks, factor)
+        return {
+            "png": png_bytes(rgb[::-1]),  # FITS row 0 is the bottom of the image
+            "width": small.shape[1],
+            "height": small.shape[0],
+            "factor": factor,
+            "shape": data.shape,
+            "range": (low, high),
+            "stars": len(peaks),
+            "fwhm": fwhm,
+            "nan_fraction": float(np.isnan(small).mean()),
+            "header": {key: header.get(key) for key in ("NCOMBINE", "DATE-AVG", "OBJECT", "FILTER")},
+        }
+
+
+# --- SVG plots --------------------------------------------------------------------------------
+
+
+def nice_ticks(low: float, high: float, target: int = 5) -> list[float]:
+    """Round tick values covering [low, high]."""
+    span = high - low
+    if not span > 0:
+        return [low]
+    raw = span / target
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    count = math.floor((high - first) / step + 1e-9) + 1
+    return [round(first + i * step, 10) for i in range(count)]
+
+
+def time_ticks(low: float, high: float, target: int = 8) -> list[float]:
+    """Tick values (minutes) on round clock times covering [low, high]."""
+    steps = (0.25, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720, 1440)
+    step = next((s for s in steps if s >= (high - low) / target), steps[-1])
+    first = math.ceil(low / step - 1e-9) * step
+    count = math.floor((high - first) / step + 1e-9) + 1
+    return [first + i * step for i in range(max(count, 0))]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def svg_plot(
+    title: str,
+    series: Sequence[tuple[str, Sequence[tuple[float, float, str, str]]]],
+    origin: datetime,
+    y_label: str,
+    width: int = 520,
+    height: int = 230,
+) -> str:
+    """A line plot as inline SVG.  ``series``: (label, [(minutes after origin, y, tooltip, group)]);
+    the points of one group are joined by a line."""
+    points = [p for _, pts in series for p in pts]
+    left, right, top, bottom = 62, 12, 28, 40
+    esc = html.escape
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}" font-size="11" '
+        'font-family="sans-serif">',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff" stroke="#ccc"/>',
+        f'<text x="{left}" y="18" font-size="13">{esc(title)}</text>',
+    ]
+    if not points:
+        parts.append(f'<text x="{width / 2:.1f}" y="{height / 2:.1f}" text-anchor="middle">no data</text>')
+        return "".join(parts) + "</svg>"
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if x1 - x0 < 1e-9:
+        x0, x1 = x0 - 1, x1 + 1
+    x_pad = (x1 - x0) * 0.03
+    x0, x1 = x0 - x_pad, x1 + x_pad
+    pad = (y1 - y0) * 0.08 if y1 > y0 else max(abs(y0) * 0.01, 0.5)
+    y0, y1 = y0 - pad, y1 + pad
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * plot_w
+
+    def py(y: float) -> float:
+        return top + (y1 - y) / (y1 - y0) * plot_h
+
+    parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>')
+    for tick in nice_ticks(y0, y1):
+        y = py(tick)
+        parts.append(f'<line x1="{left}" y1="{_fmt(y)}" x2="{left + plot_w}" y2="{_fmt(y)}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 4}" y="{_fmt(y + 4)}" text-anchor="end">{tick:g}</text>')
+    for tick in time_ticks(x0, x1):
+        x = px(tick)
+        label = (origin + timedelta(minutes=tick)).strftime("%H:%M" if tick == round(tick) else "%H:%M:%S")
+        parts.append(f'<line x1="{_fmt(x)}" y1="{top}" x2="{_fmt(x)}" y2="{top + plot_h}" stroke="#eee"/>')
+        parts.append(f'<text x="{_fmt(x)}" y="{top + plot_h + 14}" text-anchor="middle">{label}</text>')
+    parts.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle">time (UTC, mid-exposure)'
+        "</text>"
+    )
+    parts.append(
+        f'<text transform="translate(14 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">'
+        f"{esc(y_label)}</text>"
+    )
+    for index, (label, pts) in enumerate(series):
+        colour = _SERIES_COLOURS[index % len(_SERIES_COLOURS)]
+        ordered = sorted(pts)
+        for group in sorted({p[3] for p in ordered}):  # a line per group (sequence), in time order
+            line = [(x, y) for x, y, _, g in ordered if g == group]
+            if len(line) > 1:
+                path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in line)
+                parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        for x, y, tip, _ in ordered:
+            parts.append(
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"><title>{esc(tip)}</title>'
+                "</circle>"
+            )
+        lx = width - right - (len(series) - index) * 60
+        parts.append(f'<rect x="{lx}" y="9" width="10" height="10" fill="{colour}"/>')
+        parts.append(f'<text x="{lx + 14}" y="18">{esc(label)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+# --- gathering the run's facts ----------------------------------------------------------------
+
+
+def _receipt_items(receipts: Iterable[Path]) -> tuple[dict[str, dict], dict[str, dict]]:
+    calibrated: dict[str, dict] = {}
+    published: dict[str, dict] = {}
+    for path in receipts:
+        receipt = read_json(path) or {}
+        target = published if receipt.get("kind") == "publish" else calibrated
+        target.update(receipt.get("items", {}))
+    return calibrated, published
+
+
+def frame_rows(
+    plan: Sequence[Mapping[str, Any]],
+    manifest: Mapping[str, Mapping[str, Any]],
+    calibrated: Mapping[str, Mapping[str, Any]],
+    published: Mapping[str, Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """One row per planned light: its header facts, statistics, shift, masters, output, status."""
+    shifts: dict[str, dict] = {}
+    excluded: dict[str, str] = {}
+    for item in published.values():
+        shifts.update(item.get("shifts") or {})
+        excluded.update(item.get("excluded") or {})
+    rows = []
+    for entry in plan:
+        fid, path = str(entry["frame_id"]), str(entry["path"])
+        raw = manifest.get(path, {})
+        cal = calibrated.get(fid, {})
+        output = entry.get("output") or ""
+        out_item = published.get(output, {}) if output else {}
+        if entry["status"] != OK:
+            status, reason, level = "skipped", entry.get("reason") or "", "bad"
+        elif cal.get("status") == "skipped":
+            status, reason, level = "skipped", cal.get("reason", ""), "bad"
+        elif not cal:
+            status, reason, level = "not calibrated", "no calibrate receipt for this frame", "warn"
+        elif fid in excluded:
+            status, reason, level = "excluded", excluded[fid], "bad"
+        elif out_item.get("status") == "skipped":
+            status, reason, level = "output not written", out_item.get("reason", ""), "bad"
+        elif not out_item:
+            status, reason, level = cal["status"], "no publish receipt for its output", "warn"
+        else:
+            status, reason, level = f"{cal['status']}, {out_item['status']}", "", ""
+        rows.append(
+            {
+                "frame_id": fid,
+                "path": path,
+                "name": Path(path).name,
+                "object": raw.get("object"),
+                "filter": raw.get("filter"),
+                "exptime": raw.get("exptime"),
+                "sequence": str(entry.get("sequence") or ""),
+                "mid": entry.get("mid") or "",
+                "sky": cal.get("sky"),
+                "noise": cal.get("noise"),
+                "shift": shifts.get(fid),
+                "masters": {role: entry.get(role) for role in ROLES if entry.get(role)},
+                "output": output,
+                "status": status,
+                "reason": reason,
+                "level": level,
+            }
+        )
+    return rows
+
+
+def master_usage(
+    plan: Sequence[Mapping[str, Any]], manifest_rows: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every master in the manifest (and any named in the plan) with the number of processed
+    lights that used it."""
+    used = Counter((role, str(e[role])) for e in plan if e["status"] == OK for role in ROLES if e.get(role))
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in manifest_rows:
+        if row["folder"] in ROLES:
+            rows[(row["folder"], str(row["path"]))] = {"role": row["folder"], "path": str(row["path"]), **row}
+    for role, path in used:
+        rows.setdefault((role, path), {"role": role, "path": path, "status": OK})
+    result = [dict(info, lights=used.get(key, 0)) for key, info in rows.items()]
+    return sorted(result, key=lambda r: (ROLES.index(r["role"]), -r["lights"], r["path"]))
+
+
+def software_versions() -> list[tuple[str, str]]:
+    """(name, version) of Python and the packages the run depends on."""
+    versions = [("python", platform.python_version())]
+    for name in _PACKAGES:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = __version__ if name == "imgproc" else "not installed"
+        versions.append((name, version))
+    return versions
+
+
+# --- HTML ---------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    """HTML-escaped text of a value ('' for None)."""
+    return "" if value is None else html.escape(str(value), quote=True)
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return f"{float(value):.{digits}f}"
+
+
+def _table(headers: Sequence[str], rows: Iterable[str], css_id: str) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    return f'<table id="{css_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _parse_time(text: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _thumbnails_html(outdir: Path, names: Sequence[str], published: Mapping[str, Mapping[str, Any]]) -> str:
+    cards = []
+    for name in names:
+        item = published.get(name, {})
+        path = outdir / name
+        try:
+            thumb = thumbnail(path)
+        except (OSError, ValueError, TypeError) as exc:
+            cards.append(
+                f'<div class="thumb"><div class="name">{_e(name)}</div>'
+                f'<div class="fail">cannot show: {_e(exc)}</div></div>'
+            )
+            continue
+        header = thumb["header"]
+        ncombine = header["NCOMBINE"] if header["NCOMBINE"] is not None else item.get("ncombine", 1)
+        uri = "data:image/png;base64," + base64.b64encode(thumb["png"]).decode("ascii")
+        fwhm = f"{thumb['fwhm']:.2f} px" if thumb["fwhm"] is not None else "n/a"
+        ny, nx = thumb["shape"]
+        low, high = thumb["range"]
+        zoom = max(1, THUMB_MAX // max(thumb["width"], thumb["height"]))  # small images shown larger
+        nodata = f", {thumb['nan_fraction']:.1%} no data" if thumb["nan_fraction"] > 0 else ""
+        cards.append(
+            f'<div class="thumb" data-output="{_e(name)}">'
+            f'<img src="{uri}" width="{thumb["width"] * zoom}" height="{thumb["height"] * zoom}" '
+            f'alt="{_e(name)}">'
+            f'<div class="name">{_e(name)}</div>'
+            f"<div>NCOMBINE {_e(ncombine)} &middot; DATE-AVG {_e(header['DATE-AVG'])}</div>"
+            f"<div>OBJECT {_e(header['OBJECT'])} &middot; FILTER {_e(header['FILTER'])}</div>"
+            f"<div>{nx}&times;{ny} px, thumbnail 1:{thumb['factor']} &middot; "
+            f"stars &gt;5&sigma; {thumb['stars']} &middot; FWHM {fwhm}</div>"
+            f'<div class="muted">display {low:.1f} &ndash; {high:.1f} (asinh){nodata}</div>'
+            "</div>"
+        )
+    if not cards:
+        return "<p>No output was written.</p>"
+    legend = (
+        f'<p class="muted">Block-mean thumbnails, north/up as stored (FITS row 1 at the bottom); pixels '
+        f'without data are shown in <span style="color:rgb{NAN_RGB}">&#9632;</span> blue.</p>'
+    )
+    return legend + f'<div class="thumbs">{"".join(cards)}</div>'
+
+
+def _frames_html(rows: Sequence[Mapping[str, Any]]) -> str:
+    headers = (
+        "#", "Light", "Object", "Filter", "Exp (s)", "Mid-exposure (UTC)", "Sky", "Noise", "dx", "dy",
+        "Quality", "Masters", "Output", "Status",
+    )  # fmt: skip
+    body = []
+    for index, row in enumerate(rows, 1):
+        shift = row["shift"] or {}
+        masters = "<br>".join(
+            f'{role}: <span title="{_e(path)}">{_e(Path(path).name)}</span>'
+            for role, path in row["masters"].items()
+        )
+        quality = _num(shift.get("quality"), 3) + (" flipped" if shift.get("flipped") else "")
+        status = _e(row["status"]) + (f": {_e(row['reason'])}" if row["reason"] else "")
+        cells = (
+            ("num", str(index)),
+            ("file", f'<span title="{_e(row["path"])}">{_e(row["name"])}</span>'),
+            ("", _e(row["object"])),
+            ("", _e(row["filter"])),
+            ("num", _num(row["exptime"], 1)),
+            ("nowrap", _e(row["mid"][:19].replace("T", " "))),
+            ("num", _num(row["sky"])),
+            ("num", _num(row["noise"])),
+            ("num", _num(shift.get("dx"), 3)),
+            ("num", _num(shift.get("dy"), 3)),
+            ("num", quality),
+            ("nowrap", masters),
+            ("file", _e(row["output"])),
+            ("", status),
+        )
+        tds = "".join(f'<td class="{css}">{text}</td>' if css else f"<td>{text}</td>" for css, text in cells)
+        body.append(f'<tr class="{row["level"]}" data-frame="{_e(row["frame_id"])}">{tds}</tr>')
+    if not body:
+        return "<p>No light was planned.</p>"
+    return _table(headers, body, "frames")
+
+
+def _plots_html(rows: Sequence[Mapping[str, Any]]) -> str:
+    timed = [(row, _parse_time(row["mid"])) for row in rows]
+    timed = [(row, when) for row, when in timed if when is not None]
+    if not timed:
+        return "<p>No frame to plot.</p>"
+    origin = min(when for _, when in timed).replace(second=0, microsecond=0)
+    by_filter: dict[str, list[tuple[Mapping[str, Any], float]]] = defaultdict(list)
+    for row, when in timed:
+        by_filter[str(row["filter"] or "?")].append((row, (when - origin).total_seconds() / 60))
+    blocks = []
+    for filt in sorted(by_filter):
+        frames = by_filter[filt]
+        dx = [
+            (t, r["shift"]["dx"], f"{r['name']}: dx={r['shift']['dx']:+.3f}", r["sequence"])
+            for r, t in frames
+            if r["shift"]
+        ]
+        dy = [
+            (t, r["shift"]["dy"], f"{r['name']}: dy={r['shift']['dy']:+.3f}", r["sequence"])
+            for r, t in frames
+            if r["shift"]
+        ]
+        sky = [
+            (t, float(r["sky"]), f"{r['name']}: sky={r['sky']:.2f}", r["sequence"])
+            for r, t in frames
+            if r["sky"] is not None
+        ]
+        shift_plot = (
+            svg_plot(f"Alignment shift, filter {filt}", [("dx", dx), ("dy", dy)], origin, "shift (px)")
+            if dx
+            else svg_plot(f"Alignment shift, filter {filt} (not aligned)", [], origin, "shift (px)")
+        )
+        sky_plot = svg_plot(f"Sky level, filter {filt}", [("sky", sky)], origin, "median (ADU)")
+        blocks.append(f'<div class="plots" data-filter="{_e(filt)}">{shift_plot}{sky_plot}</div>')
+    return "".join(blocks)
+
+
+def _masters_html(masters: Sequence[Mapping[str, Any]], built: Iterable[str] = ()) -> str:
+    body = []
+    built_names = {Path(str(path)).name for path in built}
+    for row in masters:
+        status = row.get("status") or ""
+        detail = f"{status}: {row['reason']}" if row.get("reason") else status
+        if status == OK and not row["lights"]:
+            detail = "not matched by any light"
+        elif status == OK and Path(row["path"]).name in built_names:
+            detail = "built by imgproc from raw frames"
+        level = "bad" if status == "skipped" else ("warn" if not row["lights"] else "")
+        body.append(
+            f'<tr class="{level}"><td>{_e(row["role"])}</td><td title="{_e(row["path"])}">'
+            f'{_e(Path(row["path"]).name)}</td><td class="num">{row["lights"]}</td>'
+            f'<td>{_e(row.get("date_obs"))}</td><td class="num">{_num(row.get("exptime"), 1)}</td>'
+            f'<td>{_e(row.get("filter"))}</td><td class="num">{_num(row.get("gain"), 1)}</td>'
+            f"<td>{_e(row.get('instrume'))}</td><td>{_e(detail)}</td></tr>"
+        )
+    if not body:
+        return "<p>No master frame was given.</p>"
+    headers = (
+        "Role", "Master file", "Lights using it", "DATE-OBS", "Exp (s)", "Filter", "Gain", "Instrument",
+        "Status",
+    )  # fmt: skip
+    return _table(headers, body, "masters")
+
+
+def _problems_html(summary: Mapping[str, Any]) -> str:
+    failed = [{"file": n, "reason": r} for n, r in (summary.get("failed_outputs") or {}).items()]
+    not_built = [
+        {
+            "file": ", ".join(Path(str(f)).name for f in m.get("frames") or []),
+            "reason": f"{m.get('role')}: {m.get('reason')}",
+        }
+        for m in summary.get("masters_not_built") or []
+    ]
+    sections = [
+        ("skipped", "Lights skipped", summary.get("skipped") or []),
+        ("listed", "Files listed but not processed", summary.get("listed") or []),
+        ("masters-skipped", "Masters not used", summary.get("masters_skipped") or []),
+        ("failed-outputs", "Outputs not written", failed),
+        ("masters-not-built", "Raw calibration frames not combined into a master", not_built),
+    ]
+    out = []
+    for css_id, title, items in sections:
+        if not items:
+            continue
+        body = [
+            f'<tr><td title="{_e(i["file"])}">{_e(Path(str(i["file"])).name)}</td>'
+            f"<td>{_e(i['reason'])}</td></tr>"
+            for i in items
+        ]
+        out.append(f"<h3>{_e(title)} ({len(items)})</h3>" + _table(("File", "Reason"), body, css_id))
+    return "".join(out) or '<p class="ok">Nothing was skipped or left out.</p>'
+
+
+def config_text(outdir: Path, config: Mapping[str, Any] | None = None) -> str:
+    """The configuration to show: ``imgproc.yaml`` as written (with its comments) when it is
+    the configuration of the run, else ``config`` as YAML."""
+    path = outdir / "imgproc.yaml"
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else None
+    if config is None:
+        return text if text is not None else "imgproc.yaml not found"
+    if text is not None:
+        try:
+            if yaml.safe_load(text) == dict(config):
+                return text
+        except yaml.YAMLError:
+            pass
+    dumped = yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False)
+    return "# Configuration of the workflow run (imgproc.yaml is missing or differs)\n" + dumped
+
+
+def build_report(
+    outdir: Path, receipts: Sequence[Path] | None = None, config: Mapping[str, Any] | None = None
+) -> str:
+    """The HTML report of the run in ``outdir``.
+
+    ``receipts`` are the batch receipts of the run (default: every one under ``work/``);
+    ``config`` is the workflow's configuration (default: ``imgproc.yaml`` of the folder).
+    """
+    outdir = Path(outdir)
+    work = outdir / "work"
+    summary = read_json(outdir / "summary.json") or {}
+    manifest_rows = read_tsv(work / "manifest.tsv") if (work / "manifest.tsv").exists() else []
+    plan = read_tsv(work / "plan.tsv") if (work / "plan.tsv").exists() else []
+    if receipts is None:
+        receipts = sorted(work.glob("calibrated/*.json")) + sorted(work.glob("published/*.json"))
+    calibrated, published = _receipt_items(Path(p) if Path(p).is_absolute() else outdir / p for p in receipts)
+    manifest = {str(row["path"]): row for row in manifest_rows}
+    rows = frame_rows(plan, manifest, calibrated, published)
+    outputs = summary.get("output_files")
+    if outputs is None:
+        outputs = sorted(n for n, i in published.items() if i.get("status") != "skipped")
+    complete = summary.get("complete")
+    verdict = (
+        '<span class="ok">complete: every light was processed</span>'
+        if complete
+        else '<span class="fail">INCOMPLETE: see the skipped files below</span>'
+    )
+    script_hash = base64.b64encode(hashlib.sha256(_IMAGE_CHECK.encode()).digest()).decode()
+    csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'"
+    versions = "".join(f"<tr><td>{_e(n)}</td><td>{_e(v)}</td></tr>" for n, v in software_versions())
+    facts = (
+        f"{_e(summary.get('lights', len(rows)))} lights, {len(outputs)} outputs written "
+        f"({_e(summary.get('stacked', 0))} stacked), {len(summary.get('skipped') or [])} lights skipped, "
+        f"{len(summary.get('listed') or [])} files listed but not processed."
+    )
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>imgproc report: {_e(outdir.resolve().name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>imgproc report: {_e(outdir.resolve().name)}</h1>",
+        f"<p>{facts} {verdict}</p>",
+        f'<h2 id="outputs">Outputs ({len(outputs)})</h2>',
+        _thumbnails_html(outdir, outputs, published),
+        f'<h2 id="lights">Lights ({len(rows)})</h2>',
+        '<p class="muted">Sky and noise: median and 1.4826&times;MAD of the calibrated frame; dx, dy: '
+        "shift (px) applied to reach the sequence's reference; quality: normalised correlation peak.</p>",
+        _frames_html(rows),
+        '<h2 id="plots">Alignment and sky against time</h2>',
+        '<p class="muted">Per filter; lines join the frames of one sequence (OBJECT, filter, exposure, '
+        "binning), whose shifts are measured against the same reference frame.</p>",
+        _plots_html(rows),
+        '<h2 id="master-usage">Master frames</h2>',
+        _masters_html(master_usage(plan, manifest_rows), summary.get("masters_built") or ()),
+        '<h2 id="problems">Skipped and listed files</h2>',
+        _problems_html(summary),
+        '<h2 id="config">Configuration</h2>',
+        f'<pre id="config-text">{_e(config_text(outdir, config))}</pre>',
+        '<h2 id="versions">Software</h2>',
+        _table(("Package", "Version"), [versions], "versions"),
+        f"<script>{_IMAGE_CHECK}</script>",
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(
+    outdir: Path,
+    target: Path,
+    receipts: Sequence[Path] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write :func:`build_report` of ``outdir`` to ``target`` (atomically); returns ``target``."""
+    target = Path(target)
+    text = build_report(outdir, receipts, config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+    return target
