@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from imgproc.fitsio import encode_checksum, ones_complement_sum, write_atomic
+from imgproc.fitsio import encode_checksum, ones_complement_sum, read_image, write_atomic
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 13), (64, 64), (100, 37)])
@@ -47,3 +47,33 @@ def test_encode_checksum_uses_only_alphanumerics() -> None:
     for value in (0, 1, 0xFFFFFFFF, 0x12345678, 0xDEADBEEF):
         text = encode_checksum(value)
         assert len(text) == 16 and text.isalnum()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cards"),
+    [
+        (np.uint16, {}),  # BITPIX 16 + BZERO 32768, the usual camera file (direct read)
+        (np.int16, {}),
+        (np.int32, {}),
+        (np.uint8, {}),
+        (np.float32, {}),
+        (np.float64, {}),
+        (np.int16, {"BSCALE": 2.0, "BZERO": 10.0}),  # scaled: through astropy
+        (np.int16, {"BLANK": -1}),
+    ],
+)
+def test_read_image_matches_astropy_for_every_layout(tmp_path: Path, dtype, cards: dict) -> None:
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
+    rng = np.random.default_rng(3)
+    low, high = (info.min, info.max) if info else (-1e6, 1e6)
+    data = rng.uniform(max(low, -30000), min(high, 60000), (9, 11)).astype(dtype)
+    hdu = fits.PrimaryHDU(data)
+    for key, value in cards.items():
+        hdu.header[key] = value
+    path = tmp_path / "frame.fits"
+    hdu.writeto(path)
+    image, header = read_image(path)
+    with fits.open(path) as hdul:
+        expected = np.asarray(hdul[0].data, dtype=np.float32)
+    assert image.dtype == np.float32 and header["NAXIS1"] == 11
+    np.testing.assert_array_equal(image, expected)
