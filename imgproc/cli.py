@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imgproc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     targets = ["work/plan.tsv"] if args.plan else []
+    started = time.monotonic()
     with lock:
         status = subprocess.call(
             snakemake_command(config_path, args.concurrency, [*extra, *targets]), cwd=output
@@ -304,7 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     if args.plan and not dry:
         return show_plan(output)
-    return EXIT_OK if dry else report(output)
+    if dry:
+        return EXIT_OK
+    print(f"imgproc: finished in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return report(output)
 
 
 if __name__ == "__main__":

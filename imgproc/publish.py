@@ -319,5 +319,5 @@ def run_publish_batch(
         except (FitsError, ValueError, OSError) as exc:
             results[name] = {"status": SKIPPED, "reason": f"publishing failed: {exc}", "excluded": {}}
         progress.step(done)
-    write_json(receipt, {"kind": "publish", "items": results})
+    write_json(receipt, {"kind": "publish", "items": results, "seconds": progress.elapsed()})
     return results

@@ -126,6 +126,10 @@ class Progress:
         self.label, self.total, self.every = label, total, every
         self.start = self.last = time.monotonic()
 
+    def elapsed(self) -> float:
+        """Seconds since the batch started."""
+        return round(time.monotonic() - self.start, 3)
+
     def step(self, done: int) -> None:
         """Report that ``done`` of ``total`` items are finished."""
         now = time.monotonic()
@@ -192,7 +196,7 @@ def run_calibrate_batch(
             log.error("cannot calibrate %s: %s", entry["path"], exc)
             results[entry["frame_id"]] = {"status": SKIPPED, "reason": f"calibration failed: {exc}"}
         progress.step(done)
-    write_json(receipt, {"kind": "calibrate", "items": results})
+    write_json(receipt, {"kind": "calibrate", "items": results, "seconds": progress.elapsed()})
     return results
 
 
@@ -245,6 +249,7 @@ def summarise(
             for row in manifest
             if row["status"] == SKIPPED and row["folder"] != "light"
         ],
+        "batch_seconds": round(sum(float(r.get("seconds", 0.0)) for r in receipts), 1),
         "masters_built": [m["path"] for m in masters if m["status"] == OK],
         "masters_not_built": [
             {"role": m["role"], "frames": m["members"].split(";"), "reason": m["reason"]}
@@ -260,7 +265,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [
         f"imgproc {summary['version']}: {summary['lights']} lights, {summary['outputs']} outputs written "
         f"({summary['stacked']} stacked), {len(summary['skipped'])} lights skipped, "
-        f"{len(summary['listed'])} files listed but not processed"
+        f"{len(summary['listed'])} files listed but not processed; "
+        f"{summary['batch_seconds']} s of calibrate and publish work"
     ]
     lines += [f"  skipped {s['file']}: {s['reason']}" for s in summary["skipped"]]
     lines += [f"  output {n} not written: {r}" for n, r in summary["failed_outputs"].items()]
