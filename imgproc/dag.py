@@ -81,7 +81,7 @@ class Layout:
             "sigma_high": stacking["sigma_high"],
             "memory_budget": stacking["memory_budget_mb"] * 1024**2,
             "upsample": alignment["upsample"],
-            "min_quality": alignment["min_quality"],
+            "min_significance": alignment["min_significance"],
             "order": alignment["order"],
         }
 

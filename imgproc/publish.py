@@ -40,7 +40,7 @@ class StackSettings:
     sigma_high: float = 3.0
     memory_budget: int = 2 * 1024**3
     upsample: int = 20
-    min_quality: float = 0.3
+    min_significance: float = 15.0
     order: int = 1
 
 
@@ -98,7 +98,7 @@ class ShiftedSource:
 def registrar_for(reference: Path, settings: StackSettings) -> Registrar:
     """A registrar built on the reference frame's intermediate."""
     data, _ = read_image(reference)
-    return Registrar(data, upsample=settings.upsample, min_quality=settings.min_quality)
+    return Registrar(data, upsample=settings.upsample, min_significance=settings.min_significance)
 
 
 def measure(member: Member, registrar: Registrar, reference_pierside: str | None) -> Shift:
@@ -110,7 +110,7 @@ def measure(member: Member, registrar: Registrar, reference_pierside: str | None
     data, _ = read_image(member.path)
     if pier_side_flip(reference_pierside, member.pierside):
         shift = registrar.measure(np.rot90(data, 2))
-        return Shift(shift.dy, shift.dx, True, shift.quality)
+        return Shift(shift.dy, shift.dx, True, shift.quality, shift.significance)
     return registrar.measure(data, try_flip=True)
 
 
@@ -200,14 +200,17 @@ def publish_stack(
 
 def _shift_record(shift: Shift) -> dict[str, Any]:
     return {"dy": round(shift.dy, 4), "dx": round(shift.dx, 4), "flipped": shift.flipped,
-            "quality": round(shift.quality, 4)}  # fmt: skip
+            "quality": round(shift.quality, 4), "significance": round(shift.significance, 1)}  # fmt: skip
 
 
-def check_shift(shift: Shift, settings: StackSettings) -> str:
+def check_shift(shift: Shift, registrar: Registrar) -> str:
     """Why a measured shift cannot be used ('' when it can)."""
-    if shift.quality < settings.min_quality:
-        return f"alignment failed: correlation peak {shift.quality:.3f} below {settings.min_quality}"
-    return ""
+    if registrar.accepts(shift):
+        return ""
+    return (
+        f"alignment failed: correlation peak {shift.significance:.1f} sigma above the surface, "
+        f"below {registrar.min_significance:g}"
+    )
 
 
 def plan_members(entries: Sequence[Mapping[str, Any]], workdir: Path) -> list[Member]:
@@ -275,7 +278,7 @@ def publish_group(
             registrars[ref_id] = registrar_for(workdir / "cal" / f"{ref_id}.fits", settings)
         shifts = [measure(m, registrars[ref_id], reference.get("pierside")) for m in members]
         for member, shift in zip(members, shifts, strict=True):
-            problem = check_shift(shift, settings)  # type: ignore[arg-type]
+            problem = check_shift(shift, registrars[ref_id])  # type: ignore[arg-type]
             if problem:
                 excluded[member.frame_id] = problem
         kept = [(m, s) for m, s in zip(members, shifts, strict=True) if m.frame_id not in excluded]

@@ -286,3 +286,24 @@ def test_apply_shift_preserves_flux_of_interior_star():
 def test_apply_shift_rejects_unknown_order():
     with pytest.raises(ValueError, match="order"):
         apply_shift(np.zeros((8, 8)), Shift(0.5, 0.5, False, 1.0), order=2)
+
+
+@pytest.mark.parametrize(("size", "n_stars"), [(64, 10), (256, 40), (1024, 20)])
+def test_accepts_by_significance_whatever_the_frame_size_and_star_density(size, n_stars):
+    # a sparse large field has a low correlation coefficient (~0.1) but a towering peak
+    from imgproc.synth import random_stars, star_field
+
+    rng = np.random.default_rng(size)
+    shape = (size, size)
+    stars, other = random_stars(shape, n_stars, rng), random_stars(shape, n_stars, rng)
+
+    def frame(field, shift=(0.0, 0.0)):
+        return star_field(shape, field, shift=shift) + rng.normal(300, 20, shape).astype(np.float32)
+
+    registrar = Registrar(frame(stars))
+    good = registrar.measure(frame(stars, (2.3, -1.6)), try_flip=True)
+    noise = registrar.measure(rng.normal(300, 20, shape).astype(np.float32), try_flip=True)
+    unrelated = registrar.measure(frame(other), try_flip=True)
+    assert registrar.accepts(good) and good.significance > 25
+    assert not registrar.accepts(noise) and noise.significance < 7
+    assert not registrar.accepts(unrelated) and unrelated.significance < 12
