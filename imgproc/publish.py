@@ -23,6 +23,7 @@ from imgproc.align import Registrar, Shift, apply_shift, pier_side_flip
 from imgproc.fitsio import FitsError, link_atomic, read_image, write_atomic
 from imgproc.manifest import SKIPPED
 from imgproc.naming import mean_time
+from imgproc.report import cached_thumbnail
 from imgproc.stack import combine
 from imgproc.stages import Progress, digest, read_json, write_json
 
@@ -291,6 +292,7 @@ def publish_group(
         publish_single_aligned(members[0], shifts[0], target, settings.order)  # type: ignore[arg-type]
     else:
         publish_stack(members, shifts, target, settings)
+    cached_thumbnail(target, workdir / "thumbs")  # here, in parallel jobs, not in the report
     records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}
     item = {"status": "written", "ncombine": len(members), "excluded": excluded, "shifts": records}
     write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})

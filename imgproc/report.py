@@ -33,7 +33,7 @@ from astropy.utils.exceptions import AstropyWarning
 
 from imgproc import __version__
 from imgproc.manifest import OK, read_tsv
-from imgproc.stages import read_json
+from imgproc.stages import read_json, write_json
 
 #: Longest side of a thumbnail, in pixels.
 THUMB_MAX = 256
@@ -86,32 +86,30 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw.tobytes(), 9))
+        + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1))  # level 1: fast, thumbnails are noisy anyway
         + chunk(b"IEND", b"")
     )
 
 
 def block_mean(data: np.ndarray, max_side: int = THUMB_MAX) -> tuple[np.ndarray, np.ndarray, int]:
     """Mean of ``f`` x ``f`` blocks (NaN ignored; all-NaN blocks stay NaN), with the smallest
-    factor ``f`` that makes the long side at most ``max_side``; read one block row at a time,
-    so a memory-mapped image is never loaded whole.  Partial edge blocks are kept.  Returns the
-    means, the number of finite pixels behind each, and ``f``."""
+    factor ``f`` that makes the long side at most ``max_side``, in one vectorised pass (the frame
+    is copied once as float32).  Partial edge blocks are kept.  Returns the means, the number of
+    finite pixels behind each, and ``f``."""
     ny, nx = data.shape
     factor = max(1, math.ceil(max(ny, nx) / max_side))
     ty, tx = math.ceil(ny / factor), math.ceil(nx / factor)
-    out = np.empty((ty, tx), dtype=np.float64)
-    counts = np.empty((ty, tx), dtype=np.int64)
-    for row in range(ty):
-        strip = np.asarray(data[row * factor : (row + 1) * factor], dtype=np.float64)
-        padded = np.full((strip.shape[0], tx * factor), np.nan)
-        padded[:, :nx] = strip
-        blocks = padded.reshape(strip.shape[0], tx, factor)
-        finite = np.isfinite(blocks)
-        count = finite.sum(axis=(0, 2))
-        total = np.where(finite, blocks, 0.0).sum(axis=(0, 2))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[row] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        counts[row] = count
+    full = np.full((ty * factor, tx * factor), np.nan, dtype=np.float32)
+    full[:ny, :nx] = data
+    finite = np.isfinite(full)
+    if finite.all():  # the usual case: every block is full
+        counts = np.full((ty, tx), factor * factor, dtype=np.int64)
+    else:
+        np.copyto(full, np.float32(0.0), where=~finite)
+        counts = finite.reshape(ty, factor, tx, factor).sum(axis=(1, 3))
+    total = full.reshape(ty, factor, tx, factor).sum(axis=(1, 3), dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
     return out, counts, factor
 
 
@@ -235,6 +233,20 @@ def thumbnail(path: Path) -> dict[str, Any]:
             "nan_fraction": float(np.isnan(small).mean()),
             "header": {key: header.get(key) for key in ("NCOMBINE", "DATE-AVG", "OBJECT", "FILTER")},
         }
+
+
+def cached_thumbnail(path: Path, cache: Path) -> dict[str, Any]:
+    """:func:`thumbnail` of ``path``, kept in ``cache/<name>.json`` while the output's size and
+    modification time are unchanged (the publish jobs fill it in parallel; the report reads it)."""
+    stat = path.stat()
+    key = [stat.st_size, stat.st_mtime_ns]
+    store = cache / f"{path.name}.json"
+    entry = read_json(store)
+    if not entry or entry.get("key") != key:
+        thumb = thumbnail(path)
+        entry = {"key": key, **thumb, "png": base64.b64encode(thumb["png"]).decode("ascii")}
+        write_json(store, entry)
+    return {**entry, "png": base64.b64decode(entry["png"])}
 
 
 # --- SVG plots --------------------------------------------------------------------------------
@@ -472,7 +484,7 @@ def _thumbnails_html(outdir: Path, names: Sequence[str], published: Mapping[str,
         item = published.get(name, {})
         path = outdir / name
         try:
-            thumb = thumbnail(path)
+            thumb = cached_thumbnail(path, outdir / "work" / "thumbs")
         except (OSError, ValueError, TypeError) as exc:
             cards.append(
                 f'<div class="thumb"><div class="name">{_e(name)}</div>'
