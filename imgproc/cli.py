@@ -26,7 +26,7 @@ import yaml
 from imgproc import __version__
 from imgproc.manifest import list_fits, read_tsv
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 CONFIG_NAME = "imgproc.yaml"
 
 
@@ -89,12 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Split the arguments at the first ``--`` into ours and Snakemake's."""
+    """Split the arguments at the first ``--`` into ours and Snakemake's.
+
+    Snakemake runs inside the output folder, so a relative ``--profile`` path is made absolute
+    here (a bare profile name that is not a folder here is left for Snakemake to look up).
+    """
     argv = list(argv)
-    if "--" in argv:
-        cut = argv.index("--")
-        return argv[:cut], argv[cut + 1 :]
-    return argv, []
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    extra = argv[cut + 1 :]
+    for index, value in enumerate(extra[:-1]):
+        if value == "--profile" and Path(extra[index + 1]).is_dir():
+            extra[index + 1] = str(Path(extra[index + 1]).resolve())
+    return argv[:cut], extra
 
 
 def check_folder(path: Path, what: str) -> Path:
@@ -297,10 +305,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = ["work/plan.tsv"] if args.plan else []
     started = time.monotonic()
     with lock:
-        status = subprocess.call(
-            snakemake_command(config_path, args.concurrency, [*extra, *targets]), cwd=output
-        )
-    dry = any(flag in extra for flag in ("-n", "--dry-run", "--dryrun", "--lint", "--unlock"))
+        try:
+            status = subprocess.call(
+                snakemake_command(config_path, args.concurrency, [*extra, *targets]), cwd=output
+            )
+        except KeyboardInterrupt:
+            print(f"imgproc: interrupted; run the same command again to finish {output}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    partial = ("-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--until", "--omit-from", "--list-rules")
+    dry = any(flag in extra for flag in partial)
     if status != 0:
         print(f"imgproc: the workflow failed (Snakemake exit {status}); see {output}/logs", file=sys.stderr)
         return EXIT_FAILED

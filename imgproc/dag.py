@@ -6,6 +6,7 @@ plan table (never a FITS header).  Everything here is a plain function of config
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -132,11 +133,16 @@ class WorkflowInputs:
         """The planned master (also a params rerun trigger)."""
         return {column: self._master(wildcards.master).get(column) for column in MASTER_COLUMNS}
 
-    def master_mem_mb(self, wildcards: Any) -> int:
+    def master_mem_mb(self, wildcards: Any, attempt: int = 1) -> int:
         """Memory of a master build: the combining budget plus the correction frames."""
         master = self._master(wildcards.master)
         budget = self.layout.config["stacking"]["memory_budget_mb"]
-        return _OVERHEAD_MB + budget + master["ny"] * master["nx"] * 4 * 3 // 1024**2
+        return attempt * (_OVERHEAD_MB + budget + master["ny"] * master["nx"] * 4 * 3 // 1024**2)
+
+    def master_runtime(self, wildcards: Any, attempt: int = 1) -> int:
+        """Wall-time limit (minutes) of a master build."""
+        master = self._master(wildcards.master)
+        return attempt * _runtime([master] * master["n_frames"], 0.1)
 
     def _members(self, column: str, batch: str) -> list[dict[str, Any]]:
         return [row for row in self.plan() if row[column] == batch]
@@ -158,11 +164,19 @@ class WorkflowInputs:
         """Plan rows of the batch (also a params rerun trigger: any change redoes the batch)."""
         return [_entry(row) for row in self._members("cal_batch", wildcards.cal_batch)]
 
-    def calibrate_mem_mb(self, wildcards: Any) -> int:
-        """Memory of a calibrate job: a handful of frame-sized float32 arrays."""
+    def calibrate_mem_mb(self, wildcards: Any, attempt: int = 1) -> int:
+        """Memory of a calibrate job: a handful of frame-sized float32 arrays (more on a retry)."""
         members = self._members("cal_batch", wildcards.cal_batch)
         pixels = max((row["ny"] * row["nx"] for row in members), default=0)
-        return _OVERHEAD_MB + pixels * 4 * _CAL_ARRAYS // 1024**2
+        return attempt * (_OVERHEAD_MB + pixels * 4 * _CAL_ARRAYS // 1024**2)
+
+    def calibrate_runtime(self, wildcards: Any, attempt: int = 1) -> int:
+        """Wall-time limit (minutes) of a calibrate job, generous: ~6 s per 4-megapixel frame."""
+        return attempt * _runtime(self._members("cal_batch", wildcards.cal_batch), 0.1)
+
+    def publish_runtime(self, wildcards: Any, attempt: int = 1) -> int:
+        """Wall-time limit (minutes) of a publish job (alignment and stacking: ~30 s per frame)."""
+        return attempt * _runtime(self._members("pub_batch", wildcards.pub_batch), 0.5)
 
     def publish_inputs(self, wildcards: Any) -> list[str]:
         """Receipts of the calibrate batches holding the batch's frames and their references."""
@@ -182,12 +196,18 @@ class WorkflowInputs:
         refs = {row["reference"] for row in self._members("pub_batch", wildcards.pub_batch)}
         return {row["frame_id"]: _entry(row) for row in self.plan() if row["frame_id"] in refs}
 
-    def publish_mem_mb(self, wildcards: Any) -> int:
+    def publish_mem_mb(self, wildcards: Any, attempt: int = 1) -> int:
         """Memory of a publish job: the stacking budget plus a few frames (alignment FFTs)."""
         members = self._members("pub_batch", wildcards.pub_batch)
         pixels = max((row["ny"] * row["nx"] for row in members), default=0)
         budget = self.layout.config["stacking"]["memory_budget_mb"]
-        return _OVERHEAD_MB + budget + pixels * 4 * _CAL_ARRAYS // 1024**2
+        return attempt * (_OVERHEAD_MB + budget + pixels * 4 * _CAL_ARRAYS // 1024**2)
+
+
+def _runtime(rows: Iterable[Mapping[str, Any]], minutes_per_4mp: float) -> int:
+    """Minutes for a job over ``rows`` (frames with ny, nx): 10 plus a per-frame allowance."""
+    megapixels = sum(row["ny"] * row["nx"] for row in rows) / 4e6
+    return 10 + math.ceil(megapixels * minutes_per_4mp)
 
 
 def trackable(paths: Iterable[str]) -> list[str]:

@@ -9,6 +9,7 @@ rule calibrate_batch:
         binning=config["bin"],
     resources:
         mem_mb=INPUTS.calibrate_mem_mb,
+        runtime=INPUTS.calibrate_runtime,
     conda:
         "../envs/calibrate.yaml"
     log:

@@ -8,6 +8,7 @@ rule build_master:
         memory_budget=config["stacking"]["memory_budget_mb"] * 1024**2,
     resources:
         mem_mb=INPUTS.master_mem_mb,
+        runtime=INPUTS.master_runtime,
     conda:
         "../envs/publish.yaml"
     log:

@@ -9,6 +9,7 @@ rule publish_batch:
         settings=LAYOUT.stack_params(),
     resources:
         mem_mb=INPUTS.publish_mem_mb,
+        runtime=INPUTS.publish_runtime,
     conda:
         "../envs/publish.yaml"
     log:

@@ -295,3 +295,14 @@ def test_plan_shows_every_light_and_calibrates_nothing(night, tmp_path: Path) ->
     text = (good / "plan.txt").read_text()
     assert "2 frames" in text and "flat_V.fits" in text and "dark_60s.fits" in text
     assert f"{len(night.lights)} lights -> 4 outputs" in text
+
+
+def test_relative_profile_path_is_made_absolute(tmp_path: Path, monkeypatch) -> None:
+    from imgproc.cli import split_passthrough
+
+    (tmp_path / "profiles" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    ours, extra = split_passthrough(["lights", "-a", "--", "--profile", "profiles/mine", "--dry-run"])
+    assert ours == ["lights", "-a"]
+    assert extra == ["--profile", str(tmp_path / "profiles" / "mine"), "--dry-run"]
+    assert split_passthrough(["lights", "--", "--profile", "slurm"])[1] == ["--profile", "slurm"]
