@@ -24,7 +24,7 @@ from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 #: Plan columns, in order.
 COLUMNS = (
     "frame_id", "path", "hdu", "status", "reason", "sequence", "reference", "output", "n_group",
-    "mid", "bias", "dark", "flat", "cal_batch", "pub_batch", "pierside", "ny", "nx",
+    "mid", "bias", "dark", "flat", "cal_batch", "pub_batch", "pub_kind", "pierside", "ny", "nx",
 )  # fmt: skip
 WORK = Path("work")
 
@@ -160,10 +160,10 @@ def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
                 mean_time([entry["mid"] for entry in group]),
             )
             owner = claimed.setdefault(name, group[0]["path"])
+            kind = "stack" if len(group) > 1 else "align" if settings.align else "link"
             for entry in group:
-                entry.update(
-                    output=name, n_group=len(group), reference=ref["frame_id"] if settings.align else ""
-                )
+                reference = ref["frame_id"] if settings.align else ""
+                entry.update(output=name, n_group=len(group), pub_kind=kind, reference=reference)
                 if owner != group[0]["path"]:
                     entry.update(
                         status=SKIPPED,
@@ -177,11 +177,16 @@ def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
     size = _batches(len(ok), settings)
     for index, entry in enumerate(ok):
         entry["cal_batch"] = f"c{index // size:04d}"
-    outputs = list(dict.fromkeys(entry["output"] for entry in ok))
-    size = _batches(len(outputs), settings)
-    pub = {name: f"p{index // size:04d}" for index, name in enumerate(outputs)}
+    # Publishing a lone unaligned frame is a hard link: those go in the largest batches.
+    kinds = {entry["output"]: entry["pub_kind"] for entry in ok}
+    work = [name for name, kind in kinds.items() if kind != "link"]
+    links = [name for name, kind in kinds.items() if kind == "link"]
+    size = _batches(len(work), settings)
+    pub = {name: index // size for index, name in enumerate(work)}
+    first = max(pub.values(), default=-1) + 1
+    pub |= {name: first + index // settings.max_batch for index, name in enumerate(links)}
     for entry in ok:
-        entry["pub_batch"] = pub[entry["output"]]
+        entry["pub_batch"] = f"p{pub[entry['output']]:04d}"
 
 
 def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:

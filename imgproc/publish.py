@@ -25,7 +25,8 @@ from imgproc.manifest import SKIPPED
 from imgproc.naming import mean_time
 from imgproc.report import cached_thumbnail
 from imgproc.stack import combine
-from imgproc.stages import Progress, digest, read_json, write_json
+from imgproc.stages import Progress
+from imgproc.stamps import digest, read_json, write_json
 
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
 _FILES = ("BIASFILE", "DARKFILE", "FLATFILE")

@@ -33,7 +33,7 @@ from astropy.utils.exceptions import AstropyWarning
 
 from imgproc import __version__
 from imgproc.manifest import OK, read_tsv
-from imgproc.stages import read_json, write_json
+from imgproc.stamps import read_json, write_json
 
 #: Longest side of a thumbnail, in pixels.
 THUMB_MAX = 256
@@ -208,42 +208,49 @@ def open_output(path: Path) -> tuple[fits.HDUList, int]:
     raise ValueError("no 2-D image")
 
 
+def thumbnail_of(data: np.ndarray, header: fits.Header) -> dict[str, Any]:
+    """Thumbnail (PNG bytes and size), header facts and star statistics of an image."""
+    small, counts, factor = block_mean(data)
+    rgb, (low, high) = stretch(small)
+    sky, noise = robust_background(small[counts == counts.max()])
+    # blocks with fewer pixels (edges, partly NaN) are noisier: their threshold is higher
+    threshold = sky + 5 * noise * np.sqrt(counts.max() / np.maximum(counts, 1))
+    peaks = local_maxima(small, threshold) if noise > 0 else []
+    return {
+        "png": png_bytes(rgb[::-1]),  # FITS row 0 is the bottom of the image
+        "width": small.shape[1],
+        "height": small.shape[0],
+        "factor": factor,
+        "shape": data.shape,
+        "range": (low, high),
+        "stars": len(peaks),
+        "fwhm": fwhm_estimate(data, peaks, factor),
+        "nan_fraction": float(np.isnan(small).mean()),
+        "header": {key: header.get(key) for key in ("NCOMBINE", "DATE-AVG", "OBJECT", "FILTER")},
+    }
+
+
 def thumbnail(path: Path) -> dict[str, Any]:
-    """Thumbnail (PNG bytes and size), header facts and star statistics of one output."""
+    """:func:`thumbnail_of` the image in a FITS file (memory-mapped)."""
     hdul, index = open_output(path)
     with hdul:
-        hdu = hdul[index]
-        header, data = hdu.header, hdu.data
-        small, counts, factor = block_mean(data)
-        rgb, (low, high) = stretch(small)
-        sky, noise = robust_background(small[counts == counts.max()])
-        # blocks with fewer pixels (edges, partly NaN) are noisier: their threshold is higher
-        threshold = sky + 5 * noise * np.sqrt(counts.max() / np.maximum(counts, 1))
-        peaks = local_maxima(small, threshold) if noise > 0 else []
-        fwhm = fwhm_estimate(data, peaks, factor)
-        return {
-            "png": png_bytes(rgb[::-1]),  # FITS row 0 is the bottom of the image
-            "width": small.shape[1],
-            "height": small.shape[0],
-            "factor": factor,
-            "shape": data.shape,
-            "range": (low, high),
-            "stars": len(peaks),
-            "fwhm": fwhm,
-            "nan_fraction": float(np.isnan(small).mean()),
-            "header": {key: header.get(key) for key in ("NCOMBINE", "DATE-AVG", "OBJECT", "FILTER")},
-        }
+        return thumbnail_of(hdul[index].data, hdul[index].header)
 
 
-def cached_thumbnail(path: Path, cache: Path) -> dict[str, Any]:
-    """:func:`thumbnail` of ``path``, kept in ``cache/<name>.json`` while the output's size and
-    modification time are unchanged (the publish jobs fill it in parallel; the report reads it)."""
+def cached_thumbnail(path: Path, cache: Path, name: str | None = None, data: np.ndarray | None = None,
+                     header: fits.Header | None = None) -> dict[str, Any]:  # fmt: skip
+    """The thumbnail of the file at ``path``, kept in ``cache/<name>.json`` (``name`` defaults to
+    the file's) while the file's size and modification time are unchanged.
+
+    The jobs that write a file fill the cache from the ``data`` and ``header`` they hold, in
+    parallel; the report only reads it.
+    """
     stat = path.stat()
     key = [stat.st_size, stat.st_mtime_ns]
-    store = cache / f"{path.name}.json"
+    store = cache / f"{name or path.name}.json"
     entry = read_json(store)
     if not entry or entry.get("key") != key:
-        thumb = thumbnail(path)
+        thumb = thumbnail(path) if data is None or header is None else thumbnail_of(data, header)
         entry = {"key": key, **thumb, "png": base64.b64encode(thumb["png"]).decode("ascii")}
         write_json(store, entry)
     return {**entry, "png": base64.b64decode(entry["png"])}

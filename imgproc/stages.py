@@ -8,10 +8,7 @@ rerun after a crash, or after adding frames, redoes only what changed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -29,7 +26,9 @@ from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.masters import plan_masters
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
 from imgproc.plan import PlanSettings, intermediate, make_plan
+from imgproc.report import cached_thumbnail
 from imgproc.scan import ScanRequest, scan
+from imgproc.stamps import digest, file_id, read_json, write_json
 
 log = logging.getLogger("imgproc")
 
@@ -46,33 +45,6 @@ def configure_logging(log_file: str | Path | None = None, verbose: bool = False)
         force=True,
         format="%(levelname)s imgproc: %(message)s",
     )
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON deterministically (sorted keys) and atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    """JSON content of ``path``, or None when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def file_id(path: str | Path) -> list:
-    """Identity of a file for stamps: path, size and modification time (ns)."""
-    stat = os.stat(path)
-    return [str(path), stat.st_size, stat.st_mtime_ns]
-
-
-def digest(data: Any) -> str:
-    """A stable digest of JSON-serialisable data."""
-    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # --- scan and plan ---------------------------------------------------------------------------
@@ -176,6 +148,8 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
         observer=observer, mid=datetime.fromisoformat(entry["mid"]), binning=binning,
     )  # fmt: skip
     write_atomic(target, data, header)
+    if entry.get("pub_kind") == "link":  # the output will be this very file: its thumbnail now
+        cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header)
     stats = frame_statistics(data)
     write_json(stamp_path, {"stamp": stamp, "source": entry["path"], "stats": stats})
     log.debug("%s", frame_diagnostics(entry, stats))

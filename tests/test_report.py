@@ -19,7 +19,7 @@ from conftest import REPO, master_flags, run_cli
 from imgproc.cli import EXIT_INCOMPLETE
 from imgproc.manifest import read_tsv
 from imgproc.report import NAN_RGB, THUMB_MAX, build_report, png_bytes, thumbnail, write_report
-from imgproc.stages import read_json
+from imgproc.stamps import read_json
 from imgproc.synth import Night
 
 EVIL = "<script>alert('x')</script> & Co"

@@ -1,0 +1,40 @@
+"""Stamps and JSON records: how a stage knows whether its earlier result is still valid.
+
+Every intermediate, output and batch receipt records a digest of what it was made from (paths,
+sizes and modification times of its inputs, and the settings), written deterministically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON deterministically (sorted keys) and atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """JSON content of ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def file_id(path: str | Path) -> list:
+    """Identity of a file for stamps: path, size and modification time (ns)."""
+    stat = os.stat(path)
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def digest(data: Any) -> str:
+    """A stable digest of JSON-serialisable data."""
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
