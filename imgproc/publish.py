@@ -128,7 +128,7 @@ def stack_header(
     out.set(
         "DATE-AVG",
         mean_time([m.mid for m in members]).isoformat(timespec="milliseconds"),
-        "[UTC] mean of the frames' mid-exposure times",
+        "[UTC] mean mid-exposure time of the frames",
     )
     out.set("LIVETIME", float(sum(float(h.get("EXPTIME", 0) or 0) for h in headers)), "[s] summed exposure")
     for key in _CAL:
