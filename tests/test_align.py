@@ -80,11 +80,11 @@ def _radial_errors(shifts: list[Shift], dithers: np.ndarray) -> np.ndarray:
     return np.hypot(*(measured + dithers).T)
 
 
-@pytest.mark.parametrize("size", [128, 256])
-def test_measure_recovers_random_subpixel_dithers(size):
+@pytest.mark.parametrize(("size", "n_dithers"), [(128, 20), (256, 20), (1024, 6), (2048, 4)])
+def test_measure_recovers_random_subpixel_dithers(size, n_dithers):
     rng, shape, stars = _field(size, seed=size)
     registrar = Registrar(_render(shape, stars, rng))
-    dithers = rng.uniform(-size / 4, size / 4, (20, 2))
+    dithers = rng.uniform(-size / 4, size / 4, (n_dithers, 2))
     shifts = [registrar.measure(_render(shape, stars, rng, shift=tuple(d))) for d in dithers]
     errors = _radial_errors(shifts, dithers)
     assert np.sqrt(np.mean(errors**2)) < 0.1
