@@ -25,9 +25,12 @@ import yaml
 
 from imgproc import __version__
 from imgproc.manifest import list_fits, read_tsv
+from imgproc.progress import ProgressMonitor
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 CONFIG_NAME = "imgproc.yaml"
+#: Seconds between whole-run progress lines.
+PROGRESS_SECONDS = 10.0
 
 
 class UsageError(Exception):
@@ -304,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     targets = ["work/plan.tsv"] if args.plan else []
     started = time.monotonic()
+    monitor = ProgressMonitor(output, interval=PROGRESS_SECONDS)
+    monitor.start()
     with lock:
         try:
             status = subprocess.call(
@@ -312,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"imgproc: interrupted; run the same command again to finish {output}", file=sys.stderr)
             return EXIT_INTERRUPTED
+        finally:
+            monitor.stop()
     partial = ("-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--until", "--omit-from", "--list-rules")
     dry = any(flag in extra for flag in partial)
     if status != 0:

@@ -1,0 +1,93 @@
+"""Progress of a whole run: frames calibrated and outputs made out of the plan's totals.
+
+The ``imgproc`` command watches the output folder while Snakemake works (jobs in separate
+processes or on cluster nodes leave stamps and receipts there) and prints one plain line every
+few seconds, readable on a terminal and in a log alike, with an estimate of the time left.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+from imgproc.manifest import OK, read_tsv
+from imgproc.stamps import read_json
+
+
+def _recent(folder: Path, since: float) -> list[Path]:
+    """JSON files of ``folder`` written at or after ``since`` (a time.time() value)."""
+    found = []
+    for path in folder.glob("*.json") if folder.is_dir() else ():
+        try:
+            if path.stat().st_mtime >= since:
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def count_progress(output: Path, since: float) -> tuple[int, int, int, int] | None:
+    """(frames done, frames planned, outputs done, outputs planned) of the run that started at
+    ``since``; None while there is no plan yet."""
+    plan_path = output / "work" / "plan.tsv"
+    if not plan_path.exists():
+        return None
+    plan = [row for row in read_tsv(plan_path) if row["status"] == OK]
+    frames = {row["frame_id"] for row in plan}
+    outputs = {row["output"] for row in plan}
+    work = output / "work"
+    calibrated = {path.stem for path in _recent(work / "cal", since)}
+    published: set[str] = set()
+    for path in _recent(work / "calibrated", since):
+        calibrated |= set((read_json(path) or {}).get("items", {}))
+    for path in _recent(work / "published", since):
+        published |= set((read_json(path) or {}).get("items", {}))
+    return len(calibrated & frames), len(frames), len(published & outputs), len(outputs)
+
+
+def format_progress(counts: tuple[int, int, int, int], elapsed: float) -> str:
+    """``frames 120/300 calibrated, outputs 40/300, 25 s elapsed, ~40 s left``."""
+    done, total, made, outputs = counts
+    work_done = done + made
+    work_total = total + outputs
+    left = elapsed / work_done * (work_total - work_done) if work_done else None
+    estimate = f", ~{left:.0f} s left" if left is not None and work_done < work_total else ""
+    counts_text = f"frames {done}/{total} calibrated, outputs {made}/{outputs}"
+    return f"imgproc: {counts_text}, {elapsed:.0f} s elapsed{estimate}"
+
+
+class ProgressMonitor(threading.Thread):
+    """Prints the run's progress every ``interval`` seconds until stopped."""
+
+    def __init__(self, output: Path, interval: float = 10.0, stream: TextIO | None = None) -> None:
+        super().__init__(daemon=True)
+        self.output, self.interval, self.stream = output, interval, stream
+        self.started_wall, self.started = time.time(), time.monotonic()
+        self._finished = threading.Event()
+        self._last = ""
+
+    def run(self) -> None:
+        while not self._finished.wait(self.interval):
+            self.report()
+
+    def report(self) -> None:
+        """Print a progress line if anything changed since the last one."""
+        try:
+            counts = count_progress(self.output, self.started_wall - 1.0)
+        except (OSError, ValueError):
+            return
+        if counts is None or counts[1] == 0:
+            return
+        line = format_progress(counts, time.monotonic() - self.started)
+        if line.split(", ~")[0] != self._last.split(", ~")[0]:
+            print(line, file=self.stream or sys.stderr, flush=True)
+            self._last = line
+
+    def stop(self) -> None:
+        """Stop watching, after one last line."""
+        self._finished.set()
+        self.join(timeout=self.interval + 1)
+        self.report()
