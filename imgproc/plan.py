@@ -181,7 +181,8 @@ def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
     kinds = {entry["output"]: entry["pub_kind"] for entry in ok}
     work = [name for name, kind in kinds.items() if kind != "link"]
     links = [name for name, kind in kinds.items() if kind == "link"]
-    size = _batches(len(work), settings)
+    # aligning or stacking is heavy per output: spread those over at least `batches` jobs
+    size = max(1, min(settings.max_batch, math.ceil(len(work) / max(1, settings.batches))))
     pub = {name: index // size for index, name in enumerate(work)}
     first = max(pub.values(), default=-1) + 1
     pub |= {name: first + index // settings.max_batch for index, name in enumerate(links)}

@@ -107,13 +107,16 @@ def measure(member: Member, registrar: Registrar, reference_pierside: str | None
     """The shift that puts ``member`` on the reference grid.
 
     A frame whose PIERSIDE differs from the reference's is rotated by 180° (meridian flip)
-    before measuring; otherwise the registrar also tries the rotation and keeps the better one.
+    before measuring; when either pier side is unknown, the registrar also tries the rotation
+    and keeps it if its peak is clearly stronger.
     """
     data, _ = read_image(member.path)
     if pier_side_flip(reference_pierside, member.pierside):
         shift = registrar.measure(np.rot90(data, 2))
         return Shift(shift.dy, shift.dx, True, shift.quality, shift.significance)
-    return registrar.measure(data, try_flip=True)
+    # the rotation is worth trying only when the pier sides do not say it is the same
+    known = bool(reference_pierside) and bool(member.pierside)
+    return registrar.measure(data, try_flip=not known)
 
 
 def stack_header(

@@ -1,0 +1,291 @@
+"""Baselines the benchmark measures imgproc against, each run as its own process.
+
+``reference``: the lean way. Plain numpy in a ``multiprocessing.Pool(cores)``; the masters are
+read once per worker (pool initializer, flats normalised there); each light is read with astropy,
+calibrated in float32 as ``(light - bias - dark) / (flat / mean(flat))`` (flat pixels <= 0 or
+non-finite are NaN) and written as a float32 FITS file.
+
+``ccdproc``: the straightforward way of the original script: ``CCDData.read`` per light,
+``ccdproc.subtract_bias`` / ``subtract_dark(exposure_time='EXPTIME', exposure_unit=u.s)`` /
+``flat_correct``, ``CCDData.write``, in a ``multiprocessing.Pool(cores)`` with the masters read
+once per worker.
+
+``--mode stack`` (like ``imgproc -s -S T -a``): each pool task is one group of ``round(n/T)``
+consecutive lights of a filter (:func:`stack_groups`, the original tool's rule); its lights
+are calibrated in memory (the method's own way), registered on the first light of their
+filter with :class:`imgproc.align.Registrar` (``try_flip=True``; frames it does not accept are
+left out, as imgproc does), resampled with :func:`imgproc.align.apply_shift` and combined with
+:func:`imgproc.stack.combine`, all with imgproc's settings from the repository's config.yaml
+(:func:`stack_settings`). No intermediate files.
+
+Usage: ``python bench/baselines.py {reference,ccdproc} NIGHT_JSON OUT --mode {calibrate,stack}
+--cores N [--threshold 20]``. ``OUT/groups.json`` maps every output file to its lights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+REPO = Path(__file__).resolve().parent.parent
+
+_DROP = ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM")
+
+# Per-worker state, filled by the pool initializers.
+_MASTERS: dict[str, Any] = {}
+_REGISTRARS: dict[str, Any] = {}
+_REFERENCES: dict[str, dict[str, str]] = {}
+_SETTINGS: dict[str, Any] = {}
+
+
+def stack_settings() -> dict[str, Any]:
+    """imgproc's alignment and stacking settings from the repository's config.yaml, as the
+    workflow passes them to its publish jobs (so a change of imgproc's defaults follows)."""
+    if not _SETTINGS:
+        import yaml
+
+        from imgproc.dag import Layout
+
+        config = yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
+        _SETTINGS.update(Layout({**config, "align": True}).stack_params())
+    return _SETTINGS
+
+
+# --- night description -----------------------------------------------------------------------
+
+
+def load_night(night_json: Path) -> dict[str, Any]:
+    """The night description written by run.py: folder, lights (time order) and masters."""
+    return json.loads(night_json.read_text(encoding="utf-8"))
+
+
+def master_paths(night: dict[str, Any]) -> dict[str, str]:
+    """Every master file the lights use, by file name -> path (flats are in ``flats/``)."""
+    root = Path(night["root"])
+    folders = {"bias": "bias", "dark": "darks", "flat": "flats"}
+    paths: dict[str, str] = {}
+    for light in night["lights"]:
+        for role, folder in folders.items():
+            paths[light[role]] = str(root / folder / light[role])
+    return paths
+
+
+def is_flat(path: str) -> bool:
+    return Path(path).parent.name == "flats"
+
+
+# --- the lean reference ----------------------------------------------------------------------
+
+
+def normalise_flat(flat: np.ndarray) -> np.ndarray:
+    """Flat / mean over positive finite pixels, float32; other pixels NaN."""
+    usable = np.isfinite(flat) & (flat > 0)
+    out = np.where(usable, flat, np.nan).astype(np.float32)
+    mean = float(np.mean(out[usable], dtype=np.float64))
+    if abs(mean - 1.0) > 1e-6:
+        out /= np.float32(mean)
+    return out
+
+
+def init_reference(masters: dict[str, str], references: dict[str, dict[str, str]]) -> None:
+    """Pool initializer: read every master once (native float32), flats normalised."""
+    warnings.simplefilter("ignore")
+    _REFERENCES.update(references)
+    for name, path in masters.items():
+        data = np.asarray(fits.getdata(path), dtype=np.float32)
+        _MASTERS[name] = normalise_flat(data) if is_flat(path) else data
+
+
+def calibrate_reference(path: str, light: dict[str, str]) -> tuple[np.ndarray, fits.Header]:
+    """Read a light with astropy and calibrate it in float32."""
+    with fits.open(path, memmap=False) as hdul:
+        data = np.array(hdul[0].data, dtype=np.float32)
+        header = hdul[0].header.copy()
+    np.subtract(data, _MASTERS[light["bias"]], out=data)
+    np.subtract(data, _MASTERS[light["dark"]], out=data)
+    np.divide(data, _MASTERS[light["flat"]], out=data)
+    return data, header
+
+
+def write_float32(path: Path, data: np.ndarray, header: fits.Header) -> None:
+    for key in _DROP:
+        header.remove(key, ignore_missing=True, remove_all=True)
+    fits.PrimaryHDU(data=np.asarray(data, dtype=np.float32), header=header).writeto(path, overwrite=True)
+
+
+# --- the ccdproc way -------------------------------------------------------------------------
+
+
+def init_ccdproc(masters: dict[str, str], references: dict[str, dict[str, str]]) -> None:
+    """Pool initializer: every master read once as CCDData."""
+    from astropy.nddata import CCDData
+
+    warnings.simplefilter("ignore")
+    _REFERENCES.update(references)
+    for name, path in masters.items():
+        _MASTERS[name] = CCDData.read(path, unit="adu")
+
+
+def calibrate_ccdproc(path: str, light: dict[str, str]) -> Any:
+    """CCDData.read + subtract_bias + subtract_dark + flat_correct, as the original script."""
+    import astropy.units as u
+    import ccdproc
+    from astropy.nddata import CCDData
+
+    ccd = CCDData.read(path, unit="adu")
+    ccd = ccdproc.subtract_bias(ccd, _MASTERS[light["bias"]])
+    ccd = ccdproc.subtract_dark(ccd, _MASTERS[light["dark"]], exposure_time="EXPTIME", exposure_unit=u.s)
+    return ccdproc.flat_correct(ccd, _MASTERS[light["flat"]])
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+
+def task_calibrate(job: tuple[str, str, dict[str, str], str]) -> None:
+    """One light: calibrate and write (the method decides how)."""
+    method, path, light, target = job
+    if method == "reference":
+        data, header = calibrate_reference(path, light)
+        write_float32(Path(target), data, header)
+    else:
+        calibrate_ccdproc(path, light).write(target, overwrite=True)
+
+
+def calibrated_array(method: str, path: str, light: dict[str, str]) -> tuple[np.ndarray, fits.Header]:
+    if method == "reference":
+        return calibrate_reference(path, light)
+    ccd = calibrate_ccdproc(path, light)
+    return np.asarray(ccd.data, dtype=np.float32), fits.Header(ccd.meta)
+
+
+def registrar(method: str, filt: str) -> Any:
+    """The Registrar of a filter's reference light, built once per worker."""
+    import inspect
+
+    from imgproc.align import Registrar
+
+    if filt not in _REGISTRARS:
+        ref = _REFERENCES[filt]
+        data, _ = calibrated_array(method, ref["path"], ref)
+        accepted = inspect.signature(Registrar).parameters
+        options = {k: v for k, v in stack_settings().items() if k in accepted}
+        _REGISTRARS[filt] = Registrar(data, **options)
+    return _REGISTRARS[filt]
+
+
+def task_stack(job: tuple[str, str, list[tuple[str, dict[str, str]]], str]) -> dict[str, Any]:
+    """One group: calibrate in memory, register, resample and combine; write the stack."""
+    from dataclasses import replace
+
+    from imgproc.align import apply_shift
+    from imgproc.stack import ArraySource, combine
+
+    method, filt, members, target = job
+    reg = registrar(method, filt)
+    settings = stack_settings()
+    frames, header, excluded = [], None, []
+    for path, light in members:
+        data, head = calibrated_array(method, path, light)
+        shift = reg.measure(data, try_flip=True)
+        if not reg.accepts(shift):
+            excluded.append(light["name"])
+            continue
+        header = header if header is not None else head
+        if shift.flipped:
+            data = np.rot90(data, 2).copy()
+        frames.append(apply_shift(data, replace(shift, flipped=False), order=settings["order"]))
+    if not frames:
+        return {"excluded": excluded}
+    if len(frames) == 1:
+        result = frames[0]
+    else:
+        sources = [ArraySource(frame) for frame in frames]
+        result = combine(
+            sources,
+            method=settings["method"],
+            sigma_low=settings["sigma_low"],
+            sigma_high=settings["sigma_high"],
+            memory_budget=settings["memory_budget"],
+        )
+    assert header is not None
+    header["NCOMBINE"] = len(frames)
+    write_float32(Path(target), result, header)
+    return {"excluded": excluded}
+
+
+def stack_groups(n_frames: int, threshold: int) -> list[list[int]]:
+    """The original tool's rule: more than ``threshold`` frames are grouped k = round(n/threshold)
+    consecutive frames at a time (the last group may be smaller); otherwise every frame alone."""
+    k = round(n_frames / threshold) if n_frames > threshold else 1
+    return [list(range(start, min(start + k, n_frames))) for start in range(0, n_frames, k)]
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+def run(method: str, night: dict[str, Any], out: Path, mode: str, cores: int, threshold: int) -> dict:
+    """Process the night into ``out``; returns {output name: [light names]} and exclusions."""
+    out.mkdir(parents=True, exist_ok=True)
+    light_dir = Path(night["root"]) / "lights"
+    lights = night["lights"]
+    init = init_reference if method == "reference" else init_ccdproc
+    groups: dict[str, list[str]] = {}
+    references: dict[str, dict[str, str]] = {}
+    if mode == "calibrate":
+        jobs: list[Any] = []
+        for light in lights:
+            name = Path(light["name"]).stem + ".fits"
+            groups[name] = [light["name"]]
+            jobs.append((method, str(light_dir / light["name"]), light, str(out / name)))
+        task: Any = task_calibrate
+    else:
+        by_filter: dict[str, list[dict[str, str]]] = {}
+        for light in lights:
+            by_filter.setdefault(light["filter"], []).append(light)
+        jobs = []
+        for filt, seq in sorted(by_filter.items()):
+            references[filt] = {**seq[0], "path": str(light_dir / seq[0]["name"])}
+            for index, members in enumerate(stack_groups(len(seq), threshold)):
+                name = f"stack_{filt}_{index:04d}.fits"
+                group = [seq[i] for i in members]
+                groups[name] = [g["name"] for g in group]
+                jobs.append((method, filt, [(str(light_dir / g["name"]), g) for g in group], str(out / name)))
+        task = task_stack
+    excluded: list[str] = []
+    pool = multiprocessing.Pool(cores, initializer=init, initargs=(master_paths(night), references))
+    try:
+        for result in pool.imap_unordered(task, jobs, chunksize=1):
+            if result:
+                excluded += result["excluded"]
+    finally:
+        pool.close()
+        pool.join()
+    info = {"method": method, "mode": mode, "groups": groups, "excluded": sorted(excluded)}
+    (out / "groups.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", choices=("reference", "ccdproc"))
+    parser.add_argument("night_json", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--mode", choices=("calibrate", "stack"), default="calibrate")
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--threshold", type=int, default=20)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    run(args.method, load_night(args.night_json), args.out, args.mode, args.cores, args.threshold)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
