@@ -29,6 +29,7 @@ lint: setup
 	mkdir -p $(VENV)/lint-input && $(BIN)/snakemake --lint --snakefile Snakefile --config input_dir=$(CURDIR)/$(VENV)/lint-input output_dir=$(CURDIR)/$(VENV)/lint-output
 
 bench: setup
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py
 
 clean:
