@@ -281,21 +281,23 @@ def publish_group(
         ref_id = str(reference["frame_id"])
         if ref_id not in registrars:
             registrars[ref_id] = registrar_for(workdir / "cal" / f"{ref_id}.fits", settings)
-        shifts = [measure(m, registrars[ref_id], reference.get("pierside")) for m in members]
-        for member, shift in zip(members, shifts, strict=True):
-            problem = check_shift(shift, registrars[ref_id])  # type: ignore[arg-type]
+        registrar = registrars[ref_id]
+        measured = [measure(m, registrar, reference.get("pierside")) for m in members]
+        for member, shift in zip(members, measured, strict=True):
+            problem = check_shift(shift, registrar)
             if problem:
                 excluded[member.frame_id] = problem
-        kept = [(m, s) for m, s in zip(members, shifts, strict=True) if m.frame_id not in excluded]
+        kept = [(m, s) for m, s in zip(members, measured, strict=True) if m.frame_id not in excluded]
         if not kept:
             return {"status": SKIPPED, "reason": "no frame could be aligned", "excluded": excluded}
         members, shifts = [m for m, _ in kept], [s for _, s in kept]
-    if len(members) == 1 and shifts[0] is None:
-        link_atomic(members[0].path, target)
-    elif len(members) == 1:
-        publish_single_aligned(members[0], shifts[0], target, settings.order)  # type: ignore[arg-type]
-    else:
+    single_shift = shifts[0]
+    if len(members) > 1:
         publish_stack(members, shifts, target, settings)
+    elif single_shift is None:
+        link_atomic(members[0].path, target)
+    else:
+        publish_single_aligned(members[0], single_shift, target, settings.order)
     cached_thumbnail(target, workdir / "thumbs")  # here, in parallel jobs, not in the report
     records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}
     item = {"status": "written", "ncombine": len(members), "excluded": excluded, "shifts": records}
