@@ -18,13 +18,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from imgproc import __version__
+from imgproc.keywords import normalise
 from imgproc.manifest import list_fits, read_tsv
+from imgproc.naming import default_output_dirname
+from imgproc.plan import format_plan
 from imgproc.progress import ProgressMonitor
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -117,9 +121,7 @@ def check_folder(path: Path, what: str) -> Path:
 
 def default_output_dir(input_dir: Path, observer: str, keywords: dict[str, list[str]]) -> Path:
     """``<OBJECT>_<YYYY-MM-DD>_<OBSERVER>_CAL`` of the earliest light, beside the input folder."""
-    from imgproc.fitsio import FitsError, read_header
-    from imgproc.keywords import normalise
-    from imgproc.naming import default_output_dirname
+    from imgproc.fitsio import FitsError, read_header  # astropy only when this folder is needed
 
     earliest: tuple[str, str | None] | None = None
     for path in list_fits(input_dir):
@@ -134,8 +136,6 @@ def default_output_dir(input_dir: Path, observer: str, keywords: dict[str, list[
         raise UsageError(
             f"no light frame with a readable DATE-OBS in {input_dir}; give OUTPUT_DIR explicitly"
         )
-    from datetime import datetime
-
     name = default_output_dirname(earliest[1], datetime.fromisoformat(earliest[0]), observer)
     return input_dir.parent / name
 
@@ -265,8 +265,6 @@ def snakemake_command(config_path: Path, cores: int, extra: Sequence[str]) -> li
 
 def show_plan(output: Path) -> int:
     """Print the plan table, write it to ``plan.txt``; incomplete when a light will be skipped."""
-    from imgproc.plan import format_plan
-
     plan = read_tsv(output / "work" / "plan.tsv")
     manifest = read_tsv(output / "work" / "manifest.tsv")
     text = format_plan(plan, manifest)

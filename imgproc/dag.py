@@ -131,7 +131,7 @@ class WorkflowInputs:
 
     def master_entry(self, wildcards: Any) -> dict[str, Any]:
         """The planned master (also a params rerun trigger)."""
-        return {column: self._master(wildcards.master).get(column) for column in MASTER_COLUMNS}
+        return _entry(self._master(wildcards.master), MASTER_COLUMNS)
 
     def master_mem_mb(self, wildcards: Any, attempt: int = 1) -> int:
         """Memory of a master build: the combining budget plus the correction frames."""
@@ -217,5 +217,5 @@ def trackable(paths: Iterable[str]) -> list[str]:
     return [path for path in paths if not _SNAKEMAKE_SYNTAX.search(path)]
 
 
-def _entry(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {column: row.get(column) for column in PLAN_COLUMNS}
+def _entry(row: Mapping[str, Any], columns: Iterable[str] = PLAN_COLUMNS) -> dict[str, Any]:
+    return {column: row.get(column) for column in columns}

@@ -1,4 +1,5 @@
-"""Progress of a whole run: frames calibrated and outputs made out of the plan's totals.
+"""Progress lines: of one batch job, and of a whole run (frames calibrated and outputs made out
+of the plan's totals).
 
 The ``imgproc`` command watches the output folder while Snakemake works (jobs in separate
 processes or on cluster nodes leave stamps and receipts there) and prints one plain line every
@@ -7,6 +8,7 @@ few seconds, readable on a terminal and in a log alike, with an estimate of the 
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -15,6 +17,31 @@ from typing import TextIO
 
 from imgproc.manifest import OK, read_tsv
 from imgproc.stamps import read_json
+
+log = logging.getLogger("imgproc")
+
+
+class Progress:
+    """Plain progress lines for a batch: done/total and an estimate of the time left, at most
+    every ``every`` seconds and at the end (readable on a terminal and in a log file)."""
+
+    def __init__(self, label: str, total: int, every: float = 5.0) -> None:
+        self.label, self.total, self.every = label, total, every
+        self.start = self.last = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds since the batch started."""
+        return round(time.monotonic() - self.start, 3)
+
+    def step(self, done: int) -> None:
+        """Report that ``done`` of ``total`` items are finished."""
+        now = time.monotonic()
+        if done < self.total and now - self.last < self.every:
+            return
+        self.last = now
+        left = (now - self.start) / done * (self.total - done) if done else 0.0
+        log.info("%s: %d/%d done, %.0f s elapsed, ~%.0f s left", self.label, done, self.total,
+                 now - self.start, left)  # fmt: skip
 
 
 def _recent(folder: Path, since: float) -> list[Path]:

@@ -23,9 +23,9 @@ from imgproc.align import Registrar, Shift, apply_shift, pier_side_flip
 from imgproc.fitsio import FitsError, link_atomic, read_image, write_atomic
 from imgproc.manifest import SKIPPED
 from imgproc.naming import mean_time
+from imgproc.progress import Progress
 from imgproc.report import cached_thumbnail
 from imgproc.stack import combine
-from imgproc.stages import Progress
 from imgproc.stamps import digest, read_json, write_json
 
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")

@@ -9,7 +9,6 @@ rerun after a crash, or after adding frames, redoes only what changed.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.masters import plan_masters
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
 from imgproc.plan import PlanSettings, intermediate, make_plan
+from imgproc.progress import Progress
 from imgproc.report import cached_thumbnail
 from imgproc.scan import ScanRequest, scan
 from imgproc.stamps import digest, file_id, read_json, write_json
@@ -88,29 +88,6 @@ def run_build_master(master: Mapping[str, Any], target: Path, memory_budget: int
 
 
 # --- calibrate -------------------------------------------------------------------------------
-
-
-class Progress:
-    """Plain progress lines for a batch: done/total and an estimate of the time left, at most
-    every ``every`` seconds and at the end (readable on a terminal and in a log file)."""
-
-    def __init__(self, label: str, total: int, every: float = 5.0) -> None:
-        self.label, self.total, self.every = label, total, every
-        self.start = self.last = time.monotonic()
-
-    def elapsed(self) -> float:
-        """Seconds since the batch started."""
-        return round(time.monotonic() - self.start, 3)
-
-    def step(self, done: int) -> None:
-        """Report that ``done`` of ``total`` items are finished."""
-        now = time.monotonic()
-        if done < self.total and now - self.last < self.every:
-            return
-        self.last = now
-        left = (now - self.start) / done * (self.total - done) if done else 0.0
-        log.info("%s: %d/%d done, %.0f s elapsed, ~%.0f s left", self.label, done, self.total,
-                 now - self.start, left)  # fmt: skip
 
 
 def calibration_stamp(entry: Mapping[str, Any], observer: str, binning: int) -> str:
