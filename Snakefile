@@ -23,3 +23,12 @@ rule all:
         "summary.json",
         "report.html",
     default_target: True
+
+
+
+onsuccess:
+    cancel_pending_timers()
+
+
+onerror:
+    cancel_pending_timers()

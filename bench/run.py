@@ -51,16 +51,18 @@ RULES = ("scan_headers", "plan_frames", "calibrate_batch", "publish_batch", "sum
 # --- generated nights ------------------------------------------------------------------------
 
 
-def night_params(frames: int, size: int, stars: int | None = None) -> dict[str, Any]:
+def night_params(
+    frames: int, size: int, stars: int | None = None, filters: tuple[str, ...] = ("V", "R")
+) -> dict[str, Any]:
     """Parameters of a benchmark night (``stars`` None: synth's default of 80 per frame)."""
     from imgproc import __version__
 
-    if frames % 2:
-        raise SystemExit("--frames must be even (two filters, frames/2 each)")
+    if frames % len(filters):
+        raise SystemExit(f"--frames must be a multiple of {len(filters)} (the filters share them)")
     return {
-        "n_lights_per_filter": frames // 2,
+        "n_lights_per_filter": frames // len(filters),
         "shape": [size, size],
-        "filters": ["V", "R"],
+        "filters": list(filters),
         "dtype": "uint16",
         "distractors": False,
         "seed": 0,
@@ -597,6 +599,12 @@ class Bench:
         result.pop("_t0")
 
     def quiet(self) -> None:
+        """Start each run on an idle machine: the previous run's written files flushed to disk
+        (writeback of gigabytes of dirty pages would slow the next run's writes), and, with
+        ``--wait-quiet``, other work on the machine settled."""
+        started = time.perf_counter()
+        os.sync()
+        print(f"  (sync: {time.perf_counter() - started:.1f} s)", flush=True)
         if self.args.wait_quiet > 0:
             busy = wait_quiet(self.args.wait_quiet)
             print(f"  (machine busy before the run: {busy} cores)", flush=True)

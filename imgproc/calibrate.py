@@ -6,6 +6,9 @@ as the original tool's companion scripts make them; without a bias the dark carr
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -65,21 +68,40 @@ def calibrate_image(
 
 
 class MasterCache:
-    """Master frames read once per process (flats normalised once), keyed by path."""
+    """Master frames, read once per process (flats normalised once) and shared read-only.
 
-    def __init__(self) -> None:
-        self._frames: dict[tuple[str, str], np.ndarray] = {}
+    Keyed by role, path, size and modification time, so a replaced master is read again. The
+    workflow's batch jobs run as threads of one process and share :data:`MASTERS`; it holds at
+    most ``max_bytes`` of pixels, dropping the least recently used master first.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._frames: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, role: str, path: str) -> np.ndarray:
-        """The master of ``role`` at ``path`` as float32 (flats normalised)."""
-        key = (role, path)
-        if key not in self._frames:
-            try:
-                data, _ = read_image(Path(path))
-            except FitsError as exc:
-                raise FitsError(f"master {Path(path).name}: {exc}") from exc
-            self._frames[key] = normalise_flat(data) if role == "flat" else data
-        return self._frames[key]
+        """The master of ``role`` at ``path`` as read-only float32 (flats normalised)."""
+        stat = os.stat(path)
+        key = (role, path, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if key in self._frames:
+                self._frames.move_to_end(key)
+                return self._frames[key]
+        try:  # outside the lock: two threads may both read a master once, never wait on each other
+            data, _ = read_image(Path(path))
+        except FitsError as exc:
+            raise FitsError(f"master {Path(path).name}: {exc}") from exc
+        frame = normalise_flat(data) if role == "flat" else data
+        frame.flags.writeable = False
+        with self._lock:
+            self._frames[key] = frame
+            while len(self._frames) > 1 and sum(f.nbytes for f in self._frames.values()) > self.max_bytes:
+                self._frames.popitem(last=False)
+        return frame
+
+
+MASTERS = MasterCache()
 
 
 def calibrated_header(

@@ -32,6 +32,7 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyWarning
 
 from imgproc import __version__
+from imgproc.binning import block_sum
 from imgproc.manifest import OK, read_tsv
 from imgproc.stamps import read_json, write_json
 
@@ -93,23 +94,28 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 def block_mean(data: np.ndarray, max_side: int = THUMB_MAX) -> tuple[np.ndarray, np.ndarray, int]:
     """Mean of ``f`` x ``f`` blocks (NaN ignored; all-NaN blocks stay NaN), with the smallest
-    factor ``f`` that makes the long side at most ``max_side``, in one vectorised pass (the frame
-    is copied once as float32).  Partial edge blocks are kept.  Returns the means, the number of
-    finite pixels behind each, and ``f``."""
+    factor ``f`` that makes the long side at most ``max_side``.  Partial edge blocks are kept.
+    Returns the means, the number of finite pixels behind each, and ``f``.
+
+    Sums are float32 (a thumbnail, not science), and a frame without NaN and whose sides are
+    multiples of ``f`` (the usual case) is not copied at all.
+    """
     ny, nx = data.shape
     factor = max(1, math.ceil(max(ny, nx) / max_side))
     ty, tx = math.ceil(ny / factor), math.ceil(nx / factor)
-    full = np.full((ty * factor, tx * factor), np.nan, dtype=np.float32)
-    full[:ny, :nx] = data
-    finite = np.isfinite(full)
-    if finite.all():  # the usual case: every block is full
+    full = data
+    if (ty * factor, tx * factor) != (ny, nx):
+        full = np.full((ty * factor, tx * factor), np.nan, dtype=np.float32)
+        full[:ny, :nx] = data
+    total = block_sum(full, factor, np.float32)
+    if np.isfinite(total).all():  # no NaN or inf anywhere: every block is full
         counts = np.full((ty, tx), factor * factor, dtype=np.int64)
     else:
-        np.copyto(full, np.float32(0.0), where=~finite)
-        counts = finite.reshape(ty, factor, tx, factor).sum(axis=(1, 3))
-    total = full.reshape(ty, factor, tx, factor).sum(axis=(1, 3), dtype=np.float64)
+        finite = np.isfinite(full)
+        total = block_sum(np.where(finite, full, np.float32(0.0)), factor, np.float32)
+        counts = block_sum(finite, factor, np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
+        out = np.where(counts > 0, total / np.maximum(counts, 1).astype(np.float32), np.float32(np.nan))
     return out, counts, factor
 
 
@@ -122,32 +128,39 @@ def robust_background(values: np.ndarray) -> tuple[float, float]:
     return median, 1.4826 * float(np.median(np.abs(finite - median)))
 
 
+def regular_sample(values: np.ndarray, size: int = 16384) -> np.ndarray:
+    """The finite values of ``values`` (any shape), thinned to about ``size`` at a regular
+    stride: enough for display levels and background statistics, at a fraction of the cost."""
+    finite = values[np.isfinite(values)]
+    return finite[:: max(1, finite.size // size)]
+
+
 def stretch(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     """RGB uint8 of ``image`` with a robust asinh stretch, NaN in :data:`NAN_RGB`; also the
     (low, high) display range.
 
-    Black is 2σ below the sky (median), white the 99.7th percentile; in between the levels follow
-    asinh((value - low) / 3σ), linear near the sky so its noise shows, logarithmic for stars.
+    Black is 2σ below the sky (median), white the 99.7th percentile (both from a regular sample
+    of the finite pixels); in between the levels follow asinh((value - low) / 3σ), linear near
+    the sky so its noise shows, logarithmic for stars.
     """
-    finite = image[np.isfinite(image)]
-    rgb = np.empty((*image.shape, 3), dtype=np.uint8)
-    rgb[:] = NAN_RGB
-    if finite.size == 0:
-        return rgb, (0.0, 0.0)
-    sky, noise = robust_background(finite)
-    low = sky - 2.0 * noise if noise > 0 else float(np.percentile(finite, 0.5))
-    high = float(np.percentile(finite, 99.7))
+    sample = regular_sample(image)
+    if sample.size == 0:
+        return np.broadcast_to(np.array(NAN_RGB, dtype=np.uint8), (*image.shape, 3)).copy(), (0.0, 0.0)
+    sky, noise = robust_background(sample)
+    low = sky - 2.0 * noise if noise > 0 else float(np.percentile(sample, 0.5))
+    high = float(np.percentile(sample, 99.7))
     if not high > low:
-        high = float(finite.max())
+        high = float(np.nanmax(image))
     if not high > low:
         high = low + 1.0
     soft = 3.0 * noise if noise > 0 else (high - low) / 10
     with np.errstate(invalid="ignore"):
-        scaled = np.clip(image - low, 0.0, high - low) / soft
-        level = np.arcsinh(scaled) / np.arcsinh((high - low) / soft)
-    grey = np.round(255 * np.nan_to_num(level, nan=0.0)).astype(np.uint8)
-    mask = np.isfinite(image)
-    rgb[mask] = grey[mask, None]
+        scaled = np.clip(image - np.float32(low), 0.0, high - low) / np.float32(soft)
+        level = np.arcsinh(scaled) * np.float32(255 / np.arcsinh((high - low) / soft))
+    rgb = np.repeat(np.round(np.nan_to_num(level, nan=0.0)).astype(np.uint8)[..., None], 3, axis=2)
+    missing = ~np.isfinite(image)
+    if missing.any():
+        rgb[missing] = NAN_RGB
     return rgb, (low, high)
 
 
@@ -212,7 +225,7 @@ def thumbnail_of(data: np.ndarray, header: fits.Header) -> dict[str, Any]:
     """Thumbnail (PNG bytes and size), header facts and star statistics of an image."""
     small, counts, factor = block_mean(data)
     rgb, (low, high) = stretch(small)
-    sky, noise = robust_background(small[counts == counts.max()])
+    sky, noise = robust_background(regular_sample(small[counts == counts.max()]))
     # blocks with fewer pixels (edges, partly NaN) are noisier: their threshold is higher
     threshold = sky + 5 * noise * np.sqrt(counts.max() / np.maximum(counts, 1))
     peaks = local_maxima(small, threshold) if noise > 0 else []

@@ -12,9 +12,7 @@ rule calibrate_batch:
     resources:
         mem_mb=INPUTS.calibrate_mem_mb,
         runtime=INPUTS.calibrate_runtime,
-    conda:
-        "../envs/calibrate.yaml"
     log:
         "logs/calibrate/{cal_batch}.log",
-    script:
-        "../scripts/calibrate_batch.py"
+    run:
+        run_script("calibrate_batch", input=input, output=output, params=params, log=log, threads=threads)

@@ -1,14 +1,16 @@
 # Setup shared by all rules: config validation, the working folder, and the input functions
 # that turn the plan (work/plan.tsv, written by the plan_frames checkpoint) into batch jobs.
 import os
+import runpy
 import sys
+import threading
+from types import SimpleNamespace
 
 from snakemake.utils import validate
 
 validate(config, schema=os.path.join(workflow.basedir, "schemas", "config.schema.yaml"))
 
-# In a source checkout the imgproc package sits beside the Snakefile; Snakemake hands this
-# search path on to every script job.
+# In a source checkout the imgproc package sits beside the Snakefile.
 sys.path.insert(0, workflow.basedir)
 from imgproc.dag import Layout, WorkflowInputs  # noqa: E402
 
@@ -25,3 +27,28 @@ wildcard_constraints:
     cal_batch=r"c\d{4}",
     pub_batch=r"p\d{4}",
     master=r"master_[^/]+",
+
+
+def run_script(name, **job):
+    """Run the adapter scripts/<name>.py inside this Snakemake process, with the `snakemake`
+    object a `script:` job gets (input, output, params, log, threads and config).
+
+    A `script:` job starts a new Python interpreter and imports numpy and astropy again, about
+    0.6-1 s a job, which was most of the wall time of a night. With --force-use-threads (set by
+    profiles/default, the workflow profile Snakemake loads by itself) Snakemake runs `run:` jobs
+    as threads of its own process, and numpy and file I/O release the GIL, so jobs still run in
+    parallel. On a cluster each job is a Snakemake process of its own on its node, as before.
+    """
+    script = os.path.join(workflow.basedir, "scripts", f"{name}.py")
+    runpy.run_path(script, init_globals={"snakemake": SimpleNamespace(config=config, **job)})
+
+def cancel_pending_timers():
+    """Let Snakemake exit as soon as the run is over.
+
+    Its scheduler re-arms a one-second threading.Timer (the job rate limiter) on every round,
+    and the interpreter waits for a pending timer before it exits: up to a second of nothing
+    at the end of every run.
+    """
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer):
+            thread.cancel()

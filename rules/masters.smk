@@ -9,9 +9,7 @@ rule build_master:
     resources:
         mem_mb=INPUTS.master_mem_mb,
         runtime=INPUTS.master_runtime,
-    conda:
-        "../envs/publish.yaml"
     log:
         "logs/build_master/{master}.log",
-    script:
-        "../scripts/build_master.py"
+    run:
+        run_script("build_master", input=input, output=output, params=params, log=log, threads=threads)

@@ -10,9 +10,7 @@ rule publish_batch:
     resources:
         mem_mb=INPUTS.publish_mem_mb,
         runtime=INPUTS.publish_runtime,
-    conda:
-        "../envs/publish.yaml"
     log:
         "logs/publish/{pub_batch}.log",
-    script:
-        "../scripts/publish_batch.py"
+    run:
+        run_script("publish_batch", input=input, output=output, params=params, log=log, threads=threads)

@@ -11,9 +11,7 @@ rule make_report:
         receipts=INPUTS.all_receipts,
     output:
         html="report.html",
-    conda:
-        "../envs/scan.yaml"
     log:
         "logs/make_report.log",
-    script:
-        "../scripts/make_report.py"
+    run:
+        run_script("make_report", input=input, output=output, params=params, log=log, threads=threads)

@@ -15,12 +15,10 @@ rule scan_headers:
     threads: workflow.cores
     resources:
         mem_mb=1000,
-    conda:
-        "../envs/scan.yaml"
     log:
         "logs/scan_headers.log",
-    script:
-        "../scripts/scan_headers.py"
+    run:
+        run_script("scan_headers", input=input, output=output, params=params, log=log, threads=threads)
 
 
 checkpoint plan_frames:
@@ -31,12 +29,10 @@ checkpoint plan_frames:
         masters="work/masters.tsv",
     params:
         settings=LAYOUT.plan_params(),
-    conda:
-        "../envs/scan.yaml"
     log:
         "logs/plan_frames.log",
-    script:
-        "../scripts/plan_frames.py"
+    run:
+        run_script("plan_frames", input=input, output=output, params=params, log=log, threads=threads)
 
 
 rule summarize:
@@ -49,9 +45,7 @@ rule summarize:
     output:
         json="summary.json",
         text="summary.txt",
-    conda:
-        "../envs/scan.yaml"
     log:
         "logs/summarize.log",
-    script:
-        "../scripts/summarize.py"
+    run:
+        run_script("summarize", input=input, output=output, params=params, log=log, threads=threads)

@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from imgproc.stages import configure_logging, run_calibrate_batch
+from imgproc.stages import job_logging, run_calibrate_batch
 
-sm = snakemake  # noqa: F821  (injected by Snakemake)
-configure_logging(sm.log[0], sm.config.get("verbose", False))
-run_calibrate_batch(
-    sm.params.entries,
-    Path("work"),
-    Path(sm.output.receipt),
-    observer=sm.params.observer,
-    binning=sm.params.binning,
-)
+sm = snakemake  # noqa: F821  (given by run_script in rules/common.smk, or by script:)
+with job_logging(sm.log[0], sm.config.get("verbose", False)):
+    run_calibrate_batch(
+        sm.params.entries,
+        Path("work"),
+        Path(sm.output.receipt),
+        observer=sm.params.observer,
+        binning=sm.params.binning,
+    )

@@ -417,3 +417,34 @@ def test_scan_cached_statuses_are_recomputed(tmp_path, monkeypatch):
     rows = scan(ScanRequest(request.light_dir, request.master_dirs, filter="R"), previous)
     assert calls == []
     assert [row["status"] for row in rows] == [LISTED, LISTED, OK]
+
+
+def test_scan_with_worker_processes_equals_serial_scan(tmp_path, monkeypatch):
+    lights = tmp_path / "lights"
+    for index in range(6):
+        _write(lights / f"l{index}.fits", {"DATE-OBS": f"2025-05-01T21:0{index}:00"}, seed=index)
+    (lights / "broken.fits").write_text("not FITS\n" * 400)
+    serial = scan(ScanRequest(lights), workers=1)
+    monkeypatch.setattr(imgproc.scan, "POOL_MIN_FILES", 2)
+    pooled = scan(ScanRequest(lights), workers=2)
+    assert pooled == serial
+    assert [row["status"] for row in pooled] == [SKIPPED] + [OK] * 6  # broken.fits sorts first
+
+
+def test_read_header_direct_path_matches_astropy(tmp_path):
+    """A plain 2-D primary image is read without astropy's HDU machinery; the header, HDU and
+    shape are what astropy gives, and an image in an extension still goes through astropy."""
+    from imgproc.fitsio import _primary_image_header, read_header
+
+    plain = _write(tmp_path / "plain.fits", seed=1, shape=(9, 14))
+    header, hdu, shape = read_header(plain)
+    assert _primary_image_header(plain) is not None
+    with fits.open(plain) as hdul:
+        assert header.tostring() == hdul[0].header.tostring()
+    assert (hdu, shape) == (0, (9, 14))
+
+    extension = tmp_path / "ext.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(_data(2, (7, 5)), header=_header())]).writeto(extension)
+    assert _primary_image_header(extension) is None
+    header, hdu, shape = read_header(extension)
+    assert (hdu, shape, header["FILTER"]) == (1, (7, 5), "V")
