@@ -43,6 +43,8 @@ __all__ = ["Registrar", "Shift", "apply_shift", "pier_side_flip"]
 _MAD_TO_STD = 1.4826
 #: Subsampling step used for the background / noise estimates of a frame.
 _STAT_STEP = 4
+#: Side (px) of the central part of the overlap that the sub-pixel refinement correlates.
+REFINE_MAX = 1024
 #: Despike candidates and margin, in noise sigmas.
 _DESPIKE_SIGMA = 5.0
 #: Fractional shifts smaller than this are treated as integers by :func:`apply_shift`.
@@ -204,7 +206,7 @@ class Registrar:
         """Integer peak of the cross-correlation, its value, and its significance: the height
         above the surface's median in robust standard deviations (1.4826 × MAD)."""
         ny, nx = self.shape
-        corr = scipy.fft.irfft2(cross, s=self.shape, workers=-1)
+        corr = scipy.fft.irfft2(cross, s=self.shape, workers=1)
         iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
         sample = corr[::_STAT_STEP, ::_STAT_STEP]
         centre = float(np.median(sample))
@@ -225,8 +227,10 @@ class Registrar:
         py, px = peak
         # output (reference) pixel y takes frame pixel y - py
         y0, x0 = max(0, py), max(0, px)
-        h = _fast_len_below(min(ny, ny + py) - y0)
-        w = _fast_len_below(min(nx, nx + px) - x0)
+        h, w = min(ny, ny + py) - y0, min(nx, nx + px) - x0
+        # the central REFINE_MAX² of a larger overlap: stars enough, a quarter of the FFT work
+        y0, x0 = y0 + max(0, h - REFINE_MAX) // 2, x0 + max(0, w - REFINE_MAX) // 2
+        h, w = _fast_len_below(min(h, REFINE_MAX)), _fast_len_below(min(w, REFINE_MAX))
         ref = self._ref[y0 : y0 + h, x0 : x0 + w]
         img = image[y0 - py : y0 - py + h, x0 - px : x0 - px + w]
         if self._ref_invalid is not None or invalid is not None:
@@ -262,7 +266,7 @@ def _spectrum(prepared: np.ndarray, taper: int) -> np.ndarray:
         ny, nx = prepared.shape
         prepared = prepared * _taper(ny, taper)[:, None]
         prepared *= _taper(nx, taper)
-    return scipy.fft.rfft2(prepared, workers=-1)
+    return scipy.fft.rfft2(prepared, workers=1)
 
 
 def _half_spectrum_weights(n: int) -> np.ndarray:

@@ -35,6 +35,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3
 CONFIG_NAME = "imgproc.yaml"
 #: Seconds between whole-run progress lines.
 PROGRESS_SECONDS = 10.0
+#: Thread pools of the numeric libraries: one thread each. The jobs run as threads of the
+#: Snakemake process and are the parallelism (``--cores``); BLAS threads on top would only
+#: compete with them, and sum in an order that depends on the machine's core count.
+ONE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
 class UsageError(Exception):
@@ -310,7 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with lock:
         try:
             status = subprocess.call(
-                snakemake_command(config_path, args.concurrency, [*extra, *targets]), cwd=output
+                snakemake_command(config_path, args.concurrency, [*extra, *targets]),
+                cwd=output,
+                env={**{key: "1" for key in ONE_THREAD_ENV}, **os.environ},
             )
         except KeyboardInterrupt:
             print(f"imgproc: interrupted; run the same command again to finish {output}", file=sys.stderr)

@@ -196,6 +196,17 @@ class WorkflowInputs:
         refs = {row["reference"] for row in self._members("pub_batch", wildcards.pub_batch)}
         return {row["frame_id"]: _entry(row) for row in self.plan() if row["frame_id"] in refs}
 
+    def publish_threads(self, cores: int) -> Callable[[Any], int]:
+        """Threads of a publish job: the ``cores`` spread over the publish batches, so that a
+        night of one big stack registers and combines on every core, and a night of many
+        small groups runs one single-threaded job per core."""
+
+        def threads(wildcards: Any) -> int:
+            batches = {row["pub_batch"] for row in self.plan()}
+            return max(1, min(cores, cores // max(1, len(batches))))
+
+        return threads
+
     def publish_mem_mb(self, wildcards: Any, attempt: int = 1) -> int:
         """Memory of a publish job: the stacking budget plus a few frames (alignment FFTs)."""
         members = self._members("pub_batch", wildcards.pub_batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -183,7 +184,11 @@ def publish_single_aligned(member: Member, shift: Shift, target: Path, order: in
 
 
 def publish_stack(
-    members: Sequence[Member], shifts: Sequence[Shift | None], target: Path, settings: StackSettings
+    members: Sequence[Member],
+    shifts: Sequence[Shift | None],
+    target: Path,
+    settings: StackSettings,
+    threads: int = 1,
 ) -> None:
     """Combine ``members`` (each resampled by its shift, if any) into ``target``."""
     headers = [fits.getheader(member.path) for member in members]
@@ -199,6 +204,7 @@ def publish_stack(
         sigma_low=settings.sigma_low,
         sigma_high=settings.sigma_high,
         memory_budget=settings.memory_budget,
+        threads=threads,
     )
     write_atomic(target, data, stack_header(headers, members, shifts))
 
@@ -240,8 +246,12 @@ def publish_group(
     workdir: Path,
     outdir: Path,
     settings: StackSettings,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Make one final output from its group's intermediates; returns its receipt item.
+
+    With ``threads`` > 1 the frames are registered, and the stack combined, on that many
+    threads at once.
 
     An existing output is replaced only when it was made by imgproc from the same lights;
     anything else at that name is left untouched and reported.
@@ -282,7 +292,9 @@ def publish_group(
         if ref_id not in registrars:
             registrars[ref_id] = registrar_for(workdir / "cal" / f"{ref_id}.fits", settings)
         registrar = registrars[ref_id]
-        measured = [measure(m, registrar, reference.get("pierside")) for m in members]
+        pierside = reference.get("pierside")
+        with ThreadPoolExecutor(threads) as pool:
+            measured = list(pool.map(lambda member: measure(member, registrar, pierside), members))
         for member, shift in zip(members, measured, strict=True):
             problem = check_shift(shift, registrar)
             if problem:
@@ -293,7 +305,7 @@ def publish_group(
         members, shifts = [m for m, _ in kept], [s for _, s in kept]
     single_shift = shifts[0]
     if len(members) > 1:
-        publish_stack(members, shifts, target, settings)
+        publish_stack(members, shifts, target, settings, threads)
     elif single_shift is None:
         link_atomic(members[0].path, target)
     else:
@@ -312,10 +324,12 @@ def run_publish_batch(
     outdir: Path,
     receipt: Path,
     settings: StackSettings,
+    threads: int = 1,
 ) -> dict[str, dict]:
     """Make the final outputs of one publish batch and write the batch receipt.
 
-    ``references`` maps a reference frame id to its plan row (used with alignment).
+    ``references`` maps a reference frame id to its plan row (used with alignment); each
+    group is made on ``threads`` threads.
     """
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for entry in entries:
@@ -326,7 +340,9 @@ def run_publish_batch(
     for done, (name, group) in enumerate(sorted(groups.items()), start=1):
         reference = references.get(str(group[0].get("reference") or ""))
         try:
-            results[name] = publish_group(name, group, reference, registrars, workdir, outdir, settings)
+            results[name] = publish_group(
+                name, group, reference, registrars, workdir, outdir, settings, threads
+            )
         except (FitsError, ValueError, OSError) as exc:
             results[name] = {"status": SKIPPED, "reason": f"publishing failed: {exc}", "excluded": {}}
         progress.step(done)

@@ -9,8 +9,12 @@ strips from a memory budget.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import bottleneck as bn
@@ -18,20 +22,26 @@ import numpy as np
 from astropy.io import fits
 
 __all__ = [
+    "MEMORY",
     "ArraySource",
     "FitsSource",
     "FrameSource",
+    "WorkingMemory",
     "combine",
     "strip_rows",
 ]
 
-#: Bytes per frame element of a strip: the float32 buffer (4), the boolean rejection masks or
-#: the float32 deviations of the MAD width (up to 4), plus margin.
+#: Bytes per frame element of a strip: the float32 buffer (4) and either its frame-by-frame
+#: planes while it is filled (4) or the boolean rejection masks or float32 deviations of the
+#: MAD width (up to 4), plus margin.
 WORKING_BYTES_PER_ELEMENT = 12
 #: Bytes per output pixel of a strip independent of the frame count: per-pixel centre, width,
 #: limits and result (float32 each), the row block just read, and margin.
 PER_PIXEL_BYTES = 32
 
+#: Largest float32 buffer of one strip (bytes), whatever the budget: strips that fit in the
+#: caches fill and reduce 3-4 times faster than one strip of a whole 40-frame stack.
+STRIP_BYTES = 64 * 1024**2
 METHODS = ("sigclip", "median", "mean")
 WIDTHS = ("std", "mad")
 _MAD_TO_STD = 1.482602218505602
@@ -50,6 +60,34 @@ def strip_rows(n_frames: int, shape: tuple[int, int], memory_budget: int) -> int
     n_rows, n_cols = shape
     per_row = n_cols * (n_frames * WORKING_BYTES_PER_ELEMENT + PER_PIXEL_BYTES)
     return int(min(max(1, memory_budget // per_row), max(1, n_rows)))
+
+
+class WorkingMemory:
+    """The stacking memory of this process, shared by every :func:`combine` running in its
+    threads (the workflow's jobs run as threads of one process): a strip starts only when its
+    working set fits in the budget next to the strips already being reduced (one strip always
+    may, even a too large one)."""
+
+    def __init__(self) -> None:
+        self._free = threading.Condition()
+        self.in_use = 0
+
+    @contextmanager
+    def reserve(self, size: int, budget: int) -> Iterator[None]:
+        """Hold ``size`` bytes of ``budget`` while the block runs."""
+        with self._free:
+            while self.in_use and self.in_use + size > budget:
+                self._free.wait()
+            self.in_use += size
+        try:
+            yield
+        finally:
+            with self._free:
+                self.in_use -= size
+                self._free.notify_all()
+
+
+MEMORY = WorkingMemory()
 
 
 @runtime_checkable
@@ -132,6 +170,7 @@ def combine(
     memory_budget: int = 2 * 1024**3,
     max_iters: int = 1,
     width: str = "std",
+    threads: int = 1,
 ) -> np.ndarray:
     """Combine equally-shaped frames into a float32 image, in row strips, NaN-aware.
 
@@ -149,7 +188,11 @@ def combine(
         outlier among ``n`` values lies at most ``(n-1)/sqrt(n)`` widths from the centre, so at
         least 11 frames are needed to reject it at 3 sigma; ``'mad'`` has no such limit.
     memory_budget
-        Bytes allowed for the working set of one strip (see :func:`strip_rows`).
+        Bytes allowed for the working sets of all strips in flight in this process (see
+        :func:`strip_rows` and :data:`MEMORY`).
+    threads
+        Strips reduced at once; each gets its share of the budget, and there are at least two
+        strips per thread, so that reading one overlaps reducing another.
 
     NaN inputs are ignored; a pixel with no valid input is NaN.
     """
@@ -167,38 +210,57 @@ def combine(
         if tuple(src.shape) != shape:
             raise ValueError(f"frame shapes differ: {tuple(src.shape)} != {shape}")
     n_rows, n_cols = shape
-    rows = strip_rows(len(sources), shape, memory_budget)
+    threads = max(1, threads)
+    rows = strip_rows(len(sources), shape, memory_budget // threads)
+    rows = min(rows, max(1, STRIP_BYTES // (n_cols * len(sources) * 4)))
+    if threads > 1:
+        rows = min(rows, math.ceil(n_rows / (2 * threads)))
+    strip_bytes = rows * n_cols * (len(sources) * WORKING_BYTES_PER_ELEMENT + PER_PIXEL_BYTES)
     out = np.empty(shape, np.float32)
-    buffer = np.empty((rows, n_cols, len(sources)), np.float32)
-    for r0 in range(0, n_rows, rows):
+
+    def reduce_strip(r0: int) -> None:
         r1 = min(n_rows, r0 + rows)
-        cube = buffer[: r1 - r0]
-        for i, src in enumerate(sources):
-            block = src.read_rows(r0, r1)
-            if block.shape != (r1 - r0, n_cols):
-                raise ValueError(f"source {i} returned shape {block.shape} for rows {r0}:{r1}")
-            cube[:, :, i] = block
-        out[r0:r1] = _reduce(cube, method, sigma_low, sigma_high, max_iters, width)
+        with MEMORY.reserve(strip_bytes, memory_budget):
+            # frame by frame into contiguous planes, then one transposing copy: 4x faster than
+            # writing each frame into every pixel's vector (a pass over the whole buffer each)
+            planes = np.empty((len(sources), r1 - r0, n_cols), np.float32)
+            for i, src in enumerate(sources):
+                block = src.read_rows(r0, r1)
+                if block.shape != (r1 - r0, n_cols):
+                    raise ValueError(f"source {i} returned shape {block.shape} for rows {r0}:{r1}")
+                planes[i] = block
+            cube = np.ascontiguousarray(np.moveaxis(planes, 0, -1))
+            del planes
+            out[r0:r1] = _reduce(cube, method, sigma_low, sigma_high, max_iters, width)
+
+    starts = range(0, n_rows, rows)
+    if threads == 1:
+        for r0 in starts:
+            reduce_strip(r0)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(reduce_strip, starts))
     return out
 
 
 def _reduce(
     cube: np.ndarray, method: str, sigma_low: float, sigma_high: float, max_iters: int, width: str
 ) -> np.ndarray:
-    """Reduce ``(rows, cols, n)`` along the last axis; ``cube`` is used as scratch space."""
+    """Reduce ``(rows, cols, n)`` along the last axis; ``cube`` is used as scratch space (the
+    order of each pixel's values changes; the reductions do not depend on it)."""
     if method == "median":
-        return bn.nanmedian(cube, axis=-1)
+        return nanmedian_last(cube)
     if method == "mean":
         return _centred_mean(cube, bn.nanmean(cube, axis=-1))
-    centre = bn.nanmedian(cube, axis=-1)
+    centre = nanmedian_last(cube)
     for iteration in range(max_iters):
         if iteration:
-            centre = bn.nanmedian(cube, axis=-1)
+            centre = nanmedian_last(cube)
         if width == "std":
             spread = bn.nanstd(cube, axis=-1)
         else:
             deviation = np.abs(cube - centre[..., None])
-            spread = bn.nanmedian(deviation, axis=-1) * np.float32(_MAD_TO_STD)
+            spread = nanmedian_last(deviation) * np.float32(_MAD_TO_STD)
             del deviation
         low = (centre - np.float32(sigma_low) * spread)[..., None]
         high = (centre + np.float32(sigma_high) * spread)[..., None]
@@ -209,6 +271,27 @@ def _reduce(
         np.copyto(cube, np.float32(np.nan), where=reject)
         del reject
     return _centred_mean(cube, centre)
+
+
+def nanmedian_last(cube: np.ndarray) -> np.ndarray:
+    """Median along the last axis, NaN ignored, as ``bottleneck.nanmedian``; ``cube`` is
+    partitioned in place.
+
+    Pixels with every value valid (nearly all of an aligned stack) take their middle values
+    from one in-place ``numpy`` partition, 3x faster than bottleneck's per-pixel selection;
+    only pixels with a NaN go through ``bottleneck.nanmedian``.
+    """
+    n = cube.shape[-1]
+    missing = bn.anynan(cube, axis=-1)
+    k = n // 2
+    cube.partition(k, axis=-1)  # NaN sorts last, so only the pixels with NaN are wrong here
+    centre = cube[..., k].copy()
+    if n % 2 == 0:
+        centre += cube[..., :k].max(axis=-1)
+        centre *= np.float32(0.5)
+    if missing.any():
+        centre[missing] = bn.nanmedian(cube[missing], axis=-1)
+    return centre
 
 
 def _centred_mean(cube: np.ndarray, centre: np.ndarray) -> np.ndarray:

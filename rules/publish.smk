@@ -7,6 +7,7 @@ rule publish_batch:
         entries=INPUTS.publish_entries,
         references=INPUTS.publish_references,
         settings=LAYOUT.stack_params(),
+    threads: INPUTS.publish_threads(workflow.cores)
     resources:
         mem_mb=INPUTS.publish_mem_mb,
         runtime=INPUTS.publish_runtime,

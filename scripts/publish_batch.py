@@ -9,5 +9,5 @@ sm = snakemake  # noqa: F821  (given by run_script in rules/common.smk, or by sc
 with job_logging(sm.log[0], sm.config.get("verbose", False)):
     run_publish_batch(
         sm.params.entries, sm.params.references, Path("work"), Path("."), Path(sm.output.receipt),
-        StackSettings(**sm.params.settings),
+        StackSettings(**sm.params.settings), threads=sm.threads,
     )  # fmt: skip
