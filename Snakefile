@@ -27,8 +27,8 @@ rule all:
 
 
 onsuccess:
-    cancel_pending_timers()
+    exit_promptly()
 
 
 onerror:
-    cancel_pending_timers()
+    exit_promptly()

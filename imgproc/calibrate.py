@@ -47,13 +47,16 @@ def calibrate_image(
     bias: np.ndarray | None = None,
     dark: np.ndarray | None = None,
     flat: np.ndarray | None = None,
+    *,
+    in_place: bool = False,
 ) -> np.ndarray:
-    """(light − bias − dark) / flat as a new float32 array; the inputs are not modified.
+    """(light − bias − dark) / flat as a new float32 array; the inputs are not modified, except
+    a float32 ``light`` with ``in_place``, which is calibrated in place and returned.
 
     ``flat`` must already be normalised (:func:`normalise_flat`).  Shapes must agree.  Infinite
     input pixels come out as NaN, like every other pixel without a valid value.
     """
-    out = np.array(light, dtype=np.float32, copy=True)
+    out = np.array(light, dtype=np.float32, copy=not (in_place and light.dtype == np.float32))
     for name, master in (("bias", bias), ("dark", dark), ("flat", flat)):
         if master is not None and master.shape != out.shape:
             raise ValueError(f"{name} shape {master.shape} differs from the light's {out.shape}")
@@ -138,7 +141,7 @@ def calibrate_frame(
     """Read, calibrate and bin one light; returns float32 pixels and the output header."""
     raw, header = read_image(light_path, hdu)
     frames = {role: cache.get(role, path) for role, path in masters.items() if path is not None}
-    data = calibrate_image(raw, frames.get("bias"), frames.get("dark"), frames.get("flat"))
+    data = calibrate_image(raw, frames.get("bias"), frames.get("dark"), frames.get("flat"), in_place=True)
     return bin_image(data, binning), calibrated_header(
         header, masters, observer=observer, mid=mid, binning=binning
     )

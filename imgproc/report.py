@@ -38,6 +38,9 @@ from imgproc.stamps import read_json, write_json
 
 #: Longest side of a thumbnail, in pixels.
 THUMB_MAX = 256
+#: Long side of the thumbnail of a lone calibrated frame (a night may have thousands; the
+#: report shows them at twice the size), made while the frame is calibrated.
+FRAME_THUMB_MAX = 128
 #: Colour of pixels without data (NaN) in the thumbnails.
 NAN_RGB = (46, 92, 184)
 ROLES = ("bias", "dark", "flat")
@@ -73,20 +76,29 @@ pre{background:#f6f6f6;border:1px solid #ddd;padding:.6em;font-size:.8em;overflo
 # --- small PNG writer and thumbnails ----------------------------------------------------------
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """An 8-bit RGB PNG of a (height, width, 3) uint8 array (row 0 at the top)."""
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    height, width = rgb.shape[:2]
-    raw = np.zeros((height, 1 + 3 * width), dtype=np.uint8)  # filter byte 0 (None) per row
-    raw[:, 1:] = rgb.reshape(height, 3 * width)
+#: Thumbnail palette: grey levels 0..254, and entry :data:`NAN_INDEX` for pixels without data.
+NAN_INDEX = 255
+PALETTE = bytes(
+    [v for i in range(NAN_INDEX) for v in (round(i * 255 / (NAN_INDEX - 1)),) * 3] + list(NAN_RGB)
+)
+
+
+def png_bytes(indices: np.ndarray, palette: bytes = PALETTE) -> bytes:
+    """An 8-bit palette PNG of a (height, width) uint8 array of indices into ``palette`` (RGB
+    triples), row 0 at the top: a third of the size of an RGB PNG, and faster to compress."""
+    indices = np.ascontiguousarray(indices, dtype=np.uint8)
+    height, width = indices.shape
+    raw = np.zeros((height, 1 + width), dtype=np.uint8)  # filter byte 0 (None) per row
+    raw[:, 1:] = indices
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
+        + chunk(b"PLTE", palette)
         + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1))  # level 1: fast, thumbnails are noisy anyway
         + chunk(b"IEND", b"")
     )
@@ -136,8 +148,8 @@ def regular_sample(values: np.ndarray, size: int = 16384) -> np.ndarray:
 
 
 def stretch(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-    """RGB uint8 of ``image`` with a robust asinh stretch, NaN in :data:`NAN_RGB`; also the
-    (low, high) display range.
+    """Palette indices (:data:`PALETTE`) of ``image`` with a robust asinh stretch, NaN as
+    :data:`NAN_INDEX`; also the (low, high) display range.
 
     Black is 2σ below the sky (median), white the 99.7th percentile (both from a regular sample
     of the finite pixels); in between the levels follow asinh((value - low) / 3σ), linear near
@@ -145,7 +157,7 @@ def stretch(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     """
     sample = regular_sample(image)
     if sample.size == 0:
-        return np.broadcast_to(np.array(NAN_RGB, dtype=np.uint8), (*image.shape, 3)).copy(), (0.0, 0.0)
+        return np.full(image.shape, NAN_INDEX, dtype=np.uint8), (0.0, 0.0)
     sky, noise = robust_background(sample)
     low = sky - 2.0 * noise if noise > 0 else float(np.percentile(sample, 0.5))
     high = float(np.percentile(sample, 99.7))
@@ -154,14 +166,11 @@ def stretch(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     if not high > low:
         high = low + 1.0
     soft = 3.0 * noise if noise > 0 else (high - low) / 10
+    top = NAN_INDEX - 1
     with np.errstate(invalid="ignore"):
         scaled = np.clip(image - np.float32(low), 0.0, high - low) / np.float32(soft)
-        level = np.arcsinh(scaled) * np.float32(255 / np.arcsinh((high - low) / soft))
-    rgb = np.repeat(np.round(np.nan_to_num(level, nan=0.0)).astype(np.uint8)[..., None], 3, axis=2)
-    missing = ~np.isfinite(image)
-    if missing.any():
-        rgb[missing] = NAN_RGB
-    return rgb, (low, high)
+        level = np.arcsinh(scaled) * np.float32(top / np.arcsinh((high - low) / soft))
+    return np.round(np.nan_to_num(level, nan=NAN_INDEX)).astype(np.uint8), (low, high)
 
 
 def local_maxima(image: np.ndarray, threshold: float | np.ndarray) -> list[tuple[float, int, int]]:
@@ -221,16 +230,17 @@ def open_output(path: Path) -> tuple[fits.HDUList, int]:
     raise ValueError("no 2-D image")
 
 
-def thumbnail_of(data: np.ndarray, header: fits.Header) -> dict[str, Any]:
-    """Thumbnail (PNG bytes and size), header facts and star statistics of an image."""
-    small, counts, factor = block_mean(data)
-    rgb, (low, high) = stretch(small)
+def thumbnail_of(data: np.ndarray, header: fits.Header, max_side: int = THUMB_MAX) -> dict[str, Any]:
+    """Thumbnail (PNG bytes and size, long side at most ``max_side``), header facts and star
+    statistics of an image."""
+    small, counts, factor = block_mean(data, max_side)
+    indices, (low, high) = stretch(small)
     sky, noise = robust_background(regular_sample(small[counts == counts.max()]))
     # blocks with fewer pixels (edges, partly NaN) are noisier: their threshold is higher
     threshold = sky + 5 * noise * np.sqrt(counts.max() / np.maximum(counts, 1))
     peaks = local_maxima(small, threshold) if noise > 0 else []
     return {
-        "png": png_bytes(rgb[::-1]),  # FITS row 0 is the bottom of the image
+        "png": png_bytes(indices[::-1]),  # FITS row 0 is the bottom of the image
         "width": small.shape[1],
         "height": small.shape[0],
         "factor": factor,
@@ -243,15 +253,21 @@ def thumbnail_of(data: np.ndarray, header: fits.Header) -> dict[str, Any]:
     }
 
 
-def thumbnail(path: Path) -> dict[str, Any]:
+def thumbnail(path: Path, max_side: int = THUMB_MAX) -> dict[str, Any]:
     """:func:`thumbnail_of` the image in a FITS file (memory-mapped)."""
     hdul, index = open_output(path)
     with hdul:
-        return thumbnail_of(hdul[index].data, hdul[index].header)
+        return thumbnail_of(hdul[index].data, hdul[index].header, max_side)
 
 
-def cached_thumbnail(path: Path, cache: Path, name: str | None = None, data: np.ndarray | None = None,
-                     header: fits.Header | None = None) -> dict[str, Any]:  # fmt: skip
+def cached_thumbnail(
+    path: Path,
+    cache: Path,
+    name: str | None = None,
+    data: np.ndarray | None = None,
+    header: fits.Header | None = None,
+    max_side: int = THUMB_MAX,
+) -> dict[str, Any]:
     """The thumbnail of the file at ``path``, kept in ``cache/<name>.json`` (``name`` defaults to
     the file's) while the file's size and modification time are unchanged.
 
@@ -263,7 +279,10 @@ def cached_thumbnail(path: Path, cache: Path, name: str | None = None, data: np.
     store = cache / f"{name or path.name}.json"
     entry = read_json(store)
     if not entry or entry.get("key") != key:
-        thumb = thumbnail(path) if data is None or header is None else thumbnail_of(data, header)
+        if data is None or header is None:
+            thumb = thumbnail(path, max_side)
+        else:
+            thumb = thumbnail_of(data, header, max_side)
         entry = {"key": key, **thumb, "png": base64.b64encode(thumb["png"]).decode("ascii")}
         write_json(store, entry)
     return {**entry, "png": base64.b64decode(entry["png"])}

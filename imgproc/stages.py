@@ -29,7 +29,7 @@ from imgproc.masters import plan_masters
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
 from imgproc.plan import PlanSettings, intermediate, make_plan
 from imgproc.progress import Progress
-from imgproc.report import cached_thumbnail, robust_background
+from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail, robust_background
 from imgproc.scan import ScanRequest, scan
 from imgproc.stamps import digest, file_id, read_json, write_json
 
@@ -146,7 +146,7 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     )  # fmt: skip
     write_atomic(target, data, header)
     if entry.get("pub_kind") == "link":  # the output will be this very file: its thumbnail now
-        cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header)
+        cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
     stats = frame_statistics(data)
     write_json(stamp_path, {"stamp": stamp, "source": entry["path"], "stats": stats})
     log.debug("%s", frame_diagnostics(entry, stats))

@@ -1,5 +1,6 @@
 # Setup shared by all rules: config validation, the working folder, and the input functions
 # that turn the plan (work/plan.tsv, written by the plan_frames checkpoint) into batch jobs.
+import gc
 import os
 import runpy
 import sys
@@ -42,13 +43,15 @@ def run_script(name, **job):
     script = os.path.join(workflow.basedir, "scripts", f"{name}.py")
     runpy.run_path(script, init_globals={"snakemake": SimpleNamespace(config=config, **job)})
 
-def cancel_pending_timers():
-    """Let Snakemake exit as soon as the run is over.
+def exit_promptly():
+    """Let the Snakemake process end as soon as the run is over (onsuccess and onerror).
 
     Its scheduler re-arms a one-second threading.Timer (the job rate limiter) on every round,
-    and the interpreter waits for a pending timer before it exits: up to a second of nothing
-    at the end of every run.
+    and the interpreter waits for a pending timer before it exits: up to a second of nothing.
+    Then the interpreter's final garbage collection walks every object of Snakemake, numpy and
+    astropy, another 0.2-0.5 s; frozen objects are skipped.
     """
     for thread in threading.enumerate():
         if isinstance(thread, threading.Timer):
             thread.cancel()
+    gc.freeze()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 
 import numpy as np
 import pytest
 from astropy.io import fits
 
-from imgproc.calibrate import calibrate_image, calibrated_header, normalise_flat
+from imgproc.calibrate import MasterCache, calibrate_image, calibrated_header, normalise_flat
 
 SHAPE = (6, 7)
 
@@ -227,3 +228,46 @@ def test_calibrated_header_binning_cards(binning):
     assert out["XBINNING"] == binning
     assert out["YBINNING"] == binning
     assert out["XPIXSZ"] == pytest.approx(4.63 * binning)
+
+
+def _master(path, value: float) -> str:
+    fits.PrimaryHDU(np.full(SHAPE, value, np.float32)).writeto(path, overwrite=True)
+    return str(path)
+
+
+def test_master_cache_reads_once_shares_read_only_and_rereads_a_replaced_file(tmp_path):
+    cache = MasterCache()
+    bias = _master(tmp_path / "bias.fits", 500.0)
+    first = cache.get("bias", bias)
+    assert cache.get("bias", bias) is first  # read once, shared
+    assert not first.flags.writeable
+    with pytest.raises(ValueError):
+        first[0, 0] = 0.0
+    _master(tmp_path / "bias.fits", 510.0)
+    os.utime(bias, ns=(1, 1))  # a replaced file: new size or modification time
+    assert float(cache.get("bias", bias)[0, 0]) == 510.0
+    flat = _master(tmp_path / "flat.fits", 4.0)
+    assert float(cache.get("flat", flat).mean()) == pytest.approx(1.0)  # flats normalised
+
+
+def test_master_cache_drops_least_recently_used_beyond_its_size(tmp_path):
+    one_frame = SHAPE[0] * SHAPE[1] * 4
+    cache = MasterCache(max_bytes=2 * one_frame)
+    paths = [_master(tmp_path / f"m{i}.fits", float(i)) for i in range(3)]
+    a = cache.get("bias", paths[0])
+    cache.get("bias", paths[1])
+    assert cache.get("bias", paths[0]) is a  # used again: now the most recent
+    cache.get("bias", paths[2])  # over the size: m1, the least recently used, goes
+    assert cache.get("bias", paths[0]) is a
+    assert len(cache._frames) == 2
+
+
+def test_calibrate_image_in_place_reuses_a_float32_light_only():
+    f = _frames(5)
+    expected = calibrate_image(f["light"], f["bias"], f["dark"], f["flat"])
+    light = f["light"].copy()
+    out = calibrate_image(light, f["bias"], f["dark"], f["flat"], in_place=True)
+    assert out is light
+    np.testing.assert_array_equal(out, expected)
+    integers = f["light"].astype(np.int32)
+    assert calibrate_image(integers, in_place=True) is not integers  # another dtype: a new array

@@ -273,3 +273,15 @@ def test_make_plan_same_output_name_second_light_skipped(own_night):
     assert kept["output"] in dropped["reason"]
     assert first.name in dropped["reason"]
     assert sum(entry["status"] == OK for entry in plan) == 8
+
+
+@pytest.mark.parametrize(
+    ("cores", "batches", "threads"), [(2, 1, 2), (2, 3, 1), (8, 3, 2), (1, 1, 1), (4, 8, 1)]
+)
+def test_publish_threads_spread_the_cores_over_the_publish_batches(cores, batches, threads):
+    from imgproc.dag import Layout, WorkflowInputs
+
+    inputs = WorkflowInputs(Layout({"input_dir": "lights"}), lambda: None)
+    rows = [{"pub_batch": f"p{i % batches:04d}"} for i in range(3 * batches)]
+    inputs.plan = lambda: rows  # type: ignore[method-assign]
+    assert inputs.publish_threads(cores)(None) == threads

@@ -29,8 +29,8 @@ CARD = re.compile(
 
 
 def decode_png(data: bytes) -> tuple[int, int, np.ndarray]:
-    """Width, height and RGB pixels of an 8-bit RGB, unfiltered PNG; checks the signature and
-    every chunk's CRC (what the report's own writer makes)."""
+    """Width, height and RGB pixels of an 8-bit palette, unfiltered PNG; checks the signature
+    and every chunk's CRC (what the report's own writer makes)."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
     pos, chunks = 8, []
     while pos < len(data):
@@ -40,13 +40,14 @@ def decode_png(data: bytes) -> tuple[int, int, np.ndarray]:
         assert zlib.crc32(tag + body) == crc, f"bad CRC in {tag!r}"
         chunks.append((tag, body))
         pos += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
+    assert chunks[0][0] == b"IHDR" and chunks[1][0] == b"PLTE" and chunks[-1] == (b"IEND", b"")
     width, height, depth, colour, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, colour) == (8, 2)
+    assert (depth, colour) == (8, 3)
+    palette = np.frombuffer(chunks[1][1], dtype=np.uint8).reshape(-1, 3)
     raw = zlib.decompress(b"".join(body for tag, body in chunks if tag == b"IDAT"))
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, 1 + 3 * width)
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, 1 + width)
     assert (rows[:, 0] == 0).all()
-    return width, height, rows[:, 1:].reshape(height, width, 3)
+    return width, height, palette[rows[:, 1:]]
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +156,11 @@ def test_thumbnail_downsamples_and_marks_nan(tmp_path: Path) -> None:
 
 
 def test_png_writer_round_trip() -> None:
-    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    width, height, pixels = decode_png(png_bytes(rgb))
-    assert (width, height) == (3, 2) and (pixels == rgb).all()
+    indices = np.array([[0, 127, 254], [255, 1, 200]], dtype=np.uint8)
+    width, height, pixels = decode_png(png_bytes(indices))
+    assert (width, height) == (3, 2)
+    assert (pixels[0, :, 0] == [0, 128, 255]).all() and (pixels[1, 1] == 1).all()  # greys
+    assert tuple(pixels[1, 0]) == NAN_RGB
 
 
 def test_workflow_writes_the_report(run: dict) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 
+import bottleneck as bn
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -15,7 +18,9 @@ from imgproc.stack import (
     ArraySource,
     FitsSource,
     FrameSource,
+    WorkingMemory,
     combine,
+    nanmedian_last,
     strip_rows,
 )
 
@@ -278,3 +283,44 @@ def test_combine_fits_sources_in_strips_equals_in_memory(tmp_path):
     from_files = combine([FitsSource(p) for p in paths], method="median", memory_budget=budget)
     in_memory = combine([ArraySource(f) for f in frames], method="median")
     np.testing.assert_array_equal(from_files, in_memory)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 11, 40])
+def test_nanmedian_last_equals_bottleneck_bit_for_bit(n):
+    rng = np.random.default_rng(n)
+    cube = rng.normal(100.0, 5.0, (9, 13, n)).astype(np.float32)
+    cube[rng.random(cube.shape) < 0.15] = np.nan
+    cube[0, 0] = np.nan  # a pixel without any value
+    expected = bn.nanmedian(cube, axis=-1)
+    np.testing.assert_array_equal(nanmedian_last(cube.copy()), expected)
+
+
+def test_combine_on_threads_equals_one_thread_and_reads_every_row_once():
+    frames = _frames(11, shape=(57, 20), seed=3, nan_fraction=0.03)
+    frames[4][40, 7] += 5000.0
+    one = combine([ArraySource(f) for f in frames])
+    sources = [CountingSource(f) for f in frames]
+    many = combine(sources, threads=3)
+    np.testing.assert_array_equal(many, one)
+    for src in sources:  # strips of ceil(57 / 6) = 10 rows, each read once
+        assert sorted(src.reads) == [(r0, min(r0 + 10, 57)) for r0 in range(0, 57, 10)]
+
+
+def test_working_memory_holds_concurrent_strips_within_the_budget():
+    memory, peak, lock = WorkingMemory(), [0], threading.Lock()
+
+    def strip() -> None:
+        with memory.reserve(40, budget=100):
+            with lock:
+                peak[0] = max(peak[0], memory.in_use)
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=strip) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert peak[0] == 80  # two strips of 40 fit in 100, a third never joined them
+    assert memory.in_use == 0
+    with memory.reserve(500, budget=100):  # one strip larger than the budget still runs
+        assert memory.in_use == 500

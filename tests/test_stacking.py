@@ -11,7 +11,7 @@ import pytest
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
-from conftest import master_flags, run_cli
+from conftest import master_flags, run_cli, sha256_tree
 
 from imgproc.align import Registrar
 from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
@@ -103,6 +103,17 @@ def test_aligned_stack_is_sharper_than_unaligned(night, tmp_path: Path) -> None:
         assert peak_aligned > 1.3 * peak_plain  # dithers of up to 2 px smear the unaligned stack
         history = " ".join(str(card) for card in fits.getheader(a)["HISTORY"])
         assert history.count("dx=") == 4
+
+
+def test_aligned_stacks_are_the_same_bytes_on_one_core_and_on_threads(night, tmp_path: Path) -> None:
+    one, four = tmp_path / "one", tmp_path / "four"
+    args = (*master_flags(night), "-s", "-S", "1", "-a")
+    assert run_cli(night.root / "lights", one, *args, "-c", "1") == EXIT_OK
+    assert run_cli(night.root / "lights", four, *args, "-c", "4") == EXIT_OK
+    # 4 cores over the 2 publish batches (one stack per filter): 2 threads each
+    log = "".join(p.read_text() for p in (four / ".snakemake" / "log").glob("*.log"))
+    assert "rule publish_batch:" in log and "threads: 2" in log
+    assert sha256_tree(four) == sha256_tree(one) and len(sha256_tree(one)) == 2
 
 
 def test_meridian_flip_is_rotated_before_registration(tmp_path: Path) -> None:

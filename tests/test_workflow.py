@@ -69,6 +69,9 @@ def test_cli_calibrates_every_light_with_matched_masters(night, tmp_path: Path) 
         np.testing.assert_allclose(data, expected_calibration(light, night), rtol=2e-6, atol=2e-3)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and summary["outputs"] == len(night.lights) and summary["skipped"] == []
+    # the jobs ran in the Snakemake process: no `script:` job wrote its script for a new interpreter
+    assert not (out / ".snakemake" / "scripts").exists()
+    assert {p.name for p in (out / "logs").iterdir()} >= {"calibrate", "publish", "scan_headers.log"}
 
 
 def test_output_name_uses_mid_exposure_jd(night, tmp_path: Path) -> None:
@@ -221,6 +224,9 @@ def test_plain_snakemake_repeats_the_run_from_the_written_config(night, tmp_path
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert sha256_tree(again) == sha256_tree(out)
+    # plain snakemake loads profiles/default too: its jobs also ran in-process
+    assert "workflow specific profile" in result.stdout + result.stderr
+    assert not (again / ".snakemake" / "scripts").exists()
 
 
 def test_invalid_config_value_names_the_key(night, tmp_path: Path) -> None:
