@@ -302,7 +302,6 @@ def imgproc_breakdown(result: dict[str, Any], out: Path, cores: int) -> dict[str
 
     work = out / "work"
     stages = {
-        "snakemake log opened": ended(sorted((out / ".snakemake" / "log").glob("*.log"))[:1]),
         "scan": ended([work / "manifest.tsv"]),
         "plan": ended([work / "plan.tsv"]),
         "masters": ended(list((out / "masters").glob("*.fits"))),

@@ -66,7 +66,9 @@ def calibrate_image(
         np.subtract(out, dark, out=out)
     if flat is not None:
         np.divide(out, flat, out=out)
-    np.copyto(out, np.float32(np.nan), where=np.isinf(out))  # inf pixels are bad pixels: NaN
+    infinite = np.isinf(out)
+    if infinite.any():  # inf pixels are bad pixels: NaN
+        out[infinite] = np.nan
     return out
 
 

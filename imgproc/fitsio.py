@@ -224,7 +224,8 @@ def write_atomic(path: Path, data: np.ndarray, header: fits.Header) -> None:
     computed here with whole-array sums (astropy's block loop costs several times the rest of
     a calibration) and carry a fixed comment: no wall-clock time goes into the file.
     """
-    pixels = np.ascontiguousarray(data, dtype=">f4")
+    native = np.ascontiguousarray(data, dtype=np.float32)
+    pixels = native.astype(">f4")
     hdu = fits.PrimaryHDU(data=pixels, header=header)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AstropyWarning)
@@ -233,7 +234,9 @@ def write_atomic(path: Path, data: np.ndarray, header: fits.Header) -> None:
     for key in ("CHECKSUM", "DATASUM"):
         head.remove(key, ignore_missing=True, remove_all=True)
     padding = bytes(-pixels.nbytes % 2880)  # zeros: they add nothing to the sum
-    datasum = ones_complement_sum(pixels.reshape(-1).view(">u4"))
+    # a word of the file, read big-endian, is the native uint32 of the same float32 pixel: the
+    # sum runs on the native array, without byte swapping
+    datasum = ones_complement_sum(native.reshape(-1).view(np.uint32))
     head["CHECKSUM"] = ("0" * 16, "imgproc")
     head["DATASUM"] = (str(datasum), "imgproc")
     head["CHECKSUM"] = (encode_checksum(~ones_complement_sum(head.tostring().encode("ascii"), datasum)

@@ -26,7 +26,7 @@ COLUMNS = (
 )  # fmt: skip
 _FLOAT = frozenset({"exptime", "gain", "offset", "set_temp", "dark_scale"})
 _INT = frozenset({"size", "mtime_ns", "hdu", "ny", "nx", "xbinning", "ybinning", "n_group", "n_frames"})
-_BOOL = frozenset({"is_master"})
+_BOOL = frozenset({"is_master", "thumb"})
 
 #: Status values: ``ok`` (used), ``listed`` (left out on purpose), ``skipped`` (bad input).
 OK, LISTED, SKIPPED = "ok", "listed", "skipped"

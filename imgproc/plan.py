@@ -24,8 +24,11 @@ from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 #: Plan columns, in order.
 COLUMNS = (
     "frame_id", "path", "hdu", "status", "reason", "sequence", "reference", "output", "n_group",
-    "mid", "bias", "dark", "flat", "cal_batch", "pub_batch", "pub_kind", "pierside", "ny", "nx",
+    "mid", "bias", "dark", "flat", "cal_batch", "pub_batch", "pub_kind", "thumb", "pierside", "ny", "nx",
 )  # fmt: skip
+#: Lone calibrated frames with a thumbnail in the report: at most this many, evenly spread over
+#: the night (every stack and aligned frame has one).
+REPORT_FRAMES = 48
 WORK = Path("work")
 
 
@@ -133,6 +136,7 @@ def make_plan(
         plan.append(entry)
     _group(plan, settings)
     _assign_batches(plan, settings)
+    _mark_thumbnails(plan)
     for entry in plan:
         entry.pop("_row")
         entry["mid"] = entry["mid"].isoformat(timespec="microseconds")
@@ -188,6 +192,18 @@ def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
     pub |= {name: first + index // settings.max_batch for index, name in enumerate(links)}
     for entry in ok:
         entry["pub_batch"] = f"p{pub[entry['output']]:04d}"
+
+
+def _mark_thumbnails(plan: list[dict[str, Any]]) -> None:
+    """``thumb``: whether the output gets a thumbnail (and star statistics) in the report. A
+    night may have thousands of lone frames; every k-th of them, in time order, is enough to
+    see it, and the rest cost neither the thumbnail's time nor the report's size."""
+    ok = sorted((e for e in plan if e["status"] == OK), key=lambda e: (e["mid"], e["path"]))
+    links = [e for e in ok if e["pub_kind"] == "link"]
+    step = max(1, math.ceil(len(links) / REPORT_FRAMES))
+    sampled = {id(entry) for entry in links[::step]}
+    for entry in ok:
+        entry["thumb"] = entry["pub_kind"] != "link" or id(entry) in sampled
 
 
 def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:

@@ -310,7 +310,8 @@ def publish_group(
         link_atomic(members[0].path, target)
     else:
         publish_single_aligned(members[0], single_shift, target, settings.order)
-    cached_thumbnail(target, workdir / "thumbs")  # here, in parallel jobs, not in the report
+    if any(entry.get("thumb") for entry in entries):  # here, in parallel jobs, not in the report
+        cached_thumbnail(target, workdir / "thumbs")
     records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}
     item = {"status": "written", "ncombine": len(members), "excluded": excluded, "shifts": records}
     write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})

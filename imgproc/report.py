@@ -34,7 +34,7 @@ from astropy.utils.exceptions import AstropyWarning
 from imgproc import __version__
 from imgproc.binning import block_sum
 from imgproc.manifest import OK, read_tsv
-from imgproc.stamps import read_json, write_json
+from imgproc.stamps import read_json, receipt_items, write_json
 
 #: Longest side of a thumbnail, in pixels.
 THUMB_MAX = 256
@@ -397,16 +397,6 @@ def svg_plot(
 # --- gathering the run's facts ----------------------------------------------------------------
 
 
-def _receipt_items(receipts: Iterable[Path]) -> tuple[dict[str, dict], dict[str, dict]]:
-    calibrated: dict[str, dict] = {}
-    published: dict[str, dict] = {}
-    for path in receipts:
-        receipt = read_json(path) or {}
-        target = published if receipt.get("kind") == "publish" else calibrated
-        target.update(receipt.get("items", {}))
-    return calibrated, published
-
-
 def frame_rows(
     plan: Sequence[Mapping[str, Any]],
     manifest: Mapping[str, Mapping[str, Any]],
@@ -515,6 +505,18 @@ def _parse_time(text: str) -> datetime | None:
         return datetime.fromisoformat(text)
     except (TypeError, ValueError):
         return None
+
+
+def _sampling_note(plan: Sequence[Mapping[str, Any]], outputs: Sequence[str]) -> str:
+    """What the gallery leaves out: most lone frames of a long night (see plan.REPORT_FRAMES)."""
+    lone = {row["output"] for row in plan if row.get("pub_kind") == "link"} & set(outputs)
+    shown = {row["output"] for row in plan if row.get("pub_kind") == "link" and row.get("thumb")}
+    if not lone or len(shown & lone) == len(lone):
+        return ""
+    return (
+        f'<p class="muted">Thumbnails of {len(shown & lone)} of the {len(lone)} calibrated single frames, '
+        "evenly spread over the night; the table below lists every light.</p>"
+    )
 
 
 def _thumbnails_html(outdir: Path, names: Sequence[str], published: Mapping[str, Mapping[str, Any]]) -> str:
@@ -721,12 +723,15 @@ def build_report(
     plan = read_tsv(work / "plan.tsv") if (work / "plan.tsv").exists() else []
     if receipts is None:
         receipts = sorted(work.glob("calibrated/*.json")) + sorted(work.glob("published/*.json"))
-    calibrated, published = _receipt_items(Path(p) if Path(p).is_absolute() else outdir / p for p in receipts)
+    paths = (Path(p) if Path(p).is_absolute() else outdir / p for p in receipts)
+    calibrated, published = receipt_items(read_json(path) or {} for path in paths)
     manifest = {str(row["path"]): row for row in manifest_rows}
     rows = frame_rows(plan, manifest, calibrated, published)
     outputs = summary.get("output_files")
     if outputs is None:
         outputs = sorted(n for n, i in published.items() if i.get("status") != "skipped")
+    # outputs the plan gave a thumbnail (an older plan without the column: all of them)
+    shown = {row["output"] for row in plan if row.get("thumb") is not False}
     complete = summary.get("complete")
     verdict = (
         '<span class="ok">complete: every light was processed</span>'
@@ -751,7 +756,8 @@ def build_report(
         f"<h1>imgproc report: {_e(outdir.resolve().name)}</h1>",
         f"<p>{facts} {verdict}</p>",
         f'<h2 id="outputs">Outputs ({len(outputs)})</h2>',
-        _thumbnails_html(outdir, outputs, published),
+        _sampling_note(plan, outputs),
+        _thumbnails_html(outdir, [name for name in outputs if name in shown], published),
         f'<h2 id="lights">Lights ({len(rows)})</h2>',
         '<p class="muted">Sky and noise: median and 1.4826&times;MAD of the calibrated frame; dx, dy: '
         "shift (px) applied to reach the sequence's reference; quality: normalised correlation peak.</p>",

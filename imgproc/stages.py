@@ -31,7 +31,7 @@ from imgproc.plan import PlanSettings, intermediate, make_plan
 from imgproc.progress import Progress
 from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail, robust_background
 from imgproc.scan import ScanRequest, scan
-from imgproc.stamps import digest, file_id, read_json, write_json
+from imgproc.stamps import digest, file_id, read_json, receipt_items, write_json
 
 log = logging.getLogger("imgproc")
 
@@ -117,9 +117,9 @@ def calibration_stamp(entry: Mapping[str, Any], observer: str, binning: int) -> 
 
 
 def frame_statistics(data: np.ndarray) -> dict[str, float]:
-    """Sky level (median) and noise (1.4826 × MAD) of a calibrated frame, from about 65,000
-    pixels on a regular grid (every 8th row and column of a 2048² frame)."""
-    step = max(1, math.isqrt(data.size // 65536))
+    """Sky level (median) and noise (1.4826 × MAD) of a calibrated frame, from about 16,000
+    pixels on a regular grid (every 16th row and column of a 2048² frame)."""
+    step = max(1, math.isqrt(data.size // 16384))
     sky, noise = robust_background(data[::step, ::step])
     return {"sky": round(sky, 4), "noise": round(noise, 4)}
 
@@ -145,7 +145,7 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
         observer=observer, mid=datetime.fromisoformat(entry["mid"]), binning=binning,
     )  # fmt: skip
     write_atomic(target, data, header)
-    if entry.get("pub_kind") == "link":  # the output will be this very file: its thumbnail now
+    if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
     stats = frame_statistics(data)
     write_json(stamp_path, {"stamp": stamp, "source": entry["path"], "stats": stats})
@@ -180,10 +180,7 @@ def summarise(
     masters: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Counts and reasons of a run: what was written, stacked, listed and skipped."""
-    calibrated: dict[str, dict] = {}
-    outputs: dict[str, dict] = {}
-    for receipt in receipts:
-        (outputs if receipt.get("kind") == "publish" else calibrated).update(receipt.get("items", {}))
+    calibrated, outputs = receipt_items(receipts)
     skipped = [
         {"file": row["path"], "reason": row["reason"]}
         for row in manifest

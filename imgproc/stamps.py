@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +39,12 @@ def file_id(path: str | Path) -> list:
 def digest(data: Any) -> str:
     """A stable digest of JSON-serialisable data."""
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def receipt_items(receipts: Iterable[Mapping[str, Any]]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The items of batch receipts, split into (calibrated frames, published outputs)."""
+    calibrated: dict[str, dict] = {}
+    published: dict[str, dict] = {}
+    for receipt in receipts:
+        (published if receipt.get("kind") == "publish" else calibrated).update(receipt.get("items", {}))
+    return calibrated, published

@@ -285,3 +285,16 @@ def test_publish_threads_spread_the_cores_over_the_publish_batches(cores, batche
     rows = [{"pub_batch": f"p{i % batches:04d}"} for i in range(3 * batches)]
     inputs.plan = lambda: rows  # type: ignore[method-assign]
     assert inputs.publish_threads(cores)(None) == threads
+
+
+def test_thumbnails_of_lone_frames_are_an_even_sample_and_stacks_always_have_one(rows, monkeypatch):
+    import imgproc.plan
+
+    plan = make_plan(rows, PlanSettings())  # 8 lone frames: all shown under the default limit
+    assert all(entry["thumb"] for entry in plan)
+    monkeypatch.setattr(imgproc.plan, "REPORT_FRAMES", 3)
+    plan = make_plan(rows, PlanSettings())
+    ordered = sorted(plan, key=lambda e: e["mid"])
+    assert [e["thumb"] for e in ordered] == [True, False, False] * 2 + [True, False]  # every 3rd
+    stacked = make_plan(rows, PlanSettings(stack=True, stack_threshold=2))
+    assert all(entry["thumb"] for entry in stacked)

@@ -198,3 +198,15 @@ def test_report_renders_in_headless_chromium(run: dict, tmp_path: Path) -> None:
     )  # fmt: skip
     header = shot.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (1280, 2000)
+
+
+def test_sampling_note_counts_the_lone_frames_shown() -> None:
+    from imgproc.report import _sampling_note
+
+    plan = [{"output": f"f{i}.fits", "pub_kind": "link", "thumb": i % 3 == 0} for i in range(9)] + [
+        {"output": "stack.fits", "pub_kind": "stack", "thumb": True}
+    ]
+    outputs = [row["output"] for row in plan]
+    assert "Thumbnails of 3 of the 9 calibrated single frames" in _sampling_note(plan, outputs)
+    every = [dict(row, thumb=True) for row in plan]
+    assert _sampling_note(every, outputs) == ""
