@@ -34,7 +34,7 @@ METHODS = ("imgproc", "reference", "ccdproc")
 MODES = {"calibrate": [], "stack": ["-s", "-S", "20", "-a"]}
 STACK_THRESHOLD = 20
 STACK_BUDGET_MIB = 2048  # config.yaml stacking.memory_budget_mb
-# What Snakemake sets for a 1-thread job; the baselines' pool workers get the same, so BLAS
+# What the imgproc command sets for Snakemake; the baselines' pool workers get the same, so BLAS
 # (used by the registration) sums in the same order and the outputs compare bit for bit.
 ONE_THREAD = {
     key: "1"
