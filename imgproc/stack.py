@@ -28,6 +28,7 @@ __all__ = [
     "FrameSource",
     "WorkingMemory",
     "combine",
+    "nanmedian_last",
     "strip_rows",
 ]
 

@@ -178,6 +178,25 @@ def test_slurm_run_submits_jobs_and_matches_local_bytes(
     assert sha256_tree(out) == local_digests
 
 
+def test_plain_snakemake_with_the_profile_and_no_cores_runs_on_slurm(
+    slurm_night: Night, local_digests: dict[str, str], tmp_path: Path, logs: list[Path]
+) -> None:
+    """README's `snakemake --profile profiles/slurm --configfile OUT/imgproc.yaml`, without
+    --cores (the profile gives them); the Snakefile named, so nothing is written in the checkout."""
+    out = tmp_path / "out"
+    logs.append(tmp_path / "plan.log")
+    status, output = run([*imgproc_command(slurm_night, out), "--plan"], logs[-1])
+    assert status == EXIT_OK, output[-4000:]
+    logs.append(tmp_path / "plain.log")
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+               "--profile", str(PROFILE), "--configfile", str(out / "imgproc.yaml")]  # fmt: skip
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    logs[-1].write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert slurm_job_ids(proc.stdout + proc.stderr)
+    assert sha256_tree(out) == local_digests
+
+
 def test_killed_slurm_run_converges_to_local_bytes(
     slurm_night: Night, local_digests: dict[str, str], tmp_path: Path, logs: list[Path]
 ) -> None:
