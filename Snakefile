@@ -25,7 +25,6 @@ rule all:
     default_target: True
 
 
-
 onsuccess:
     exit_promptly()
 

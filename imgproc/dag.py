@@ -203,7 +203,7 @@ class WorkflowInputs:
 
         def threads(wildcards: Any) -> int:
             batches = {row["pub_batch"] for row in self.plan()}
-            return max(1, min(cores, cores // max(1, len(batches))))
+            return max(1, cores // max(1, len(batches)))
 
         return threads
 

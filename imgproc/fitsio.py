@@ -87,8 +87,6 @@ def _primary_image_header(path: Path) -> tuple[fits.Header, int] | None:
 
 def read_header(path: Path) -> tuple[fits.Header, int, tuple[int, int]]:
     """Header, HDU index and (ny, nx) shape of the image in ``path``, without reading pixels."""
-    if path.stat().st_size == 0:
-        raise FitsError("file is empty (0 bytes)")
     plain = _primary_image_header(path)
     if plain is not None:
         header, data_start = plain

@@ -200,10 +200,10 @@ def _mark_thumbnails(plan: list[dict[str, Any]]) -> None:
     see it, and the rest cost neither the thumbnail's time nor the report's size."""
     ok = sorted((e for e in plan if e["status"] == OK), key=lambda e: (e["mid"], e["path"]))
     links = [e for e in ok if e["pub_kind"] == "link"]
-    step = max(1, math.ceil(len(links) / REPORT_FRAMES))
-    sampled = {id(entry) for entry in links[::step]}
     for entry in ok:
-        entry["thumb"] = entry["pub_kind"] != "link" or id(entry) in sampled
+        entry["thumb"] = entry["pub_kind"] != "link"
+    for entry in links[:: max(1, math.ceil(len(links) / REPORT_FRAMES))]:
+        entry["thumb"] = True
 
 
 def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:

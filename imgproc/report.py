@@ -507,14 +507,19 @@ def _parse_time(text: str) -> datetime | None:
         return None
 
 
+def _with_thumbnail(plan: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Outputs the plan gave a thumbnail (an older plan without the column: all of them)."""
+    return {row["output"] for row in plan if row.get("thumb") is not False}
+
+
 def _sampling_note(plan: Sequence[Mapping[str, Any]], outputs: Sequence[str]) -> str:
     """What the gallery leaves out: most lone frames of a long night (see plan.REPORT_FRAMES)."""
     lone = {row["output"] for row in plan if row.get("pub_kind") == "link"} & set(outputs)
-    shown = {row["output"] for row in plan if row.get("pub_kind") == "link" and row.get("thumb")}
-    if not lone or len(shown & lone) == len(lone):
+    shown = _with_thumbnail(plan) & lone
+    if not lone or len(shown) == len(lone):
         return ""
     return (
-        f'<p class="muted">Thumbnails of {len(shown & lone)} of the {len(lone)} calibrated single frames, '
+        f'<p class="muted">Thumbnails of {len(shown)} of the {len(lone)} calibrated single frames, '
         "evenly spread over the night; the table below lists every light.</p>"
     )
 
@@ -730,8 +735,7 @@ def build_report(
     outputs = summary.get("output_files")
     if outputs is None:
         outputs = sorted(n for n, i in published.items() if i.get("status") != "skipped")
-    # outputs the plan gave a thumbnail (an older plan without the column: all of them)
-    shown = {row["output"] for row in plan if row.get("thumb") is not False}
+    shown = _with_thumbnail(plan)
     complete = summary.get("complete")
     verdict = (
         '<span class="ok">complete: every light was processed</span>'

@@ -59,8 +59,12 @@ def strip_rows(n_frames: int, shape: tuple[int, int], memory_budget: int) -> int
     if n_frames < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")
     n_rows, n_cols = shape
-    per_row = n_cols * (n_frames * WORKING_BYTES_PER_ELEMENT + PER_PIXEL_BYTES)
-    return int(min(max(1, memory_budget // per_row), max(1, n_rows)))
+    return int(min(max(1, memory_budget // row_bytes(n_frames, n_cols)), max(1, n_rows)))
+
+
+def row_bytes(n_frames: int, n_cols: int) -> int:
+    """Working set (bytes) of one output row of a strip of ``n_frames`` frames."""
+    return n_cols * (n_frames * WORKING_BYTES_PER_ELEMENT + PER_PIXEL_BYTES)
 
 
 class WorkingMemory:
@@ -216,7 +220,7 @@ def combine(
     rows = min(rows, max(1, STRIP_BYTES // (n_cols * len(sources) * 4)))
     if threads > 1:
         rows = min(rows, math.ceil(n_rows / (2 * threads)))
-    strip_bytes = rows * n_cols * (len(sources) * WORKING_BYTES_PER_ELEMENT + PER_PIXEL_BYTES)
+    strip_bytes = rows * row_bytes(len(sources), n_cols)
     out = np.empty(shape, np.float32)
 
     def reduce_strip(r0: int) -> None:
