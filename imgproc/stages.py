@@ -34,6 +34,7 @@ from imgproc.scan import ScanRequest, scan
 from imgproc.stamps import digest, file_id, read_json, receipt_items, write_json
 
 log = logging.getLogger("imgproc")
+_HANDLERS_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -54,16 +55,20 @@ def job_logging(log_file: str | Path | None = None, verbose: bool = False) -> It
         handler.setFormatter(formatter)
         handler.setLevel(logging.DEBUG if verbose else logging.INFO)
         handler.addFilter(lambda record: record.thread == thread)
-        log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
+    # The handler list is replaced, never changed in place: Logger.addHandler/removeHandler
+    # mutate the list that another job's thread may be iterating, which skips a record there.
+    with _HANDLERS_LOCK:
+        log.handlers = [*log.handlers, *handlers]
+        log.setLevel(logging.DEBUG)
     try:
         yield
     except Exception:
         log.exception("the job failed")
         raise
     finally:
+        with _HANDLERS_LOCK:
+            log.handlers = [handler for handler in log.handlers if handler not in handlers]
         for handler in handlers:
-            log.removeHandler(handler)
             handler.close()
 
 
