@@ -11,12 +11,19 @@ non-finite are NaN) and written as a float32 FITS file.
 once per worker.
 
 ``--mode stack`` (like ``imgproc -s -S T -a``): each pool task is one group of ``round(n/T)``
-consecutive lights of a filter (:func:`stack_groups`, the original tool's rule); its lights
-are calibrated in memory (the method's own way), registered on the first light of their
-filter with :class:`imgproc.align.Registrar` (``try_flip=True``; frames it does not accept are
-left out, as imgproc does), resampled with :func:`imgproc.align.apply_shift` and combined with
-:func:`imgproc.stack.combine`, all with imgproc's settings from the repository's config.yaml
-(:func:`stack_settings`). No intermediate files.
+consecutive lights of a filter (:func:`stack_groups`, the original tool's rule), calibrated in
+memory (the method's own way), then:
+
+- reference: registered on the first light of their filter with
+  :class:`imgproc.align.Registrar` (``try_flip=True``; frames it does not accept are left out,
+  as imgproc does), resampled with :func:`imgproc.align.apply_shift` and combined with
+  :func:`imgproc.stack.combine`, all with imgproc's settings from the repository's config.yaml
+  (:func:`stack_settings`): the same algorithms, without a workflow around them;
+- ccdproc: the original script's tools: ``skimage.registration.phase_cross_correlation``
+  (``upsample_factor=20``) against the first light of the filter, ``scipy.ndimage.shift``
+  (cubic, NaN outside the frame, masked) and ``ccdproc.combine`` (median, 3-sigma clipping).
+
+No intermediate files.
 
 Usage: ``python bench/baselines.py {reference,ccdproc} NIGHT_JSON OUT --mode {calibrate,stack}
 --cores N [--threshold 20]``. ``OUT/groups.json`` maps every output file to its lights.
@@ -159,14 +166,7 @@ def task_calibrate(job: tuple[str, str, dict[str, str], str]) -> None:
         calibrate_ccdproc(path, light).write(target, overwrite=True)
 
 
-def calibrated_array(method: str, path: str, light: dict[str, str]) -> tuple[np.ndarray, fits.Header]:
-    if method == "reference":
-        return calibrate_reference(path, light)
-    ccd = calibrate_ccdproc(path, light)
-    return np.asarray(ccd.data, dtype=np.float32), fits.Header(ccd.meta)
-
-
-def registrar(method: str, filt: str) -> Any:
+def registrar(filt: str) -> Any:
     """The Registrar of a filter's reference light, built once per worker."""
     import inspect
 
@@ -174,11 +174,37 @@ def registrar(method: str, filt: str) -> Any:
 
     if filt not in _REGISTRARS:
         ref = _REFERENCES[filt]
-        data, _ = calibrated_array(method, ref["path"], ref)
+        data, _ = calibrate_reference(ref["path"], ref)
         accepted = inspect.signature(Registrar).parameters
         options = {k: v for k, v in stack_settings().items() if k in accepted}
         _REGISTRARS[filt] = Registrar(data, **options)
     return _REGISTRARS[filt]
+
+
+def stack_ccdproc(filt: str, members: list[tuple[str, dict[str, str]]], target: str) -> dict[str, Any]:
+    """One group the original script's way: ccdproc calibration, scikit-image phase correlation
+    (upsampled 20x), cubic scipy shift and ``ccdproc.combine`` (median, 3-sigma clipping)."""
+    import ccdproc
+    from scipy import ndimage
+    from skimage.registration import phase_cross_correlation
+
+    if filt not in _REGISTRARS:
+        ref = _REFERENCES[filt]
+        _REGISTRARS[filt] = np.asarray(calibrate_ccdproc(ref["path"], ref).data)
+    reference = _REGISTRARS[filt]
+    frames = []
+    for path, light in members:
+        ccd = calibrate_ccdproc(path, light)
+        shift, _, _ = phase_cross_correlation(reference, np.asarray(ccd.data), upsample_factor=20)
+        ccd.data = ndimage.shift(np.asarray(ccd.data), shift, order=3, mode="constant", cval=np.nan)
+        ccd.mask = np.isnan(ccd.data)
+        frames.append(ccd)
+    stacked = ccdproc.combine(
+        frames, method="median", sigma_clip=True, sigma_clip_low_thresh=3, sigma_clip_high_thresh=3
+    )
+    stacked.meta["NCOMBINE"] = len(frames)
+    stacked.write(target, overwrite=True)
+    return {"excluded": []}
 
 
 def task_stack(job: tuple[str, str, list[tuple[str, dict[str, str]]], str]) -> dict[str, Any]:
@@ -189,11 +215,13 @@ def task_stack(job: tuple[str, str, list[tuple[str, dict[str, str]]], str]) -> d
     from imgproc.stack import ArraySource, combine
 
     method, filt, members, target = job
-    reg = registrar(method, filt)
+    if method == "ccdproc":
+        return stack_ccdproc(filt, members, target)
+    reg = registrar(filt)
     settings = stack_settings()
     frames, header, excluded = [], None, []
     for path, light in members:
-        data, head = calibrated_array(method, path, light)
+        data, head = calibrate_reference(path, light)
         shift = reg.measure(data, try_flip=True)
         if not reg.accepts(shift):
             excluded.append(light["name"])

@@ -23,8 +23,9 @@ from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 
 #: Plan columns, in order.
 COLUMNS = (
-    "frame_id", "path", "hdu", "status", "reason", "sequence", "reference", "output", "n_group",
-    "mid", "bias", "dark", "flat", "cal_batch", "pub_batch", "pub_kind", "thumb", "pierside", "ny", "nx",
+    "frame_id", "path", "size", "mtime_ns", "hdu", "status", "reason", "sequence", "reference", "output",
+    "n_group", "mid", "bias", "dark", "flat", "cal_batch", "pub_batch", "pub_kind", "thumb", "pierside",
+    "ny", "nx",
 )  # fmt: skip
 #: Lone calibrated frames with a thumbnail in the report: at most this many, evenly spread over
 #: the night (every stack and aligned frame has one).
@@ -121,7 +122,8 @@ def make_plan(
         if row["folder"] != "light" or row["role"] != "light" or row["status"] != OK:
             continue
         entry = {
-            "frame_id": frame_id(row["path"]), "path": row["path"], "hdu": row["hdu"],
+            "frame_id": frame_id(row["path"]), "path": row["path"], "size": row["size"],
+            "mtime_ns": row["mtime_ns"], "hdu": row["hdu"],
             "status": OK, "reason": "", "pierside": row.get("pierside"), "ny": row["ny"], "nx": row["nx"],
             "sequence": sequence_key(row),
             "mid": mid_exposure(datetime.fromisoformat(row["date_obs"]), row["exptime"]),

