@@ -43,7 +43,7 @@ class PlanSettings:
     align: bool = False
     reference: str = "first"  # first | middle
     roles: Sequence[str] | None = None  # master folders given (None: those seen in the manifest)
-    batches: int = 8  # target number of calibrate/publish batches
+    batches: int = 16  # target number of calibrate/publish batches
     min_batch: int = 8  # fewest frames (or outputs) in one batch, so job start-up stays small
     max_batch: int = 100  # most frames (or outputs) in one batch
     criteria: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_CRITERIA))
