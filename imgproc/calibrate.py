@@ -18,7 +18,7 @@ from astropy.io import fits
 
 from imgproc import __version__
 from imgproc.binning import bin_header, bin_image
-from imgproc.fitsio import FitsError, read_image
+from imgproc.fitsio import FitsError, ImageWriter, read_image, read_image_blocks
 
 ROLES = ("bias", "dark", "flat")
 _CAL_CARDS = {"bias": "BIASCAL", "dark": "DARKCAL", "flat": "FLATCAL"}
@@ -135,15 +135,39 @@ def calibrate_frame(
     hdu: int,
     masters: Mapping[str, str | None],
     cache: MasterCache,
+    target: Path,
     *,
     observer: str,
     mid: datetime,
     binning: int,
 ) -> tuple[np.ndarray, fits.Header]:
-    """Read, calibrate and bin one light; returns float32 pixels and the output header."""
-    raw, header = read_image(light_path, hdu)
+    """Read, calibrate and bin one light into the float32 FITS file ``target``; returns its
+    pixels and header.
+
+    The frame streams through in blocks of rows (a multiple of ``binning``) that stay in the
+    CPU cache from the read through calibration and binning to the write, instead of a
+    dozen passes over the whole frame. The pixels are the same as :func:`calibrate_image`
+    and :func:`bin_image` of the whole frame give.
+    """
+    header, image, blocks = read_image_blocks(light_path, hdu, multiple=binning)
     frames = {role: cache.get(role, path) for role, path in masters.items() if path is not None}
-    data = calibrate_image(raw, frames.get("bias"), frames.get("dark"), frames.get("flat"), in_place=True)
-    return bin_image(data, binning), calibrated_header(
-        header, masters, observer=observer, mid=mid, binning=binning
-    )
+    for role, master in frames.items():
+        if master.shape != image.shape:
+            raise ValueError(f"{role} shape {master.shape} differs from the light's {image.shape}")
+    out_header = calibrated_header(header, masters, observer=observer, mid=mid, binning=binning)
+    ny, nx = image.shape
+    if binning > 1 and (ny < binning or nx < binning):
+        raise ValueError(f"a {image.shape} image cannot be binned {binning}x{binning}")
+    binned = image if binning == 1 else np.empty((ny // binning, nx // binning), np.float32)
+    with ImageWriter(target, out_header, binned.shape) as out:
+        for rows in blocks:
+            masters_rows = [frames[role][rows] if role in frames else None for role in ROLES]
+            part = calibrate_image(image[rows], *masters_rows, in_place=True)
+            if binning > 1:
+                if len(part) < binning:  # the remainder rows binning drops
+                    continue
+                part = bin_image(part, binning)
+                first = rows.start // binning
+                binned[first : first + len(part)] = part
+            out.write(part)
+    return binned, out_header

@@ -128,12 +128,31 @@ def _strip_compression(header: fits.Header) -> fits.Header:
 _DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", -32: ">f4", -64: ">f8"}
 
 
-def read_image(path: Path, hdu: int | None = None) -> tuple[np.ndarray, fits.Header]:
-    """Pixels as float32 (BZERO/BSCALE applied) and the header of the image in ``path``.
+#: Rows per block when a frame is streamed: about 1 MB of float32, so a block stays in the CPU
+#: cache from reading through calibration to writing.
+BLOCK_BYTES = 1 << 20
 
+
+def read_image(path: Path, hdu: int | None = None) -> tuple[np.ndarray, fits.Header]:
+    """Pixels as float32 (BZERO/BSCALE applied) and the header of the image in ``path``."""
+    header, image, blocks = read_image_blocks(path, hdu)
+    for _ in blocks:
+        pass
+    return image, header
+
+
+def read_image_blocks(
+    path: Path, hdu: int | None = None, multiple: int = 1
+) -> tuple[fits.Header, np.ndarray, Iterator[slice]]:
+    """Header, float32 pixel array and an iterator over row slices of the image in ``path``.
+
+    The array is filled as the iterator goes: once a slice is yielded, those rows are read
+    (BZERO/BSCALE applied), so a caller can work on each block while it is in the CPU cache.
+    Blocks are about :data:`BLOCK_BYTES` of float32, a multiple of ``multiple`` rows (binning).
     Plain uncompressed images (the usual camera file: BITPIX 16 with BZERO 32768) are read
-    straight into numpy, three times faster than through astropy's scaling; compressed,
-    gzipped, BSCALEd or BLANK-flagged images go through astropy.
+    straight into numpy block by block, three times faster than through astropy's scaling;
+    compressed, gzipped, BSCALEd or BLANK-flagged images go through astropy whole, before the
+    first slice.
     """
     with open_fits(path) as hdul:
         index = find_image(hdul) if hdu is None else hdu
@@ -143,25 +162,42 @@ def read_image(path: Path, hdu: int | None = None) -> tuple[np.ndarray, fits.Hea
             data = None if plain else hdul[index].data
         except (OSError, ValueError, TypeError, IndexError) as exc:
             raise FitsError(f"cannot read the pixels ({exc})") from exc
-        expected = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+        shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+        fit = BLOCK_BYTES // (4 * max(1, shape[1]))
+        step = max(multiple, fit // multiple * multiple)
         if plain:
-            offset, dtype, zero = plain
-            count = expected[0] * expected[1]
-            raw = np.fromfile(path, dtype=dtype, count=count, offset=offset)
-            if raw.size != count:
-                raise FitsError(f"truncated: {raw.size} of {count} pixels present")
-            image = raw.reshape(expected).astype(np.float32)
-            if zero:
-                image += np.float32(zero)
-            return image, header
+            image = np.empty(shape, np.float32)
+            return header, image, _plain_blocks(path, plain, image, step)
         if data is None or data.ndim != 2:
             raise FitsError("no 2-D pixel data")
-        if data.shape != expected:
-            raise FitsError(f"truncated: data shape {data.shape} but header says {expected}")
+        if data.shape != shape:
+            raise FitsError(f"truncated: data shape {data.shape} but header says {shape}")
         image = np.asarray(data, dtype=np.float32)
         if isinstance(hdul[index], fits.CompImageHDU):
             header = _strip_compression(header)
-    return image, header
+    blocks = (slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step))
+    return header, image, blocks
+
+
+def _plain_blocks(
+    path: Path, layout: tuple[int, str, float], image: np.ndarray, step: int
+) -> Iterator[slice]:
+    """Read ``image`` from a plain file block by block, yielding each block's rows."""
+    offset, dtype, zero = layout
+    ny, nx = image.shape
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        for start in range(0, ny, step):
+            block = slice(start, min(start + step, ny))
+            count = (block.stop - start) * nx
+            raw = np.fromfile(handle, dtype=dtype, count=count)
+            if raw.size != count:
+                raise FitsError(f"truncated: {start * nx + raw.size} of {ny * nx} pixels present")
+            part = image[block]
+            np.copyto(part, raw.reshape(-1, nx), casting="unsafe")
+            if zero:
+                part += np.float32(zero)
+            yield block
 
 
 def _plain_layout(hdul: fits.HDUList, index: int, path: Path) -> tuple[int, str, float] | None:
@@ -214,54 +250,90 @@ def encode_checksum(value: int) -> str:
     return bytes(chars[-1:] + chars[:-1]).decode("ascii")
 
 
-#: Rows converted to big-endian and summed per write: about 1 MB, so it stays in the CPU cache.
-_WRITE_CHUNK_BYTES = 1 << 20
+class ImageWriter:
+    """A float32 primary-HDU FITS file with CHECKSUM/DATASUM, written row block by row block
+    and atomically: ``with ImageWriter(path, header, shape) as out: out.write(rows) ...``.
+
+    The file is written to a temporary name in the same folder and renamed over ``path`` when
+    every row is in, so a crash or an error leaves at worst a ``.tmp`` file, never a
+    half-written result. Each block is byte-swapped and added to the data sum on its way out;
+    the header goes first with placeholder checksums and is rewritten in place (same cards,
+    same length) at the end. The checksums carry a fixed comment: no wall-clock time goes
+    into the file.
+    """
+
+    def __init__(self, path: Path, header: fits.Header, shape: tuple[int, int]) -> None:
+        self.path, self.shape = path, shape
+        # a zero-strided stand-in: astropy sets BITPIX and NAXISn from it without pixels
+        hdu = fits.PrimaryHDU(data=np.broadcast_to(np.float32(0), shape), header=header)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            hdu.verify("silentfix")
+        self.header = hdu.header
+        for key in ("CHECKSUM", "DATASUM"):
+            self.header.remove(key, ignore_missing=True, remove_all=True)
+        self.header["CHECKSUM"] = ("0" * 16, "imgproc")
+        self.header["DATASUM"] = ("0", "imgproc")
+        self._rows = self._sum = 0
+
+    def __enter__(self) -> ImageWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._handle = os.fdopen(fd, "wb", buffering=0)
+        try:
+            self._handle.write(self.header.tostring().encode("ascii"))
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def write(self, rows: np.ndarray) -> None:
+        """Append the next rows (float32 or convertible, ``shape[1]`` columns)."""
+        native = np.ascontiguousarray(rows, dtype=np.float32)
+        if native.ndim != 2 or native.shape[1] != self.shape[1] or self._rows + len(native) > self.shape[0]:
+            raise ValueError(f"rows of shape {native.shape} do not continue a {self.shape} image")
+        flat = native.reshape(-1)
+        step = BLOCK_BYTES // 4
+        for start in range(0, flat.size, step):
+            chunk = flat[start : start + step]
+            # a word of the file, read big-endian, is the native uint32 of the same pixel
+            self._sum = ones_complement_sum(chunk.view(np.uint32), self._sum)
+            self._handle.write(chunk.astype(">f4"))
+        self._rows += len(native)
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            self._finish()
+        except BaseException:
+            self._discard()
+            raise
+
+    def _finish(self) -> None:
+        if self._rows != self.shape[0]:
+            raise ValueError(f"{self._rows} of {self.shape[0]} rows written to {self.path.name}")
+        self._handle.write(bytes(-self._rows * self.shape[1] * 4 % 2880))  # zeros: add nothing
+        self.header["DATASUM"] = (str(self._sum), "imgproc")
+        head = ones_complement_sum(self.header.tostring().encode("ascii"), self._sum)
+        self.header["CHECKSUM"] = (encode_checksum(~head & 0xFFFFFFFF), "imgproc")
+        self._handle.seek(0)
+        self._handle.write(self.header.tostring().encode("ascii"))
+        self._handle.close()
+        os.replace(self._tmp, self.path)
+
+    def _discard(self) -> None:
+        self._handle.close()
+        Path(self._tmp).unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, data: np.ndarray, header: fits.Header) -> None:
-    """Write float32 pixels as a primary-HDU FITS file with CHECKSUM/DATASUM, atomically.
-
-    The file is written to a temporary name in the same folder and renamed over ``path``, so a
-    crash leaves at worst a ``.tmp`` file, never a half-written result.  The pixels go out in
-    cache-sized chunks, each byte-swapped and added to the data sum on its way; the header is
-    written first with placeholder checksums and rewritten in place (same length) at the end.
-    The checksums carry a fixed comment: no wall-clock time goes into the file.
-    """
+    """Write float32 pixels as a primary-HDU FITS file with CHECKSUM/DATASUM, atomically
+    (see :class:`ImageWriter`)."""
     native = np.ascontiguousarray(data, dtype=np.float32)
-    hdu = fits.PrimaryHDU(data=native, header=header)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AstropyWarning)
-        hdu.verify("silentfix")
-    head = hdu.header
-    for key in ("CHECKSUM", "DATASUM"):
-        head.remove(key, ignore_missing=True, remove_all=True)
-    head["CHECKSUM"] = ("0" * 16, "imgproc")
-    head["DATASUM"] = ("0", "imgproc")
-    placeholder = head.tostring().encode("ascii")
-    flat = native.reshape(-1)
-    step = max(1, _WRITE_CHUNK_BYTES // 4)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as handle:
-            handle.write(placeholder)
-            datasum = 0
-            for start in range(0, flat.size, step):
-                chunk = flat[start : start + step]
-                # a word of the file, read big-endian, is the native uint32 of the same pixel:
-                # the sum runs on the native chunk
-                datasum = ones_complement_sum(chunk.view(np.uint32), datasum)
-                handle.write(chunk.astype(">f4"))
-            handle.write(bytes(-flat.nbytes % 2880))  # zeros: they add nothing to the sum
-            head["DATASUM"] = (str(datasum), "imgproc")
-            head["CHECKSUM"] = (encode_checksum(~ones_complement_sum(head.tostring().encode("ascii"), datasum)
-                                                & 0xFFFFFFFF), "imgproc")  # fmt: skip
-            handle.seek(0)  # same cards, same length: the header is overwritten in place
-            handle.write(head.tostring().encode("ascii"))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with ImageWriter(path, header, native.shape) as out:
+        out.write(native)
 
 
 def link_atomic(source: Path, target: Path) -> None:

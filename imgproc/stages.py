@@ -146,10 +146,9 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     if previous.get("stamp") == stamp and target.exists():
         return {"status": "reused", "stamp": stamp, **previous.get("stats", {})}
     data, header = calibrate_frame(
-        Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache,
+        Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target,
         observer=observer, mid=datetime.fromisoformat(entry["mid"]), binning=binning,
     )  # fmt: skip
-    write_atomic(target, data, header)
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
     stats = frame_statistics(data)

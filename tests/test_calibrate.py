@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from imgproc.calibrate import MasterCache, calibrate_image, calibrated_header, normalise_flat
+from imgproc.binning import bin_image
+from imgproc.calibrate import MasterCache, calibrate_frame, calibrate_image, calibrated_header, normalise_flat
+from imgproc.fitsio import FitsError
 
 SHAPE = (6, 7)
 
@@ -271,3 +273,47 @@ def test_calibrate_image_in_place_reuses_a_float32_light_only():
     np.testing.assert_array_equal(out, expected)
     integers = f["light"].astype(np.int32)
     assert calibrate_image(integers, in_place=True) is not integers  # another dtype: a new array
+
+
+@pytest.mark.parametrize(
+    ("shape", "binning"), [((2049, 1001), 2), ((300, 257), 3), ((129, 64), 1), ((513, 700), 4), ((5, 9), 5)]
+)
+def test_calibrate_frame_streams_the_same_pixels_as_whole_frame_calibration(tmp_path, shape, binning):
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 60000, shape).astype(np.uint16)
+    light = fits.PrimaryHDU(data=(raw.astype(np.int32) - 32768).astype(np.int16))
+    light.header["BZERO"] = 32768
+    light.writeto(tmp_path / "light.fits")
+    bias = rng.normal(100.0, 5.0, shape).astype(np.float32)
+    dark = rng.normal(10.0, 2.0, shape).astype(np.float32)
+    flat = rng.normal(1.0, 0.05, shape).astype(np.float32)
+    flat[min(3, shape[0] - 1), 2] = 0.0  # a dead flat pixel: NaN in the light
+    masters = {}
+    for role, data in (("bias", bias), ("dark", dark), ("flat", flat)):
+        masters[role] = str(tmp_path / f"{role}.fits")
+        fits.writeto(masters[role], data)
+    target = tmp_path / "out" / "calibrated.fits"
+    data, header = calibrate_frame(
+        tmp_path / "light.fits", 0, masters, MasterCache(), target,
+        observer="ABC", mid=datetime(2025, 5, 1, 21), binning=binning,
+    )  # fmt: skip
+    expected = bin_image(calibrate_image(raw.astype(np.float32), bias, dark, normalise_flat(flat)), binning)
+    assert np.array_equal(data, expected, equal_nan=True)
+    with fits.open(target, checksum=True) as hdul:
+        assert hdul[0].verify_checksum() == 1 and hdul[0].verify_datasum() == 1
+        assert np.array_equal(hdul[0].data, expected, equal_nan=True)
+        assert hdul[0].header.get("XBINNING", 1) == binning and hdul[0].header["OBSERVER"] == "ABC"
+    assert header["FLATCAL"] is True
+    assert [p.name for p in target.parent.iterdir()] == ["calibrated.fits"]
+
+
+def test_calibrate_frame_of_a_truncated_light_leaves_no_file(tmp_path):
+    rng = np.random.default_rng(3)
+    fits.writeto(tmp_path / "light.fits", rng.integers(0, 1000, (512, 512)).astype(np.int16))
+    content = (tmp_path / "light.fits").read_bytes()
+    (tmp_path / "light.fits").write_bytes(content[: len(content) // 2])  # cut mid-pixels
+    out = tmp_path / "out"
+    with pytest.raises(FitsError, match="truncated"):
+        calibrate_frame(tmp_path / "light.fits", 0, {}, MasterCache(), out / "calibrated.fits",
+                        observer="ABC", mid=datetime(2025, 5, 1), binning=1)  # fmt: skip
+    assert list(out.iterdir()) == []

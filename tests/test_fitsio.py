@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from imgproc.fitsio import encode_checksum, ones_complement_sum, read_image, write_atomic
+from imgproc.fitsio import ImageWriter, encode_checksum, ones_complement_sum, read_image, write_atomic
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 13), (64, 64), (100, 37)])
@@ -77,3 +77,24 @@ def test_read_image_matches_astropy_for_every_layout(tmp_path: Path, dtype, card
         expected = np.asarray(hdul[0].data, dtype=np.float32)
     assert image.dtype == np.float32 and header["NAXIS1"] == 11
     np.testing.assert_array_equal(image, expected)
+
+
+def test_image_writer_in_blocks_equals_write_atomic_and_leaves_nothing_when_short(tmp_path: Path) -> None:
+    data = np.random.default_rng(5).normal(0.0, 1.0, (300, 70)).astype(np.float32)
+    header = fits.Header({"OBJECT": "x"})
+    write_atomic(tmp_path / "whole.fits", data, header)
+    with ImageWriter(tmp_path / "blocks.fits", header, data.shape) as out:
+        for start in range(0, 300, 37):
+            out.write(data[start : start + 37])
+    assert (tmp_path / "blocks.fits").read_bytes() == (tmp_path / "whole.fits").read_bytes()
+    with (
+        pytest.raises(ValueError, match="299 of 300 rows"),
+        ImageWriter(tmp_path / "short.fits", header, data.shape) as out,
+    ):
+        out.write(data[:299])
+    with (
+        pytest.raises(ValueError, match="do not continue"),
+        ImageWriter(tmp_path / "wide.fits", header, data.shape) as out,
+    ):
+        out.write(np.zeros((1, 71), np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocks.fits", "whole.fits"]
