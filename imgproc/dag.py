@@ -204,13 +204,17 @@ class WorkflowInputs:
         return {row["frame_id"]: _entry(row) for row in self.plan() if row["frame_id"] in refs}
 
     def publish_threads(self, cores: int) -> Callable[[Any], int]:
-        """Threads of a publish job: the ``cores`` spread over the publish batches, so that a
-        night of one big stack registers and combines on every core, and a night of many
-        small groups runs one single-threaded job per core."""
+        """Threads of a publish job: the ``cores`` spread over the publish batches that align or
+        stack, so that a night of one big stack registers and combines on every core, and a
+        night of many small groups runs one single-threaded job per core; one for hard links."""
 
         def threads(wildcards: Any) -> int:
-            batches = {row["pub_batch"] for row in self.plan()}
-            return max(1, cores // max(1, len(batches)))
+            heavy = {
+                row["pub_batch"] for row in self.plan() if row["pub_batch"] and row["pub_kind"] != "link"
+            }
+            if wildcards.pub_batch not in heavy:  # hard links: one thread is plenty
+                return 1
+            return max(1, cores // len(heavy))
 
         return threads
 

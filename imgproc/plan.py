@@ -183,15 +183,17 @@ def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
     size = _batches(len(ok), settings)
     for index, entry in enumerate(ok):
         entry["cal_batch"] = f"c{index // size:04d}"
-    # Publishing a lone unaligned frame is a hard link: those go in the largest batches.
     kinds = {entry["output"]: entry["pub_kind"] for entry in ok}
     work = [name for name, kind in kinds.items() if kind != "link"]
-    links = [name for name, kind in kinds.items() if kind == "link"]
     # aligning or stacking is heavy per output: spread those over at least `batches` jobs
     size = max(1, min(settings.max_batch, math.ceil(len(work) / max(1, settings.batches))))
     pub = {name: index // size for index, name in enumerate(work)}
     first = max(pub.values(), default=-1) + 1
-    pub |= {name: first + index // settings.max_batch for index, name in enumerate(links)}
+    # Publishing a lone unaligned frame is a hard link: each calibrate batch's links are one
+    # publish batch, which runs as soon as those frames are calibrated, not after the night.
+    links = [entry for entry in ok if kinds[entry["output"]] == "link"]
+    link_batches = {batch: first + i for i, batch in enumerate(sorted({e["cal_batch"] for e in links}))}
+    pub |= {entry["output"]: link_batches[entry["cal_batch"]] for entry in links}
     for entry in ok:
         entry["pub_batch"] = f"p{pub[entry['output']]:04d}"
 

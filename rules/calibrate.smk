@@ -7,8 +7,6 @@ rule calibrate_batch:
         entries=INPUTS.calibrate_entries,
         observer=config["observer"],
         binning=config["bin"],
-    # calibrate first: publish jobs wait on calibrated frames, never the other way round
-    priority: 10
     resources:
         mem_mb=INPUTS.calibrate_mem_mb,
         runtime=INPUTS.calibrate_runtime,

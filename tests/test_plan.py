@@ -279,12 +279,17 @@ def test_make_plan_same_output_name_second_light_skipped(own_night):
     ("cores", "batches", "threads"), [(2, 1, 2), (2, 3, 1), (8, 3, 2), (1, 1, 1), (4, 8, 1)]
 )
 def test_publish_threads_spread_the_cores_over_the_publish_batches(cores, batches, threads):
+    from types import SimpleNamespace
+
     from imgproc.dag import Layout, WorkflowInputs
 
     inputs = WorkflowInputs(Layout({"input_dir": "lights"}), lambda: None)
-    rows = [{"pub_batch": f"p{i % batches:04d}"} for i in range(3 * batches)]
+    rows = [{"pub_batch": f"p{i % batches:04d}", "pub_kind": "stack"} for i in range(3 * batches)]
+    rows += [{"pub_batch": "p9999", "pub_kind": "link"}]  # hard links: not counted, one thread
+    rows += [{"pub_batch": "", "pub_kind": ""}]  # a skipped light: no batch at all
     inputs.plan = lambda: rows  # type: ignore[method-assign]
-    assert inputs.publish_threads(cores)(None) == threads
+    assert inputs.publish_threads(cores)(SimpleNamespace(pub_batch="p0000")) == threads
+    assert inputs.publish_threads(cores)(SimpleNamespace(pub_batch="p9999")) == 1
 
 
 def test_thumbnails_of_lone_frames_are_an_even_sample_and_stacks_always_have_one(rows, monkeypatch):
@@ -298,3 +303,12 @@ def test_thumbnails_of_lone_frames_are_an_even_sample_and_stacks_always_have_one
     assert [e["thumb"] for e in ordered] == [True, False, False] * 2 + [True, False]  # every 3rd
     stacked = make_plan(rows, PlanSettings(stack=True, stack_threshold=2))
     assert all(entry["thumb"] for entry in stacked)
+
+
+def test_link_outputs_are_published_with_their_calibrate_batch(rows):
+    plan = make_plan(rows, PlanSettings(batches=4, min_batch=1))
+    links = [entry for entry in plan if entry["status"] == OK and entry["pub_kind"] == "link"]
+    assert len(links) == 8
+    pairs = {(entry["cal_batch"], entry["pub_batch"]) for entry in links}
+    # one publish batch per calibrate batch: each can run as soon as its frames are calibrated
+    assert len(pairs) == len({cal for cal, _ in pairs}) == len({pub for _, pub in pairs}) == 4
