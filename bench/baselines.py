@@ -49,6 +49,7 @@ _DROP = ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM")
 # Per-worker state, filled by the pool initializers.
 _MASTERS: dict[str, Any] = {}
 _REGISTRARS: dict[str, Any] = {}
+_REFERENCE_DATA: dict[str, np.ndarray] = {}
 _REFERENCES: dict[str, dict[str, str]] = {}
 _SETTINGS: dict[str, Any] = {}
 
@@ -188,10 +189,10 @@ def stack_ccdproc(filt: str, members: list[tuple[str, dict[str, str]]], target: 
     from scipy import ndimage
     from skimage.registration import phase_cross_correlation
 
-    if filt not in _REGISTRARS:
+    if filt not in _REFERENCE_DATA:
         ref = _REFERENCES[filt]
-        _REGISTRARS[filt] = np.asarray(calibrate_ccdproc(ref["path"], ref).data)
-    reference = _REGISTRARS[filt]
+        _REFERENCE_DATA[filt] = np.asarray(calibrate_ccdproc(ref["path"], ref).data)
+    reference = _REFERENCE_DATA[filt]
     frames = []
     for path, light in members:
         ccd = calibrate_ccdproc(path, light)

@@ -22,6 +22,15 @@ def block_sum(image: np.ndarray, factor: int, dtype: type = np.float64) -> np.nd
     return rows.reshape(ny // factor, nx // factor, factor).sum(axis=2, dtype=dtype)
 
 
+def binned_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
+    """Shape of an image of ``shape`` binned by ``factor`` (remainder rows and columns dropped);
+    ValueError when not even one block fits."""
+    ny, nx = shape[0] // factor, shape[1] // factor
+    if ny == 0 or nx == 0:
+        raise ValueError(f"a {tuple(shape)} image cannot be binned {factor}x{factor}")
+    return ny, nx
+
+
 def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
     """Mean of ``factor``×``factor`` blocks as float32; remainder rows and columns are dropped.
 
@@ -29,9 +38,7 @@ def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
     """
     if factor == 1:
         return image.astype(np.float32, copy=False)
-    ny, nx = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
-    if ny == 0 or nx == 0:
-        raise ValueError(f"a {image.shape} image cannot be binned {factor}x{factor}")
+    ny, nx = (size * factor for size in binned_shape(image.shape, factor))
     return (block_sum(image[:ny, :nx], factor) / (factor * factor)).astype(np.float32)
 
 

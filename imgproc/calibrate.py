@@ -17,7 +17,7 @@ import numpy as np
 from astropy.io import fits
 
 from imgproc import __version__
-from imgproc.binning import bin_header, bin_image
+from imgproc.binning import bin_header, bin_image, binned_shape
 from imgproc.fitsio import FitsError, ImageWriter, read_image, read_image_blocks
 
 ROLES = ("bias", "dark", "flat")
@@ -57,9 +57,7 @@ def calibrate_image(
     input pixels come out as NaN, like every other pixel without a valid value.
     """
     out = np.array(light, dtype=np.float32, copy=not (in_place and light.dtype == np.float32))
-    for name, master in (("bias", bias), ("dark", dark), ("flat", flat)):
-        if master is not None and master.shape != out.shape:
-            raise ValueError(f"{name} shape {master.shape} differs from the light's {out.shape}")
+    check_master_shapes(out.shape, {"bias": bias, "dark": dark, "flat": flat})
     if bias is not None:
         np.subtract(out, bias, out=out)
     if dark is not None:
@@ -70,6 +68,13 @@ def calibrate_image(
     if infinite.any():  # inf pixels are bad pixels: NaN
         out[infinite] = np.nan
     return out
+
+
+def check_master_shapes(shape: tuple[int, ...], masters: Mapping[str, np.ndarray | None]) -> None:
+    """ValueError naming the first master (by role) whose shape is not the light's ``shape``."""
+    for role, master in masters.items():
+        if master is not None and master.shape != shape:
+            raise ValueError(f"{role} shape {master.shape} differs from the light's {shape}")
 
 
 class MasterCache:
@@ -151,14 +156,9 @@ def calibrate_frame(
     """
     header, image, blocks = read_image_blocks(light_path, hdu, multiple=binning)
     frames = {role: cache.get(role, path) for role, path in masters.items() if path is not None}
-    for role, master in frames.items():
-        if master.shape != image.shape:
-            raise ValueError(f"{role} shape {master.shape} differs from the light's {image.shape}")
+    check_master_shapes(image.shape, frames)  # whole frames: each block's slices would agree
     out_header = calibrated_header(header, masters, observer=observer, mid=mid, binning=binning)
-    ny, nx = image.shape
-    if binning > 1 and (ny < binning or nx < binning):
-        raise ValueError(f"a {image.shape} image cannot be binned {binning}x{binning}")
-    binned = image if binning == 1 else np.empty((ny // binning, nx // binning), np.float32)
+    binned = image if binning == 1 else np.empty(binned_shape(image.shape, binning), np.float32)
     with ImageWriter(target, out_header, binned.shape) as out:
         for rows in blocks:
             masters_rows = [frames[role][rows] if role in frames else None for role in ROLES]

@@ -191,7 +191,7 @@ def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
     first = max(pub.values(), default=-1) + 1
     # Publishing a lone unaligned frame is a hard link: each calibrate batch's links are one
     # publish batch, which runs as soon as those frames are calibrated, not after the night.
-    links = [entry for entry in ok if kinds[entry["output"]] == "link"]
+    links = [entry for entry in ok if entry["pub_kind"] == "link"]
     link_batches = {batch: first + i for i, batch in enumerate(sorted({e["cal_batch"] for e in links}))}
     pub |= {entry["output"]: link_batches[entry["cal_batch"]] for entry in links}
     for entry in ok:
