@@ -10,22 +10,26 @@ measures other frames against it by cross-correlation:
    so a few bright stars, hot pixels or cosmics cannot win a chance alignment) and a *fine*
    version clipped to ``[-5, clip_sigma]``;
 2. the integer shift is the peak of the full-frame circular cross-correlation of the tapered
-   star maps (one forward FFT per frame against the stored reference spectrum, one inverse);
+   star maps (one forward FFT per frame against the stored reference spectrum, one inverse).
+   Frames of 2048 px or more a side are binned 2×2 for this stage (a quarter of the FFT and
+   preparation work), so the peak is known to about ±1 px;
 3. the sub-pixel shift comes from the fine versions of the *overlapping* parts of frame and
    reference only (cut to FFT-friendly sizes, tapered alike, and zeroed alike where either
    frame has NaN, so that stars cut by a NaN region are cut in both): the correlation is
-   evaluated by a matrix-multiply DFT on a ``1/upsample`` px grid within ±0.75 px of the
-   integer peak, then a parabola through the best grid point and its neighbours.  (Refining on
-   the full frames instead let stars entering, leaving or wrapping around pull the peak: up to
-   0.5 px off on 128² frames dithered by up to a quarter of their size.)
+   evaluated by a matrix-multiply DFT at the integer shifts within ±2 px of the coarse peak
+   (binned frames only), then on a ``1/upsample`` px grid within ±0.75 px of the best of them,
+   then a parabola through the best grid point and its neighbours.  (Refining on the full
+   frames instead let stars entering, leaving or wrapping around pull the peak: up to 0.5 px
+   off on 128² frames dithered by up to a quarter of their size.)
 
 Plain (not phase-normalised) cross-correlation is used: phase correlation whitens the spectrum,
 giving the noise-dominated high frequencies the same weight as the stars.
 
-``Shift.quality`` is the correlation coefficient of the overlapping star maps at the measured
-(nearest integer) shift.  Measured on synthetic fields (150 stars per 256², FWHM 3 px): same
-field 0.8-0.95 (0.4-0.5 at 6× the noise); pure noise 0.03-0.07 (64²), 0.01-0.02 (256²),
-<0.01 (1024²); an unrelated star field ≈0.2 (128²), 0.07 (256²), 0.01 (1024²).
+``Shift.quality`` is the correlation coefficient of the overlapping star maps (binned like the
+integer stage) at the measured (nearest integer) shift.  Measured on synthetic fields (150 stars
+per 256², FWHM 3 px): same field 0.8-0.95 (0.4-0.5 at 6× the noise); pure noise 0.03-0.07
+(64²), 0.01-0.02 (256²), <0.01 (1024²); an unrelated star field ≈0.2 (128²), 0.07 (256²),
+0.01 (1024²).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 
+from imgproc.binning import block_sum
+
 __all__ = ["Registrar", "Shift", "apply_shift", "pier_side_flip"]
 
 _MAD_TO_STD = 1.4826
@@ -45,6 +51,9 @@ _MAD_TO_STD = 1.4826
 _STAT_STEP = 4
 #: Side (px) of the central part of the overlap that the sub-pixel refinement correlates.
 REFINE_MAX = 1024
+#: Frames with both sides at least this long are binned 2×2 for the integer stage (binning
+#: more lowered the significance of sparse fields' peaks towards ``min_significance``).
+BIN_FROM = 2048
 #: Despike candidates and margin, in noise sigmas.
 _DESPIKE_SIGMA = 5.0
 #: Fractional shifts smaller than this are treated as integers by :func:`apply_shift`.
@@ -119,6 +128,10 @@ class Registrar:
     flip_margin
         With ``try_flip``, the rotated frame is chosen when its correlation peak is more than
         ``flip_margin`` times stronger than the unrotated one.
+    Attributes
+    ----------
+    factor
+        Binning of the integer stage: 2 for frames of :data:`BIN_FROM` px or more a side, else 1.
     """
 
     def __init__(
@@ -146,7 +159,10 @@ class Registrar:
         self.coarse_clip = float(coarse_clip)
         self.taper = int(taper)
         self.flip_margin = float(flip_margin)
+        self.factor = 2 if min(self.shape) >= BIN_FROM else 1
         self._ref, self._ref_coarse, self._ref_invalid = self._prepare(reference)
+        if self.factor > 1:
+            self._ref_coarse = self._prepare(_binned(reference, self.factor))[1]
         self._ref_spec = _spectrum(self._ref_coarse, self.taper)
 
     def accepts(self, shift: Shift) -> bool:
@@ -167,7 +183,13 @@ class Registrar:
         image = np.asarray(image)
         if image.shape != self.shape:
             raise ValueError(f"image shape {image.shape} != reference shape {self.shape}")
-        prepared, coarse, invalid = self._prepare(image)
+        f = self.factor
+        prepared: np.ndarray | None = None
+        invalid: np.ndarray | None = None
+        if f == 1:
+            prepared, coarse, invalid = self._prepare(image)
+        else:  # the fine version is prepared later, for the refined overlap only
+            coarse = self._prepare(_binned(image, f))[1]
         spec = _spectrum(coarse, self.taper)
         # For the frame reversed through the origin, x[-n], the spectrum is conj(spec): its
         # cross-power is ref * spec, the frame's own is ref * conj(spec).
@@ -178,16 +200,23 @@ class Registrar:
         spec *= self._ref_spec
         peak, value, significance = self._coarse_peak(spec)
         del spec
+        peak = (f * peak[0], f * peak[1])
         flipped = flip_value > self.flip_margin * max(value, 0.0)
         if flipped:
             significance = flip_significance
-            # rot180(x)[n] = x[N-1-n] is x[-n] displaced by -1 px: one more pixel of shift
-            ny, nx = self.shape
-            peak = (_wrap_int(flip_peak[0] + 1, ny), _wrap_int(flip_peak[1] + 1, nx))
-            prepared, coarse = prepared[::-1, ::-1], coarse[::-1, ::-1]
-            invalid = None if invalid is None else invalid[::-1, ::-1]
-        dy, dx = self._refine(prepared, invalid, peak)
-        quality = _overlap_correlation(self._ref_coarse, coarse, round(dy), round(dx))
+            # rot180(x)[n] = x[N-1-n] is x[-n] displaced by -1 (binned) px; the binned frame
+            # rotated is the rotated frame binned from its (N mod f)-th row and column on
+            peak = tuple(  # type: ignore[assignment]
+                _wrap_int(f * (p + 1) - n % f, n) for p, n in zip(flip_peak, self.shape, strict=True)
+            )
+            image = image[::-1, ::-1]
+            if f == 1:
+                coarse, prepared = coarse[::-1, ::-1], prepared[::-1, ::-1]  # type: ignore[index]
+                invalid = None if invalid is None else invalid[::-1, ::-1]
+            else:  # binned anew: the rotated binning is off by the remainder row and column
+                coarse = self._prepare(_binned(image, f))[1]
+        dy, dx = self._refine(image, prepared, invalid, peak)
+        quality = _overlap_correlation(self._ref_coarse, coarse, round(dy / f), round(dx / f))
         return Shift(dy, dx, flipped, quality, significance)
 
     # -- internals -------------------------------------------------------------------------------
@@ -205,8 +234,8 @@ class Registrar:
     def _coarse_peak(self, cross: np.ndarray) -> tuple[tuple[int, int], float, float]:
         """Integer peak of the cross-correlation, its value, and its significance: the height
         above the surface's median in robust standard deviations (1.4826 × MAD)."""
-        ny, nx = self.shape
-        corr = scipy.fft.irfft2(cross, s=self.shape, workers=1)
+        ny, nx = self._ref_coarse.shape
+        corr = scipy.fft.irfft2(cross, s=(ny, nx), workers=1)
         iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
         sample = corr[::_STAT_STEP, ::_STAT_STEP]
         centre = float(np.median(sample))
@@ -216,12 +245,19 @@ class Registrar:
         return (_wrap_int(int(iy), ny), _wrap_int(int(ix), nx)), value, significance
 
     def _refine(
-        self, image: np.ndarray, invalid: np.ndarray | None, peak: tuple[int, int]
+        self,
+        image: np.ndarray,
+        prepared: np.ndarray | None,
+        invalid: np.ndarray | None,
+        peak: tuple[int, int],
     ) -> tuple[float, float]:
-        """Sub-pixel peak of the correlation of the overlaps at integer shift ``peak``.
+        """Sub-pixel peak of the correlation of the overlaps near integer shift ``peak``.
 
-        Both overlaps are cut to an FFT-friendly size and tapered alike; the correlation is
-        evaluated by a matrix-multiply DFT on a ``1/upsample`` grid within ±0.75 px of ``peak``.
+        ``prepared``/``invalid`` are the whole frame's fine version and NaN mask, or None to
+        prepare the overlap of ``image`` alone.  Both overlaps are cut to an FFT-friendly size
+        and tapered alike; the correlation is evaluated by a matrix-multiply DFT at the integer
+        shifts within ``±factor`` px of ``peak`` (binned integer stage), then on a
+        ``1/upsample`` grid within ±0.75 px of the best of them.
         """
         ny, nx = self.shape
         py, px = peak
@@ -232,32 +268,49 @@ class Registrar:
         y0, x0 = y0 + max(0, h - REFINE_MAX) // 2, x0 + max(0, w - REFINE_MAX) // 2
         h, w = _fast_len_below(min(h, REFINE_MAX)), _fast_len_below(min(w, REFINE_MAX))
         ref = self._ref[y0 : y0 + h, x0 : x0 + w]
-        img = image[y0 - py : y0 - py + h, x0 - px : x0 - px + w]
+        cut = (slice(y0 - py, y0 - py + h), slice(x0 - px, x0 - px + w))
+        if prepared is None:
+            img, invalid = self._prepare(image[cut])[0::2]  # type: ignore[assignment]
+        else:
+            img, invalid = prepared[cut], None if invalid is None else invalid[cut]
         if self._ref_invalid is not None or invalid is not None:
             union = np.zeros((h, w), bool)
             if self._ref_invalid is not None:
                 union |= self._ref_invalid[y0 : y0 + h, x0 : x0 + w]
             if invalid is not None:
-                union |= invalid[y0 - py : y0 - py + h, x0 - px : x0 - px + w]
+                union |= invalid
             ref, img = np.where(union, 0.0, ref), np.where(union, 0.0, img)
         cross = _spectrum(ref, self.taper) * np.conj(_spectrum(img, self.taper))
-        weight = _half_spectrum_weights(w)
-
+        if self.factor > 1:
+            steps = np.arange(-self.factor, self.factor + 1, dtype=np.float64)
+            grid = _dft_grid(cross, w, steps, steps)
+            iy, ix = np.unravel_index(int(np.argmax(grid)), grid.shape)
+            py, px = py + int(steps[iy]), px + int(steps[ix])
+            cy, cx = steps[iy], steps[ix]
+        else:
+            cy = cx = 0.0
         up = self.upsample
         half = int(np.ceil(0.75 * up))
-        steps = np.arange(-half, half + 1, dtype=np.float64) / up
-        ky = scipy.fft.fftfreq(h) * h
-        kx = np.arange(w // 2 + 1, dtype=np.float64)
-        kern_y = np.exp(2j * np.pi * np.outer(steps, ky) / h).astype(np.complex64)
-        kern_x = np.exp(2j * np.pi * np.outer(kx, steps) / w).astype(np.complex64)
-        kern_x *= weight[:, None]
-        grid = (kern_y @ (cross @ kern_x)).real
+        fine = np.arange(-half, half + 1, dtype=np.float64) / up
+        grid = _dft_grid(cross, w, cy + fine, cx + fine)
         if not np.any(grid):
             return float(py), float(px)
         iy, ix = np.unravel_index(int(np.argmax(grid)), grid.shape)
         oy = _parabola(grid[iy - 1 : iy + 2, ix]) if 0 < iy < grid.shape[0] - 1 else 0.0
         ox = _parabola(grid[iy, ix - 1 : ix + 2]) if 0 < ix < grid.shape[1] - 1 else 0.0
-        return float(py + steps[iy] + oy / up), float(px + steps[ix] + ox / up)
+        return float(py + fine[iy] + oy / up), float(px + fine[ix] + ox / up)
+
+
+def _dft_grid(cross: np.ndarray, w: int, steps_y: np.ndarray, steps_x: np.ndarray) -> np.ndarray:
+    """Correlation at the shifts ``steps_y`` × ``steps_x`` (any real values) from the half
+    cross spectrum of two ``(h, w)`` arrays: the real part of its inverse DFT there."""
+    h = cross.shape[0]
+    ky = scipy.fft.fftfreq(h) * h
+    kx = np.arange(w // 2 + 1, dtype=np.float64)
+    kern_y = np.exp(2j * np.pi * np.outer(steps_y, ky) / h).astype(np.complex64)
+    kern_x = np.exp(2j * np.pi * np.outer(kx, steps_x) / w).astype(np.complex64)
+    kern_x *= _half_spectrum_weights(w)[:, None]
+    return (kern_y @ (cross @ kern_x)).real
 
 
 def _spectrum(prepared: np.ndarray, taper: int) -> np.ndarray:
@@ -267,6 +320,13 @@ def _spectrum(prepared: np.ndarray, taper: int) -> np.ndarray:
         prepared = prepared * _taper(ny, taper)[:, None]
         prepared *= _taper(nx, taper)
     return scipy.fft.rfft2(prepared, workers=1)
+
+
+def _binned(image: np.ndarray, factor: int) -> np.ndarray:
+    """Float32 sums of ``factor``×``factor`` blocks (a block with a NaN is NaN); the remainder
+    rows and columns are dropped."""
+    ny, nx = (n - n % factor for n in image.shape)
+    return block_sum(image[:ny, :nx], factor, np.float32)
 
 
 def _half_spectrum_weights(n: int) -> np.ndarray:
@@ -457,12 +517,11 @@ def _bilinear_shift(data: np.ndarray, iy: int, fy: float, ix: int, fx: float) ->
     """out(y, x) = data(y - iy - fy, x - ix - fx), bilinear, by slicing (no coordinate arrays).
 
     The sample point lies between rows ``y-iy-1`` and ``y-iy`` (weights ``fy`` and ``1-fy``),
-    likewise for columns; a zero fractional part uses only one row/column.
+    likewise for columns; a zero fractional part uses only one row/column.  Columns are
+    interpolated first, then rows: six passes over the frame instead of eight.
     """
     ny, nx = data.shape
     out = np.full((ny, nx), np.nan, np.float32)
-    ry = [(1.0 - fy, 0), (fy, 1)] if fy else [(1.0, 0)]
-    rx = [(1.0 - fx, 0), (fx, 1)] if fx else [(1.0, 0)]
     # output rows y need source rows y-iy-1 (if fy) .. y-iy inside [0, ny)
     y0 = max(0, iy + (1 if fy else 0))
     y1 = min(ny, ny + iy)
@@ -470,12 +529,18 @@ def _bilinear_shift(data: np.ndarray, iy: int, fy: float, ix: int, fx: float) ->
     x1 = min(nx, nx + ix)
     if y0 >= y1 or x0 >= x1:
         return out
+    rows = data[y0 - iy - (1 if fy else 0) : y1 - iy]
+    if fx:
+        across = np.multiply(rows[:, x0 - ix : x1 - ix], np.float32(1.0 - fx))
+        across += np.float32(fx) * rows[:, x0 - ix - 1 : x1 - ix - 1]
+    else:
+        across = rows[:, x0 - ix : x1 - ix]
     acc = out[y0:y1, x0:x1]
-    acc[...] = 0.0
-    for wy, oy in ry:
-        for wx, ox in rx:
-            src = data[y0 - iy - oy : y1 - iy - oy, x0 - ix - ox : x1 - ix - ox]
-            acc += np.float32(wy * wx) * src
+    if fy:
+        np.multiply(across[1:], np.float32(1.0 - fy), out=acc)
+        acc += np.float32(fy) * across[:-1]
+    else:
+        acc[...] = across
     return out
 
 

@@ -21,7 +21,7 @@ from astropy.io import fits
 
 from imgproc import __version__
 from imgproc.align import Registrar, Shift, apply_shift, pier_side_flip
-from imgproc.fitsio import FitsError, link_atomic, read_image, write_atomic
+from imgproc.fitsio import FitsError, Float32Rows, link_atomic, read_image, write_atomic
 from imgproc.manifest import SKIPPED
 from imgproc.naming import mean_time
 from imgproc.progress import Progress
@@ -61,32 +61,31 @@ class Member:
 class ShiftedSource:
     """Rows of an intermediate file resampled onto the reference grid, read strip by strip.
 
-    Reads only the rows a strip needs (plus a margin for interpolation) from the memory-mapped
-    float32 file; the part of the strip that comes from outside the frame is NaN.
+    Reads only the rows a strip needs (plus a margin for interpolation) from the float32 file;
+    the part of the strip that comes from outside the frame is NaN.
     """
 
-    def __init__(self, path: Path, shift: Shift, shape: tuple[int, int], order: int = 1) -> None:
-        self.path, self.shift, self._shape, self.order = path, shift, shape, order
+    def __init__(self, path: Path, shift: Shift, order: int = 1) -> None:
+        self.path, self.shift, self.order = path, shift, order
+        self._file = Float32Rows(path)
 
     @property
     def shape(self) -> tuple[int, int]:
         """(ny, nx) of the frame."""
-        return self._shape
+        return self._file.shape
 
     def _rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of the (possibly 180°-rotated) frame, NaN outside it."""
-        ny, nx = self._shape
-        block = np.full((stop - start, nx), np.nan, dtype=np.float32)
-        lo, hi = max(start, 0), min(stop, ny)
-        if lo >= hi:
-            return block
-        with fits.open(self.path, memmap=True) as hdul:
-            data = hdul[0].data
+        ny, nx = self.shape
+        block = np.empty((stop - start, nx), dtype=np.float32)
+        lo, hi = min(max(start, 0), stop), max(min(stop, ny), start)
+        block[: lo - start] = np.nan
+        block[hi - start :] = np.nan
+        if lo < hi:
             if self.shift.flipped:
-                rows = np.asarray(data[ny - hi : ny - lo], dtype=np.float32)[::-1, ::-1]
+                block[lo - start : hi - start] = self._file.read(ny - hi, ny - lo)[::-1, ::-1]
             else:
-                rows = np.asarray(data[lo:hi], dtype=np.float32)
-            block[lo - start : hi - start] = rows
+                block[lo - start : hi - start] = self._file.read(lo, hi)
         return block
 
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
@@ -192,11 +191,9 @@ def publish_stack(
 ) -> None:
     """Combine ``members`` (each resampled by its shift, if any) into ``target``."""
     headers = [fits.getheader(member.path) for member in members]
-    shape = (int(headers[0]["NAXIS2"]), int(headers[0]["NAXIS1"]))
     no_shift = Shift(0.0, 0.0, False, 1.0)
     sources = [
-        ShiftedSource(m.path, s or no_shift, shape, settings.order)
-        for m, s in zip(members, shifts, strict=True)
+        ShiftedSource(m.path, s or no_shift, settings.order) for m, s in zip(members, shifts, strict=True)
     ]
     data = combine(
         sources,

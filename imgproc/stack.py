@@ -42,7 +42,7 @@ PER_PIXEL_BYTES = 32
 
 #: Largest float32 buffer of one strip (bytes), whatever the budget: strips that fit in the
 #: caches fill and reduce 3-4 times faster than one strip of a whole 40-frame stack.
-STRIP_BYTES = 64 * 1024**2
+STRIP_BYTES = 30 * 1024**2
 METHODS = ("sigclip", "median", "mean")
 WIDTHS = ("std", "mad")
 _MAD_TO_STD = 1.482602218505602
