@@ -41,7 +41,10 @@ WORKING_BYTES_PER_ELEMENT = 12
 PER_PIXEL_BYTES = 32
 
 #: Largest float32 buffer of one strip (bytes), whatever the budget: strips that fit in the
-#: caches fill and reduce 3-4 times faster than one strip of a whole 40-frame stack.
+#: caches fill and reduce 3-4 times faster than one strip of a whole 40-frame stack, and
+#: buffers under glibc's largest mmap threshold (32 MiB, set by the workflow) are reused from
+#: the heap instead of being page-faulted anew for every strip (a 40-frame 2048² stack
+#: combined in 1.1 s instead of 1.45 s on 2 threads).
 STRIP_BYTES = 30 * 1024**2
 METHODS = ("sigclip", "median", "mean")
 WIDTHS = ("std", "mad")
