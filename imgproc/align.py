@@ -22,6 +22,9 @@ measures other frames against it by cross-correlation:
    frames instead let stars entering, leaving or wrapping around pull the peak: up to 0.5 px
    off on 128² frames dithered by up to a quarter of their size.)
 
+scipy (``scipy.fft``, 0.15 s to import, and ``scipy.ndimage``) is imported by the functions that
+use it, on first use: publishing a night's unaligned frames as hard links does not wait for it.
+
 Plain (not phase-normalised) cross-correlation is used: phase correlation whitens the spectrum,
 giving the noise-dominated high frequencies the same weight as the stars.
 
@@ -39,8 +42,6 @@ from dataclasses import dataclass
 
 import bottleneck as bn
 import numpy as np
-import scipy.fft
-import scipy.ndimage
 
 from imgproc.binning import block_sum
 
@@ -234,6 +235,8 @@ class Registrar:
     def _coarse_peak(self, cross: np.ndarray) -> tuple[tuple[int, int], float, float]:
         """Integer peak of the cross-correlation, its value, and its significance: the height
         above the surface's median in robust standard deviations (1.4826 × MAD)."""
+        import scipy.fft  # here, not above: see the module docstring
+
         ny, nx = self._ref_coarse.shape
         corr = scipy.fft.irfft2(cross, s=(ny, nx), workers=1)
         iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
@@ -305,7 +308,7 @@ def _dft_grid(cross: np.ndarray, w: int, steps_y: np.ndarray, steps_x: np.ndarra
     """Correlation at the shifts ``steps_y`` × ``steps_x`` (any real values) from the half
     cross spectrum of two ``(h, w)`` arrays: the real part of its inverse DFT there."""
     h = cross.shape[0]
-    ky = scipy.fft.fftfreq(h) * h
+    ky = np.fft.fftfreq(h) * h
     kx = np.arange(w // 2 + 1, dtype=np.float64)
     kern_y = np.exp(2j * np.pi * np.outer(steps_y, ky) / h).astype(np.complex64)
     kern_x = np.exp(2j * np.pi * np.outer(kx, steps_x) / w).astype(np.complex64)
@@ -315,6 +318,8 @@ def _dft_grid(cross: np.ndarray, w: int, steps_y: np.ndarray, steps_x: np.ndarra
 
 def _spectrum(prepared: np.ndarray, taper: int) -> np.ndarray:
     """Half spectrum (complex64) of a prepared array after the separable edge taper."""
+    import scipy.fft
+
     if taper > 0:
         ny, nx = prepared.shape
         prepared = prepared * _taper(ny, taper)[:, None]
@@ -359,6 +364,8 @@ def _overlap_correlation(ref: np.ndarray, image: np.ndarray, iy: int, ix: int) -
 
 def _fast_len_below(n: int) -> int:
     """Largest FFT-friendly (5-smooth) length <= n."""
+    import scipy.fft
+
     m = n
     while m > 1 and scipy.fft.next_fast_len(m) != m:
         m -= 1
@@ -545,6 +552,8 @@ def _bilinear_shift(data: np.ndarray, iy: int, fy: float, ix: int, fx: float) ->
 
 
 def _spline_shift(data: np.ndarray, dy: float, dx: float) -> np.ndarray:
+    import scipy.ndimage
+
     bad = ~np.isfinite(data)
     filled = data
     if bad.any():

@@ -179,17 +179,24 @@ def read_image_blocks(
     compressed, gzipped, BSCALEd or BLANK-flagged images go through astropy whole, before the
     first slice.
     """
+    primary = _primary_image_header(path) if hdu in (None, 0) else None
+    plain = primary and _plain_layout(primary[0], primary[1], False, path)
+    if primary and plain:  # the usual camera file: no need to open it through astropy
+        header = primary[0]
+        shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+        image = np.empty(shape, np.float32)
+        return header, image, _plain_blocks(path, plain, image, _block_rows(shape, multiple))
     with open_fits(path) as hdul:
         index = find_image(hdul) if hdu is None else hdu
         try:
             header = hdul[index].header.copy()
-            plain = _plain_layout(hdul, index, path)
+            compressed = isinstance(hdul[index], fits.CompImageHDU)
+            plain = _plain_layout(header, hdul.fileinfo(index)["datLoc"], compressed, path)
             data = None if plain else hdul[index].data
         except (OSError, ValueError, TypeError, IndexError) as exc:
             raise FitsError(f"cannot read the pixels ({exc})") from exc
         shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
-        fit = BLOCK_BYTES // (4 * max(1, shape[1]))
-        step = max(multiple, fit // multiple * multiple)
+        step = _block_rows(shape, multiple)
         if plain:
             image = np.empty(shape, np.float32)
             return header, image, _plain_blocks(path, plain, image, step)
@@ -225,21 +232,24 @@ def _plain_blocks(
             yield block
 
 
-def _plain_layout(hdul: fits.HDUList, index: int, path: Path) -> tuple[int, str, float] | None:
+def _block_rows(shape: tuple[int, int], multiple: int) -> int:
+    """Rows per streamed block: about :data:`BLOCK_BYTES` of float32, a multiple of ``multiple``."""
+    fit = BLOCK_BYTES // (4 * max(1, shape[1]))
+    return max(multiple, fit // multiple * multiple)
+
+
+def _plain_layout(
+    header: fits.Header, data_start: int, compressed: bool, path: Path
+) -> tuple[int, str, float] | None:
     """(data offset, numpy dtype, BZERO) when the image can be read directly, else None."""
-    header = hdul[index].header
     bitpix = header.get("BITPIX")
-    if (
-        isinstance(hdul[index], fits.CompImageHDU)
-        or path.name.lower().endswith(".gz")
-        or bitpix not in _DTYPES
-    ):
+    if compressed or path.name.lower().endswith(".gz") or bitpix not in _DTYPES:
         return None
     zero, scale = header.get("BZERO", 0), header.get("BSCALE", 1)
     integer_zero = bitpix > 0 and zero == (2 ** (bitpix - 1) if bitpix > 8 else -128)
     if scale != 1 or (zero != 0 and not integer_zero) or (bitpix > 0 and "BLANK" in header):
         return None
-    return hdul.fileinfo(index)["datLoc"], _DTYPES[bitpix], float(zero)
+    return data_start, _DTYPES[bitpix], float(zero)
 
 
 def ones_complement_sum(buffer: bytes | np.ndarray, start: int = 0) -> int:

@@ -74,8 +74,10 @@ def test_read_image_matches_astropy_for_every_layout(tmp_path: Path, dtype, card
     hdu.writeto(path)
     image, header = read_image(path)
     with fits.open(path) as hdul:
+        expected_header = hdul[0].header.tostring()  # before .data rescales it
         expected = np.asarray(hdul[0].data, dtype=np.float32)
     assert image.dtype == np.float32 and header["NAXIS1"] == 11
+    assert header.tostring() == expected_header  # read directly or through astropy: same cards
     np.testing.assert_array_equal(image, expected)
 
 
