@@ -166,6 +166,12 @@ class Registrar:
             self._ref_coarse = self._prepare(_binned(reference, self.factor))[1]
         self._ref_spec = _spectrum(self._ref_coarse, self.taper)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the reference's arrays this registrar holds."""
+        arrays = (self._ref, self._ref_coarse, self._ref_invalid, self._ref_spec)
+        return sum(a.nbytes for a in arrays if a is not None)
+
     def accepts(self, shift: Shift) -> bool:
         """True when the correlation peak is significant (``shift.significance`` reaches
         ``min_significance``)."""

@@ -6,9 +6,6 @@ as the original tool's companion scripts make them; without a bias the dark carr
 
 from __future__ import annotations
 
-import os
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +15,7 @@ from astropy.io import fits
 
 from imgproc import __version__
 from imgproc.binning import bin_header, bin_image, binned_shape
+from imgproc.cache import FileCache
 from imgproc.fitsio import FitsError, ImageWriter, read_image, read_image_blocks
 
 ROLES = ("bias", "dark", "flat")
@@ -86,29 +84,21 @@ class MasterCache:
     """
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
-        self.max_bytes = max_bytes
-        self._frames: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
+        self._files: FileCache[np.ndarray] = FileCache(max_bytes)
 
     def get(self, role: str, path: str) -> np.ndarray:
         """The master of ``role`` at ``path`` as read-only float32 (flats normalised)."""
-        stat = os.stat(path)
-        key = (role, path, stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            if key in self._frames:
-                self._frames.move_to_end(key)
-                return self._frames[key]
-        try:  # outside the lock: two threads may both read a master once, never wait on each other
-            data, _ = read_image(Path(path))
-        except FitsError as exc:
-            raise FitsError(f"master {Path(path).name}: {exc}") from exc
-        frame = normalise_flat(data) if role == "flat" else data
-        frame.flags.writeable = False
-        with self._lock:
-            self._frames[key] = frame
-            while len(self._frames) > 1 and sum(f.nbytes for f in self._frames.values()) > self.max_bytes:
-                self._frames.popitem(last=False)
-        return frame
+        return self._files.get(role, path, lambda: _read_master(role, path))
+
+
+def _read_master(role: str, path: str) -> np.ndarray:
+    try:
+        data, _ = read_image(Path(path))
+    except FitsError as exc:
+        raise FitsError(f"master {Path(path).name}: {exc}") from exc
+    frame = normalise_flat(data) if role == "flat" else data
+    frame.flags.writeable = False
+    return frame
 
 
 MASTERS = MasterCache()

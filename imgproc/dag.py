@@ -22,6 +22,9 @@ _SNAKEMAKE_SYNTAX = re.compile(r"[{}<>]")
 #: Bytes per pixel held by a calibrate job per frame-sized array (light, result, 3 masters...).
 _CAL_ARRAYS = 8
 _OVERHEAD_MB = 400
+#: Priority of calibrate jobs: below hard-link publish jobs, above aligning and stacking ones
+#: (:meth:`WorkflowInputs.publish_priority`).
+CALIBRATE_PRIORITY = 1
 
 
 class Layout:
@@ -217,6 +220,17 @@ class WorkflowInputs:
             return max(1, cores // len(heavy))
 
         return threads
+
+    def publish_priority(self, wildcards: Any) -> int:
+        """Scheduling priority of a publish job, against :data:`CALIBRATE_PRIORITY`.
+
+        Hard links of a calibrated batch go first: they take milliseconds and put the night's
+        outputs in place as it runs. Aligning and stacking jobs go last: calibrating every
+        batch first (a fraction of the work) makes them all ready at once, so that short
+        stack jobs keep every core busy to the end instead of a long one running alone.
+        """
+        members = self._members("pub_batch", wildcards.pub_batch)
+        return 10 if all(row["pub_kind"] == "link" for row in members) else 0
 
     def publish_mem_mb(self, wildcards: Any, attempt: int = 1) -> int:
         """Memory of a publish job: the stacking budget plus a few frames (alignment FFTs)."""

@@ -30,6 +30,8 @@ COLUMNS = (
 #: Lone calibrated frames with a thumbnail in the report: at most this many, evenly spread over
 #: the night (every stack and aligned frame has one).
 REPORT_FRAMES = 48
+#: Outputs that align or stack are spread over up to this many times ``batches`` publish jobs.
+HEAVY_JOBS = 4
 WORK = Path("work")
 
 
@@ -185,8 +187,9 @@ def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
         entry["cal_batch"] = f"c{index // size:04d}"
     kinds = {entry["output"]: entry["pub_kind"] for entry in ok}
     work = [name for name, kind in kinds.items() if kind != "link"]
-    # aligning or stacking is heavy per output: spread those over at least `batches` jobs
-    size = max(1, min(settings.max_batch, math.ceil(len(work) / max(1, settings.batches))))
+    # aligning or stacking is heavy per output: a job each, up to 4 x `batches` jobs, so the
+    # night's last job (which may run alone on a core) is short
+    size = max(1, min(settings.max_batch, math.ceil(len(work) / max(1, HEAVY_JOBS * settings.batches))))
     pub = {name: index // size for index, name in enumerate(work)}
     first = max(pub.values(), default=-1) + 1
     # Publishing a lone unaligned frame is a hard link: each calibrate batch's links are one

@@ -21,6 +21,7 @@ from astropy.io import fits
 
 from imgproc import __version__
 from imgproc.align import Registrar, Shift, apply_shift, pier_side_flip
+from imgproc.cache import FileCache
 from imgproc.fitsio import FitsError, Float32Rows, link_atomic, read_image, write_atomic
 from imgproc.manifest import SKIPPED
 from imgproc.naming import mean_time
@@ -97,10 +98,19 @@ class ShiftedSource:
         return moved[margin : margin + (r1 - r0)]
 
 
+#: Registrars of this process's publish jobs (threads of the workflow's process), built once
+#: per reference intermediate and settings.
+REGISTRARS: FileCache[Registrar] = FileCache(512 * 1024**2)
+
+
 def registrar_for(reference: Path, settings: StackSettings) -> Registrar:
-    """A registrar built on the reference frame's intermediate."""
-    data, _ = read_image(reference)
-    return Registrar(data, upsample=settings.upsample, min_significance=settings.min_significance)
+    """The registrar built on the reference frame's intermediate (see :data:`REGISTRARS`)."""
+
+    def build() -> Registrar:
+        data, _ = read_image(reference)
+        return Registrar(data, upsample=settings.upsample, min_significance=settings.min_significance)
+
+    return REGISTRARS.get((settings.upsample, settings.min_significance), str(reference), build)
 
 
 def measure(member: Member, registrar: Registrar, reference_pierside: str | None) -> Shift:
@@ -239,7 +249,6 @@ def publish_group(
     name: str,
     entries: Sequence[Mapping[str, Any]],
     reference: Mapping[str, Any] | None,
-    registrars: dict[str, Registrar],
     workdir: Path,
     outdir: Path,
     settings: StackSettings,
@@ -285,10 +294,7 @@ def publish_group(
                 "reason": "the sequence's reference frame was not calibrated",
                 "excluded": excluded,
             }
-        ref_id = str(reference["frame_id"])
-        if ref_id not in registrars:
-            registrars[ref_id] = registrar_for(workdir / "cal" / f"{ref_id}.fits", settings)
-        registrar = registrars[ref_id]
+        registrar = registrar_for(workdir / "cal" / f"{reference['frame_id']}.fits", settings)
         pierside = reference.get("pierside")
         with ThreadPoolExecutor(threads) as pool:
             measured = list(pool.map(lambda member: measure(member, registrar, pierside), members))
@@ -332,15 +338,12 @@ def run_publish_batch(
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for entry in entries:
         groups[str(entry["output"])].append(entry)
-    registrars: dict[str, Registrar] = {}
     results: dict[str, dict] = {}
     progress = Progress(f"publish {receipt.stem}", len(groups))
     for done, (name, group) in enumerate(sorted(groups.items()), start=1):
         reference = references.get(str(group[0].get("reference") or ""))
         try:
-            results[name] = publish_group(
-                name, group, reference, registrars, workdir, outdir, settings, threads
-            )
+            results[name] = publish_group(name, group, reference, workdir, outdir, settings, threads)
         except (FitsError, ValueError, OSError) as exc:
             results[name] = {"status": SKIPPED, "reason": f"publishing failed: {exc}", "excluded": {}}
         progress.step(done)

@@ -254,8 +254,8 @@ def combine(
 def _reduce(
     cube: np.ndarray, method: str, sigma_low: float, sigma_high: float, max_iters: int, width: str
 ) -> np.ndarray:
-    """Reduce ``(rows, cols, n)`` along the last axis; ``cube`` is used as scratch space (the
-    order of each pixel's values changes; the reductions do not depend on it)."""
+    """Reduce ``(rows, cols, n)`` along the last axis; ``cube`` is used as scratch space (each
+    pixel's values are sorted; the reductions do not depend on their order)."""
     if method == "median":
         return nanmedian_last(cube)
     if method == "mean":
@@ -283,19 +283,20 @@ def _reduce(
 
 def nanmedian_last(cube: np.ndarray) -> np.ndarray:
     """Median along the last axis, NaN ignored, as ``bottleneck.nanmedian``; ``cube`` is
-    partitioned in place.
+    sorted in place.
 
     Pixels with every value valid (nearly all of an aligned stack) take their middle values
-    from one in-place ``numpy`` partition, 3x faster than bottleneck's per-pixel selection;
-    only pixels with a NaN go through ``bottleneck.nanmedian``.
+    from one in-place ``numpy`` sort (vectorised: 2-5 ns a value here, against 3-9 ns for a
+    partition and 9-12 ns for bottleneck's per-pixel selection); only pixels with a NaN go
+    through ``bottleneck.nanmedian``.
     """
     n = cube.shape[-1]
     missing = bn.anynan(cube, axis=-1)
     k = n // 2
-    cube.partition(k, axis=-1)  # NaN sorts last, so only the pixels with NaN are wrong here
+    cube.sort(axis=-1)  # NaN sorts last, so only the pixels with NaN are wrong here
     centre = cube[..., k].copy()
     if n % 2 == 0:
-        centre += cube[..., :k].max(axis=-1)
+        centre += cube[..., k - 1]
         centre *= np.float32(0.5)
     if missing.any():
         centre[missing] = bn.nanmedian(cube[missing], axis=-1)

@@ -3,6 +3,7 @@ rule calibrate_batch:
         unpack(INPUTS.calibrate_inputs),
     output:
         receipt="work/calibrated/{cal_batch}.json",
+    priority: CALIBRATE_PRIORITY
     params:
         entries=INPUTS.calibrate_entries,
         observer=config["observer"],

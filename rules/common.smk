@@ -13,7 +13,7 @@ validate(config, schema=os.path.join(workflow.basedir, "schemas", "config.schema
 
 # In a source checkout the imgproc package sits beside the Snakefile.
 sys.path.insert(0, workflow.basedir)
-from imgproc.dag import Layout, WorkflowInputs  # noqa: E402
+from imgproc.dag import CALIBRATE_PRIORITY, Layout, WorkflowInputs  # noqa: E402
 
 LAYOUT = Layout(config)
 

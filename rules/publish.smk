@@ -8,9 +8,7 @@ rule publish_batch:
         references=INPUTS.publish_references,
         settings=LAYOUT.stack_params(),
     threads: INPUTS.publish_threads(workflow.cores)
-    # a ready publish job goes before the remaining calibrate jobs: the hard links of a
-    # calibrated batch take milliseconds, and a finished stack frees its memory
-    priority: 10
+    priority: INPUTS.publish_priority
     resources:
         mem_mb=INPUTS.publish_mem_mb,
         runtime=INPUTS.publish_runtime,

@@ -257,11 +257,12 @@ def test_master_cache_drops_least_recently_used_beyond_its_size(tmp_path):
     cache = MasterCache(max_bytes=2 * one_frame)
     paths = [_master(tmp_path / f"m{i}.fits", float(i)) for i in range(3)]
     a = cache.get("bias", paths[0])
-    cache.get("bias", paths[1])
+    b = cache.get("bias", paths[1])
     assert cache.get("bias", paths[0]) is a  # used again: now the most recent
-    cache.get("bias", paths[2])  # over the size: m1, the least recently used, goes
+    c = cache.get("bias", paths[2])  # over the size: m1, the least recently used, goes
     assert cache.get("bias", paths[0]) is a
-    assert len(cache._frames) == 2
+    assert cache.get("bias", paths[2]) is c
+    assert cache.get("bias", paths[1]) is not b  # read again
 
 
 def test_calibrate_image_in_place_reuses_a_float32_light_only():

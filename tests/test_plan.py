@@ -312,3 +312,25 @@ def test_link_outputs_are_published_with_their_calibrate_batch(rows):
     pairs = {(entry["cal_batch"], entry["pub_batch"]) for entry in links}
     # one publish batch per calibrate batch: each can run as soon as its frames are calibrated
     assert len(pairs) == len({cal for cal, _ in pairs}) == len({pub for _, pub in pairs}) == 4
+
+
+def test_stacks_get_a_publish_job_each_up_to_four_per_batch_and_run_after_calibration(rows, monkeypatch):
+    from types import SimpleNamespace
+
+    import imgproc.plan
+    from imgproc.dag import CALIBRATE_PRIORITY, Layout, WorkflowInputs
+
+    def stack_batches(batches: int) -> list[int]:
+        settings = PlanSettings(batches=batches, min_batch=1, stack=True, stack_threshold=2)
+        outputs = {(e["pub_batch"], e["output"]) for e in make_plan(rows, settings) if e["status"] == OK}
+        return sorted(Counter(batch for batch, _ in outputs).values())
+
+    assert stack_batches(1) == [1, 1, 1, 1]  # 4 stacks: a job each, up to 4 x batches jobs
+    monkeypatch.setattr(imgproc.plan, "HEAVY_JOBS", 1)
+    assert stack_batches(2) == [2, 2]
+    plan = make_plan(rows, PlanSettings(batches=4, min_batch=1))
+    plan[0].update(pub_batch="p0100", pub_kind="stack")
+    inputs = WorkflowInputs(Layout({"input_dir": "lights"}), lambda: None)
+    inputs.plan = lambda: plan  # type: ignore[method-assign]
+    link, stack = (inputs.publish_priority(SimpleNamespace(pub_batch=b)) for b in ("p0000", "p0100"))
+    assert link > CALIBRATE_PRIORITY > stack  # hard links first, stacks after every calibration
