@@ -22,7 +22,7 @@ from astropy.io import fits
 from imgproc import __version__
 from imgproc.align import Registrar, Shift, apply_shift, pier_side_flip
 from imgproc.cache import FileCache
-from imgproc.fitsio import FitsError, Float32Rows, link_atomic, read_image, write_atomic
+from imgproc.fitsio import FitsError, Float32Rows, link_atomic, read_header, read_image, write_atomic
 from imgproc.manifest import SKIPPED
 from imgproc.naming import mean_time
 from imgproc.progress import Progress
@@ -200,7 +200,7 @@ def publish_stack(
     threads: int = 1,
 ) -> None:
     """Combine ``members`` (each resampled by its shift, if any) into ``target``."""
-    headers = [fits.getheader(member.path) for member in members]
+    headers = [read_header(member.path)[0] for member in members]
     no_shift = Shift(0.0, 0.0, False, 1.0)
     sources = [
         ShiftedSource(m.path, s or no_shift, settings.order) for m, s in zip(members, shifts, strict=True)

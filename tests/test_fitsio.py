@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from imgproc.fitsio import ImageWriter, encode_checksum, ones_complement_sum, read_image, write_atomic
+from imgproc.fitsio import (
+    FitsError,
+    Float32Rows,
+    ImageWriter,
+    encode_checksum,
+    ones_complement_sum,
+    read_image,
+    write_atomic,
+)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 13), (64, 64), (100, 37)])
@@ -100,3 +108,19 @@ def test_image_writer_in_blocks_equals_write_atomic_and_leaves_nothing_when_shor
     ):
         out.write(np.zeros((1, 71), np.float32))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocks.fits", "whole.fits"]
+
+
+def test_float32_rows_reads_an_intermediate_and_refuses_anything_else(tmp_path: Path) -> None:
+    data = np.arange(7 * 5, dtype=np.float32).reshape(7, 5) - 3.5
+    write_atomic(tmp_path / "cal.fits", data, fits.Header({"OBJECT": "M1"}))
+    rows = Float32Rows(tmp_path / "cal.fits")
+    assert rows.shape == (7, 5)
+    np.testing.assert_array_equal(rows.read(2, 6), data[2:6])
+    raw = (tmp_path / "cal.fits").read_bytes()
+    (tmp_path / "short.fits").write_bytes(raw[: len(raw) - 2880])  # the last data block missing
+    short = Float32Rows(tmp_path / "short.fits")
+    with pytest.raises(FitsError, match="truncated"):
+        short.read(0, 7)
+    fits.PrimaryHDU(np.zeros((4, 4), np.uint16)).writeto(tmp_path / "u16.fits")
+    with pytest.raises(FitsError, match="not a plain float32 image"):
+        Float32Rows(tmp_path / "u16.fits")
