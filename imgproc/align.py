@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import bottleneck as bn
 import numpy as np
 
-from imgproc.binning import block_sum
+from imgproc.binning import binned_shape, block_sum
 
 __all__ = ["Registrar", "Shift", "apply_shift", "pier_side_flip"]
 
@@ -336,7 +336,7 @@ def _spectrum(prepared: np.ndarray, taper: int) -> np.ndarray:
 def _binned(image: np.ndarray, factor: int) -> np.ndarray:
     """Float32 sums of ``factor``×``factor`` blocks (a block with a NaN is NaN); the remainder
     rows and columns are dropped."""
-    ny, nx = (n - n % factor for n in image.shape)
+    ny, nx = (n * factor for n in binned_shape(image.shape, factor))
     return block_sum(image[:ny, :nx], factor, np.float32)
 
 

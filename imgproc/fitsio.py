@@ -134,12 +134,12 @@ class Float32Rows:
     through astropy for each strip cost five times the reading."""
 
     def __init__(self, path: Path) -> None:
-        plain = _primary_image_header(path)
-        header = plain[0] if plain else fits.Header()
-        if not plain or header.get("BITPIX") != -32 or header.get("BZERO", 0) or header.get("BSCALE", 1) != 1:
+        primary = _primary_image_header(path)
+        layout = primary and _plain_layout(*primary, False, path)
+        if not primary or not layout or layout[1:] != (">f4", 0.0):
             raise FitsError(f"{path.name}: not a plain float32 image")
-        self.path, self._start = path, plain[1]
-        self.shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+        self.path, self._start = path, layout[0]
+        self.shape = (int(primary[0]["NAXIS2"]), int(primary[0]["NAXIS1"]))
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` (within the image) as stored: big-endian float32."""
