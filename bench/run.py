@@ -36,8 +36,8 @@ MODES = {"calibrate": [], "stack": ["-s", "-S", "20", "-a"]}
 BIG_STACK = ["-s", "-S", "1", "-a"]
 STACK_THRESHOLD = 20
 STACK_BUDGET_MIB = 2048  # config.yaml stacking.memory_budget_mb
-# What the imgproc command sets for Snakemake; the baselines' pool workers get the same, so BLAS
-# (used by the registration) sums in the same order and the outputs compare bit for bit.
+# What the imgproc command sets for Snakemake; the baselines' pool workers get the same, so no
+# method runs idle BLAS threads (the registration pins BLAS to one thread itself).
 ONE_THREAD = {
     key: "1"
     for key in ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",

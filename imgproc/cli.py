@@ -37,7 +37,7 @@ CONFIG_NAME = "imgproc.yaml"
 PROGRESS_SECONDS = 10.0
 #: Thread pools of the numeric libraries: one thread each. The jobs run as threads of the
 #: Snakemake process and are the parallelism (``--cores``); BLAS threads on top would only
-#: compete with them, and sum in an order that depends on the machine's core count.
+#: compete with them (registration pins BLAS to one thread anyway: ``align.one_blas_thread``).
 ONE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
