@@ -25,6 +25,10 @@ rule all:
     default_target: True
 
 
+onstart:
+    start_workers()
+
+
 onsuccess:
     exit_promptly()
 

@@ -74,15 +74,25 @@ class WorkingMemory:
     """The stacking memory of this process, shared by every :func:`combine` running in its
     threads (the workflow's jobs run as threads of one process): a strip starts only when its
     working set fits in the budget next to the strips already being reduced (one strip always
-    may, even a too large one)."""
+    may, even a too large one).
 
-    def __init__(self) -> None:
+    ``share`` is the part of any budget this process may use: ``1 / n`` in each of the
+    workflow's ``n`` worker processes (:mod:`imgproc.workers`), so that together they keep it.
+    """
+
+    def __init__(self, share: float = 1.0) -> None:
         self._free = threading.Condition()
         self.in_use = 0
+        self.share = share
+
+    def budget(self, budget: int) -> int:
+        """This process's part of ``budget`` (bytes)."""
+        return int(budget * self.share)
 
     @contextmanager
     def reserve(self, size: int, budget: int) -> Iterator[None]:
-        """Hold ``size`` bytes of ``budget`` while the block runs."""
+        """Hold ``size`` bytes of this process's part of ``budget`` while the block runs."""
+        budget = self.budget(budget)
         with self._free:
             while self.in_use and self.in_use + size > budget:
                 self._free.wait()
@@ -196,8 +206,8 @@ def combine(
         outlier among ``n`` values lies at most ``(n-1)/sqrt(n)`` widths from the centre, so at
         least 11 frames are needed to reject it at 3 sigma; ``'mad'`` has no such limit.
     memory_budget
-        Bytes allowed for the working sets of all strips in flight in this process (see
-        :func:`strip_rows` and :data:`MEMORY`).
+        Bytes allowed for the working sets of all strips in flight (see :func:`strip_rows`), of
+        which this process may use its :data:`MEMORY` share.
     threads
         Strips reduced at once; each gets its share of the budget, and there are at least two
         strips per thread, so that reading one overlaps reducing another.
@@ -219,7 +229,7 @@ def combine(
             raise ValueError(f"frame shapes differ: {tuple(src.shape)} != {shape}")
     n_rows, n_cols = shape
     threads = max(1, threads)
-    rows = strip_rows(len(sources), shape, memory_budget // threads)
+    rows = strip_rows(len(sources), shape, MEMORY.budget(memory_budget) // threads)
     rows = min(rows, max(1, STRIP_BYTES // (n_cols * len(sources) * 4)))
     if threads > 1:
         rows = min(rows, math.ceil(n_rows / (2 * threads)))

@@ -2,11 +2,10 @@
 # that turn the plan (work/plan.tsv, written by the plan_frames checkpoint) into batch jobs.
 import gc
 import os
-import runpy
 import sys
 import threading
-from types import SimpleNamespace
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 validate(config, schema=os.path.join(workflow.basedir, "schemas", "config.schema.yaml"))
@@ -14,6 +13,13 @@ validate(config, schema=os.path.join(workflow.basedir, "schemas", "config.schema
 # In a source checkout the imgproc package sits beside the Snakefile.
 sys.path.insert(0, workflow.basedir)
 from imgproc.dag import CALIBRATE_PRIORITY, Layout, WorkflowInputs  # noqa: E402
+from imgproc.workers import (  # noqa: E402
+    WorkerPool,
+    job_namespace,
+    keep_freed_memory,
+    run_adapter,
+    use_processes,
+)
 
 LAYOUT = Layout(config)
 
@@ -30,6 +36,11 @@ wildcard_constraints:
     master=r"master_[^/]+",
 
 
+#: Jobs that go to worker processes when the run has them (imgproc.workers).
+FRAME_JOBS = {"calibrate_batch", "publish_batch"}
+WORKERS = None
+
+
 def run_script(name, **job):
     """Run the adapter scripts/<name>.py inside this Snakemake process, with the `snakemake`
     object a `script:` job gets (input, output, params, log, threads and config).
@@ -38,27 +49,26 @@ def run_script(name, **job):
     0.6-1 s a job, which was most of the wall time of a night. With --force-use-threads (set by
     profiles/default, the workflow profile Snakemake loads by itself) Snakemake runs `run:` jobs
     as threads of its own process, and numpy and file I/O release the GIL, so jobs still run in
-    parallel. On a cluster each job is a Snakemake process of its own on its node, as before.
+    parallel. The frame jobs of a big night run in worker processes (start_workers). On a
+    cluster each job is a Snakemake process of its own on its node, as before.
     """
     script = os.path.join(workflow.basedir, "scripts", f"{name}.py")
-    runpy.run_path(script, init_globals={"snakemake": SimpleNamespace(config=config, **job)})
+    threads = job.pop("threads")
+    sm = job_namespace(config, threads, **job)
+    if WORKERS is not None and name in FRAME_JOBS:
+        WORKERS.run(run_adapter, script, sm, os.getcwd())
+    else:
+        run_adapter(script, sm)
 
 
-def keep_freed_memory():
-    """Let the C allocator reuse freed frame buffers instead of returning them to the kernel.
-
-    Jobs run as threads, and a thread's frame-sized arrays come from a malloc arena of its own
-    that hands freed memory straight back; every new 16 MB array was then page-faulted in
-    again: 350,000 faults and 2-4 s of kernel time for 300 frames of 2048². With arrays up to
-    32 MiB served from the arenas and up to 64 MiB of free memory kept in each, that is 47,000
-    faults. glibc only; elsewhere nothing changes.
-    """
-    import ctypes
-
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's maximum)
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+def start_workers():
+    """At the start of a local run (onstart), start the worker processes in the background if
+    the config's `workers` asks for them (`auto`: 2 cores or more and 1 GiB of lights)."""
+    global WORKERS
+    if workflow.local_exec and use_processes(config["workers"], workflow.cores, config["input_dir"]):
+        WORKERS = WorkerPool(workflow.cores)
+        WORKERS.start()
+        logger.info(f"imgproc: frame jobs run in {workflow.cores} worker processes (config: workers)")
 
 
 keep_freed_memory()
@@ -75,4 +85,6 @@ def exit_promptly():
     for thread in threading.enumerate():
         if isinstance(thread, threading.Timer):
             thread.cancel()
+    if WORKERS is not None:
+        WORKERS.close()
     gc.freeze()

@@ -13,6 +13,7 @@ from astropy.io import fits
 
 from imgproc.plan import stack_groups
 from imgproc.stack import (
+    MEMORY,
     PER_PIXEL_BYTES,
     WORKING_BYTES_PER_ELEMENT,
     ArraySource,
@@ -21,6 +22,7 @@ from imgproc.stack import (
     WorkingMemory,
     combine,
     nanmedian_last,
+    row_bytes,
     strip_rows,
 )
 
@@ -306,11 +308,12 @@ def test_combine_on_threads_equals_one_thread_and_reads_every_row_once():
         assert sorted(src.reads) == [(r0, min(r0 + 10, 57)) for r0 in range(0, 57, 10)]
 
 
-def test_working_memory_holds_concurrent_strips_within_the_budget():
-    memory, peak, lock = WorkingMemory(), [0], threading.Lock()
+def _peak_of_eight_strips(memory: WorkingMemory, size: int, budget: int) -> int:
+    """Largest memory in use while 8 threads each reserve ``size`` of ``budget`` for a while."""
+    peak, lock = [0], threading.Lock()
 
     def strip() -> None:
-        with memory.reserve(40, budget=100):
+        with memory.reserve(size, budget=budget):
             with lock:
                 peak[0] = max(peak[0], memory.in_use)
             time.sleep(0.01)
@@ -320,7 +323,27 @@ def test_working_memory_holds_concurrent_strips_within_the_budget():
         thread.start()
     for thread in threads:
         thread.join()
-    assert peak[0] == 80  # two strips of 40 fit in 100, a third never joined them
     assert memory.in_use == 0
+    return peak[0]
+
+
+def test_working_memory_holds_concurrent_strips_within_the_budget():
+    memory = WorkingMemory()
+    assert _peak_of_eight_strips(memory, 40, 100) == 80  # two strips of 40 fit in 100, never three
     with memory.reserve(500, budget=100):  # one strip larger than the budget still runs
         assert memory.in_use == 500
+
+
+def test_a_worker_process_keeps_to_its_share_of_the_budget(monkeypatch) -> None:
+    memory = WorkingMemory(share=0.5)
+    assert memory.budget(100) == 50
+    assert _peak_of_eight_strips(memory, 20, 100) == 40  # two strips of 20 in its 50, never three
+    # combine sizes its strips from the share too: 10 rows at the whole budget, 5 at half
+    frames = _frames(11, shape=(57, 20), seed=5)
+    budget = 10 * row_bytes(11, 20)
+    whole = [CountingSource(f) for f in frames]
+    combine(whole, memory_budget=budget)
+    monkeypatch.setattr(MEMORY, "share", 0.5)
+    half = [CountingSource(f) for f in frames]
+    combine(half, memory_budget=budget)
+    assert whole[0].reads[:2] == [(0, 10), (10, 20)] and half[0].reads[:2] == [(0, 5), (5, 10)]
