@@ -247,7 +247,7 @@ class TreeSampler(threading.Thread):
 def measure(
     cmd: list[str], *, cwd: Path | None = None, log: Path | None = None, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Run ``cmd`` as a child; wall, CPU (children user+sys), peak RSS of its tree."""
+    """Run ``cmd`` as a child; wall, CPU and peak RSS of its process tree."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     own_before = resource.getrusage(resource.RUSAGE_SELF)
     busy_before = _cpu_busy()
@@ -268,11 +268,14 @@ def measure(
     own = (own_after.ru_utime - own_before.ru_utime) + (own_after.ru_stime - own_before.ru_stime)
     records = sorted(sampler.records.values(), key=lambda r: r.start)
     slurm = sum(max(0.0, r.last_seen - r.start) for r in records if r.kind() == "slurm-query")
+    # getrusage counts only the processes reaped up the tree: not imgproc's worker processes,
+    # which the server they forked from reaps, itself orphaned when Snakemake exits
+    cpu = max(user + system, sum(r.cpu for r in records))
     return {
         "cmd": " ".join(cmd),
         "status": status,
         "wall_s": round(wall, 2),
-        "cpu_s": round(user + system, 2),
+        "cpu_s": round(cpu, 2),
         "user_s": round(user, 2),
         "sys_s": round(system, 2),
         "peak_rss_sum_mib": round(sampler.peak_sum_kib / 1024, 1),
@@ -282,7 +285,7 @@ def measure(
         "slurm_query_s": round(slurm, 2),
         "samples": sampler.samples,
         # CPU the rest of the machine used meanwhile (other work on a shared box)
-        "foreign_cpu_s": round(_cpu_busy() - busy_before - (user + system) - own, 1),
+        "foreign_cpu_s": round(_cpu_busy() - busy_before - cpu - own, 1),
         "sampler_cpu_s": round(own, 2),
         "loadavg_before": load,
         "_records": records,

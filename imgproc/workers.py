@@ -26,7 +26,6 @@ from types import SimpleNamespace
 from typing import Any
 
 from imgproc.manifest import list_fits
-from imgproc.stack import MEMORY
 
 #: ``workers: auto`` uses processes when the lights add up to at least this many bytes: below
 #: it the pool's start (a second of one core) is more than the night's threads lose.
@@ -106,6 +105,8 @@ def run_adapter(script: str, snakemake: SimpleNamespace, cwd: str | None = None)
 
 def _start_worker(memory_share: float) -> None:
     # Ctrl-C reaches the whole process group: the Snakemake process decides what stops
+    from imgproc.stack import MEMORY  # here: numpy and astropy would slow every Snakemake start
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_freed_memory()
     MEMORY.share = memory_share

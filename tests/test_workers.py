@@ -160,3 +160,10 @@ def test_workers_end_when_the_snakemake_process_is_killed(tmp_path: Path) -> Non
     while _running(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(worker)
+
+
+def test_the_snakefile_imports_no_numpy_or_astropy() -> None:
+    # rules/common.smk imports these at every Snakemake start (dry runs, reruns, cluster jobs)
+    code = "import sys, imgproc.dag, imgproc.workers; print(sorted({'numpy', 'astropy'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
