@@ -299,9 +299,9 @@ def measure(
 def imgproc_breakdown(result: dict[str, Any], out: Path, cores: int) -> dict[str, Any]:
     """Where imgproc's wall time went, read from the files the run wrote (its jobs run as
     threads of the Snakemake process or in its worker processes, so the processes do not tell
-    them apart): when each
-    stage ended (s after the start), the batch jobs' own seconds (from their receipts), how busy
-    the cores were with batch work, and the peak RSS of the Snakemake process."""
+    them apart): when each stage ended (s after the start), the batch jobs' own seconds (from
+    their receipts), how busy the cores were with batch work, and the peak RSS of the Snakemake
+    process."""
     t0 = result["_t0"]
 
     def ended(paths: list[Path]) -> float | None:
