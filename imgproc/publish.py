@@ -27,7 +27,7 @@ from imgproc.manifest import SKIPPED
 from imgproc.naming import mean_time
 from imgproc.progress import Progress
 from imgproc.report import cached_thumbnail
-from imgproc.stack import combine
+from imgproc.stack import MEMORY, combine
 from imgproc.stamps import digest, read_json, write_json
 
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
@@ -59,16 +59,29 @@ class Member:
     pierside: str | None = None
 
 
-class ShiftedSource:
-    """Rows of an intermediate file resampled onto the reference grid, read strip by strip.
+class ArrayRows:
+    """Row ranges of a frame already in memory, read as :class:`~imgproc.fitsio.Float32Rows`
+    reads them from an intermediate file."""
 
-    Reads only the rows a strip needs (plus a margin for interpolation) from the float32 file;
-    the part of the strip that comes from outside the frame is NaN.
+    def __init__(self, data: np.ndarray) -> None:
+        self.data, self.shape = data, data.shape
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` (within the image)."""
+        return self.data[start:stop]
+
+
+class ShiftedSource:
+    """Rows of a calibrated frame resampled onto the reference grid, strip by strip.
+
+    ``frame`` gives the frame's rows: its intermediate file (:class:`~imgproc.fitsio.Float32Rows`,
+    which reads only the rows a strip needs, plus a margin for interpolation) or its pixels
+    already in memory (:class:`ArrayRows`). The part of a strip from outside the frame is NaN.
     """
 
-    def __init__(self, path: Path, shift: Shift, order: int = 1) -> None:
-        self.path, self.shift, self.order = path, shift, order
-        self._file = Float32Rows(path)
+    def __init__(self, frame: Float32Rows | ArrayRows, shift: Shift, order: int = 1) -> None:
+        self.shift, self.order = shift, order
+        self._file = frame
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -98,6 +111,12 @@ class ShiftedSource:
         return moved[margin : margin + (r1 - r0)]
 
 
+#: Part of this process's stacking budget (:data:`imgproc.stack.MEMORY`) that the frames of an
+#: aligned group may take to be kept in memory from registering to combining (with ``-S 20`` on
+#: 2048² frames, 8 frames of 16 MB), instead of being read again from their intermediates, a
+#: strip at a time. The combine gets the rest of the budget; bigger groups are read again.
+KEEP_FRAMES_SHARE = 0.25
+
 #: Registrars of this process's publish jobs (threads of the workflow's process), built once
 #: per reference intermediate and settings.
 REGISTRARS: FileCache[Registrar] = FileCache(512 * 1024**2)
@@ -113,14 +132,13 @@ def registrar_for(reference: Path, settings: StackSettings) -> Registrar:
     return REGISTRARS.get((settings.upsample, settings.min_significance), str(reference), build)
 
 
-def measure(member: Member, registrar: Registrar, reference_pierside: str | None) -> Shift:
-    """The shift that puts ``member`` on the reference grid.
+def measure(member: Member, data: np.ndarray, registrar: Registrar, reference_pierside: str | None) -> Shift:
+    """The shift that puts ``member`` (its pixels ``data``) on the reference grid.
 
     A frame whose PIERSIDE differs from the reference's is rotated by 180° (meridian flip)
     before measuring; when either pier side is unknown, the registrar also tries the rotation
     and keeps it if its peak is clearly stronger.
     """
-    data, _ = read_image(member.path)
     if pier_side_flip(reference_pierside, member.pierside):
         shift = registrar.measure(np.rot90(data, 2))
         return Shift(shift.dy, shift.dx, True, shift.quality, shift.significance)
@@ -198,22 +216,36 @@ def publish_stack(
     target: Path,
     settings: StackSettings,
     threads: int = 1,
-) -> None:
-    """Combine ``members`` (each resampled by its shift, if any) into ``target``."""
-    headers = [read_header(member.path)[0] for member in members]
+    frames: Sequence[tuple[np.ndarray, fits.Header]] | None = None,
+) -> tuple[np.ndarray, fits.Header]:
+    """Combine ``members`` (each resampled by its shift, if any) into ``target``; returns the
+    stack and its header.
+
+    ``frames`` are the members' pixels and headers when the caller holds them (it read them to
+    register them): the combine then gets :data:`KEEP_FRAMES_SHARE` less of the budget. Without
+    them each member is read from its intermediate, a strip at a time.
+    """
+    if frames is None:
+        headers = [read_header(member.path)[0] for member in members]
+        rows: list[Float32Rows | ArrayRows] = [Float32Rows(member.path) for member in members]
+        budget = settings.memory_budget
+    else:
+        headers = [header for _, header in frames]
+        rows = [ArrayRows(data) for data, _ in frames]
+        budget = int(settings.memory_budget * (1 - KEEP_FRAMES_SHARE))
     no_shift = Shift(0.0, 0.0, False, 1.0)
-    sources = [
-        ShiftedSource(m.path, s or no_shift, settings.order) for m, s in zip(members, shifts, strict=True)
-    ]
+    sources = [ShiftedSource(r, s or no_shift, settings.order) for r, s in zip(rows, shifts, strict=True)]
     data = combine(
         sources,
         method=settings.method,
         sigma_low=settings.sigma_low,
         sigma_high=settings.sigma_high,
-        memory_budget=settings.memory_budget,
+        memory_budget=budget,
         threads=threads,
     )
-    write_atomic(target, data, stack_header(headers, members, shifts))
+    header = stack_header(headers, members, shifts)
+    write_atomic(target, data, header)
+    return data, header
 
 
 def _shift_record(shift: Shift) -> dict[str, Any]:
@@ -287,6 +319,7 @@ def publish_group(
         return {key: previous[key] for key in ("ncombine", "excluded", "shifts")} | {"status": "reused"}
     write_json(stamp_path, {"sources": sources, "stamp": None})
     shifts: list[Shift | None] = [None] * len(members)
+    frames: list[tuple[np.ndarray, fits.Header]] | None = None
     if settings.align:
         if reference is None or not (workdir / "cal" / f"{reference['frame_id']}.fits").exists():
             return {
@@ -296,25 +329,34 @@ def publish_group(
             }
         registrar = registrar_for(workdir / "cal" / f"{reference['frame_id']}.fits", settings)
         pierside = reference.get("pierside")
+        group_bytes = len(members) * registrar.shape[0] * registrar.shape[1] * 4
+        keep = len(members) > 1 and group_bytes <= MEMORY.budget(settings.memory_budget) * KEEP_FRAMES_SHARE
+
+        def register(member: Member) -> tuple[Shift, tuple[np.ndarray, fits.Header] | None]:
+            data, header = read_image(member.path)
+            return measure(member, data, registrar, pierside), (data, header) if keep else None
+
         with ThreadPoolExecutor(threads) as pool:
-            measured = list(pool.map(lambda member: measure(member, registrar, pierside), members))
-        for member, shift in zip(members, measured, strict=True):
+            measured = list(pool.map(register, members))
+        for member, (shift, _) in zip(members, measured, strict=True):
             problem = check_shift(shift, registrar)
             if problem:
                 excluded[member.frame_id] = problem
-        kept = [(m, s) for m, s in zip(members, measured, strict=True) if m.frame_id not in excluded]
+        kept = [(m, *r) for m, r in zip(members, measured, strict=True) if m.frame_id not in excluded]
         if not kept:
             return {"status": SKIPPED, "reason": "no frame could be aligned", "excluded": excluded}
-        members, shifts = [m for m, _ in kept], [s for _, s in kept]
+        members, shifts = [m for m, _, _ in kept], [s for _, s, _ in kept]
+        frames = [f for _, _, f in kept] if keep else None
     single_shift = shifts[0]
+    made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
     if len(members) > 1:
-        publish_stack(members, shifts, target, settings, threads)
+        made = publish_stack(members, shifts, target, settings, threads, frames)
     elif single_shift is None:
         link_atomic(members[0].path, target)
     else:
         publish_single_aligned(members[0], single_shift, target, settings.order)
     if any(entry.get("thumb") for entry in entries):  # here, in parallel jobs, not in the report
-        cached_thumbnail(target, workdir / "thumbs")
+        cached_thumbnail(target, workdir / "thumbs", data=made[0], header=made[1])
     records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}
     item = {"status": "written", "ncombine": len(members), "excluded": excluded, "shifts": records}
     write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
 from conftest import master_flags, run_cli, sha256_tree
 
+from imgproc import publish
 from imgproc.align import Registrar
 from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
+from imgproc.dag import Layout
+from imgproc.manifest import read_tsv
+from imgproc.publish import ArrayRows, StackSettings
 from imgproc.synth import NightSpec, make_night
 
 
@@ -114,6 +120,34 @@ def test_aligned_stacks_are_the_same_bytes_on_one_core_and_on_threads(night, tmp
     log = "".join(p.read_text() for p in (four / ".snakemake" / "log").glob("*.log"))
     assert "rule publish_batch:" in log and "threads: 2" in log
     assert sha256_tree(four) == sha256_tree(one) and len(sha256_tree(one)) == 2
+
+
+def test_frames_kept_from_registering_to_combining_give_the_same_stack(
+    night, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aligned group small enough is combined from the frames read to register it; with a
+    budget too small to keep them, they are read again from their intermediates, and the stack
+    is the same bytes either way."""
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_OK
+    plan = read_tsv(out / "work" / "plan.tsv")
+    settings = StackSettings(**Layout(yaml.safe_load((out / "imgproc.yaml").read_text())).stack_params())
+    kept: list[int] = []
+    monkeypatch.setattr(publish, "ArrayRows", lambda data: kept.append(data.size) or ArrayRows(data))
+    for made in sorted(out.glob("*.fits")):
+        group = [row for row in plan if row["output"] == made.name]
+        reference = next(row for row in plan if row["frame_id"] == group[0]["reference"])
+        for label, budget in (("kept", settings.memory_budget), ("read-again", 1)):
+            folder = tmp_path / label
+            folder.mkdir(exist_ok=True)
+            before = len(kept)
+            item = publish.publish_group(
+                made.name, group, reference, out / "work", folder, replace(settings, memory_budget=budget)
+            )
+            assert item["status"] == "written" and item["ncombine"] == 4
+            assert (folder / made.name).read_bytes() == made.read_bytes()
+            assert len(kept) - before == (4 if label == "kept" else 0)
+    assert kept == [64 * 64] * 8
 
 
 def test_meridian_flip_is_rotated_before_registration(tmp_path: Path) -> None:

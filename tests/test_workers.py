@@ -30,8 +30,16 @@ with job_logging(sm.log[0]):
         raise ValueError("no such frame")
     if sm.params.action == "die":
         os._exit(3)
+    report = {"pid": os.getpid(), "share": MEMORY.share, "cwd": os.getcwd(), "threads": sm.threads}
+    if sm.params.action == "churn":  # a group of eight 16 MB frames held, then freed
+        import numpy as np
+        rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        frames = [np.ones(4 << 20, np.float32) for _ in range(8)]
+        report["held"] = rss()
+        del frames
+        report["after"] = rss()
     with open(sm.output.report, "w") as out:
-        json.dump({"pid": os.getpid(), "share": MEMORY.share, "cwd": os.getcwd(), "threads": sm.threads}, out)
+        json.dump(report, out)
 """
 
 
@@ -97,6 +105,15 @@ def test_started_pool_has_its_workers_ready(pool, tmp_path: Path) -> None:
     script, sm = _job(tmp_path, "report")
     pool.run(run_adapter, script, sm, str(tmp_path))
     assert (tmp_path / "job.json").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and /proc")
+def test_a_worker_keeps_the_freed_frames_of_a_group_for_its_next_job(pool, tmp_path: Path) -> None:
+    """Handing 128 MB back to the kernel after every stack made each next one fault it in again."""
+    script, sm = _job(tmp_path, "churn")
+    pool.run(run_adapter, script, sm, str(tmp_path))
+    report = json.loads((tmp_path / "job.json").read_text())
+    assert report["held"] - report["after"] < 16 << 20
 
 
 def test_processes_only_with_two_cores_and_auto_only_for_a_big_night(tmp_path: Path, monkeypatch) -> None:

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -227,6 +228,18 @@ def test_plain_snakemake_repeats_the_run_from_the_written_config(night, tmp_path
     # plain snakemake loads profiles/default too: its jobs also ran in-process
     assert "workflow specific profile" in result.stdout + result.stderr
     assert not (again / ".snakemake" / "scripts").exists()
+
+
+def test_workflow_profile_keeps_the_job_rate_limiter_from_waking_the_scheduler(night, tmp_path: Path) -> None:
+    """Snakemake's default limiter (100/1s) re-arms a one-second Timer on every scheduling round,
+    so each ended job left a chain of rounds once a second; profiles/default sets a 10-minute
+    timespan, and the run still ends at once (exit_promptly cancels the pending Timers)."""
+    out = tmp_path / "out"
+    started = time.monotonic()
+    assert run_cli(night.root / "lights", out, *master_flags(night), "--", "--verbose") == EXIT_OK
+    log = "".join(p.read_text() for p in (out / ".snakemake" / "log").glob("*.log"))
+    assert "Submitting maximum 10000 job(s) over 600.0 second(s)." in log
+    assert time.monotonic() - started < 60
 
 
 def test_invalid_config_value_names_the_key(night, tmp_path: Path) -> None:
