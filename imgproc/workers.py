@@ -63,6 +63,25 @@ def keep_freed_memory(trim_threshold: int = TRIM_THRESHOLD) -> None:
         libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
 
 
+def cancel_timers() -> None:
+    """Cancel every pending ``threading.Timer`` of this process."""
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer):
+            thread.cancel()
+
+
+def cancel_timers_at_exit() -> None:
+    """Cancel pending Timers when the interpreter exits, before it waits for them.
+
+    Snakemake's job rate limiter re-arms a Timer of its timespan (10 minutes in
+    profiles/default) on every scheduling round, and an exiting interpreter joins every
+    non-daemon thread first: a run that ends any way but through the onsuccess and onerror hooks
+    (Snakemake itself failing, a full disk) would wait for the last Timer. The hook runs where
+    ``concurrent.futures`` registers its own, before those threads are joined.
+    """
+    threading._register_atexit(cancel_timers)  # type: ignore[attr-defined]
+
+
 def use_processes(mode: str, cores: int, light_dir: str | os.PathLike[str]) -> bool:
     """Whether frame jobs get worker processes: ``mode`` is the config's ``workers`` value;
     ``auto`` means yes with two cores or more and at least :data:`AUTO_MIN_BYTES` of lights."""

@@ -3,7 +3,6 @@
 import gc
 import os
 import sys
-import threading
 
 from snakemake.logging import logger
 from snakemake.utils import validate
@@ -15,6 +14,8 @@ sys.path.insert(0, workflow.basedir)
 from imgproc.dag import CALIBRATE_PRIORITY, Layout, WorkflowInputs  # noqa: E402
 from imgproc.workers import (  # noqa: E402
     WorkerPool,
+    cancel_timers,
+    cancel_timers_at_exit,
     job_namespace,
     keep_freed_memory,
     run_adapter,
@@ -72,19 +73,18 @@ def start_workers():
 
 
 keep_freed_memory()
+cancel_timers_at_exit()
 
 
 def exit_promptly():
     """Let the Snakemake process end as soon as the run is over (onsuccess and onerror).
 
-    Its scheduler re-arms a one-second threading.Timer (the job rate limiter) on every round,
-    and the interpreter waits for a pending timer before it exits: up to a second of nothing.
-    Then the interpreter's final garbage collection walks every object of Snakemake, numpy and
-    astropy, another 0.2-0.5 s; frozen objects are skipped.
+    Its scheduler re-arms a threading.Timer (the job rate limiter) on every round, and the
+    interpreter waits for a pending timer before it exits (on any other way out,
+    cancel_timers_at_exit cancels them). Then the interpreter's final garbage collection walks
+    every object of Snakemake, numpy and astropy, another 0.2-0.5 s; frozen objects are skipped.
     """
-    for thread in threading.enumerate():
-        if isinstance(thread, threading.Timer):
-            thread.cancel()
+    cancel_timers()
     if WORKERS is not None:
         WORKERS.close()
     gc.freeze()

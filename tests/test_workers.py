@@ -179,6 +179,29 @@ def test_workers_end_when_the_snakemake_process_is_killed(tmp_path: Path) -> Non
     assert not _running(worker)
 
 
+#: A Snakemake process in miniature that fails outside any hook, with a rate-limiter Timer pending.
+CRASH_WITH_TIMER = """
+import threading
+from imgproc.workers import cancel_timers_at_exit
+
+cancel_timers_at_exit()
+threading.Timer(600, print).start()
+raise RuntimeError("the scheduler failed")
+"""
+
+
+def test_a_crash_does_not_wait_for_a_pending_timer(tmp_path: Path) -> None:
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_WITH_TIMER)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(workers.__file__).parent.parent)},
+    )  # fmt: skip
+    assert result.returncode == 1 and "the scheduler failed" in result.stderr
+    assert time.monotonic() - started < 30  # not the Timer's 600 s
+
+
 def test_the_snakefile_imports_no_numpy_or_astropy() -> None:
     # rules/common.smk imports these at every Snakemake start (dry runs, reruns, cluster jobs)
     code = "import sys, imgproc.dag, imgproc.workers; print(sorted({'numpy', 'astropy'} & set(sys.modules)))"
