@@ -56,32 +56,46 @@ def _recent(folder: Path, since: float) -> list[Path]:
     return found
 
 
-def count_progress(output: Path, since: float) -> tuple[int, int, int, int] | None:
-    """(frames done, frames planned, outputs done, outputs planned) of the run that started at
-    ``since``; None while there is no plan yet."""
-    plan_path = output / "work" / "plan.tsv"
-    if not plan_path.exists():
-        return None
-    plan = [row for row in read_tsv(plan_path) if row["status"] == OK]
-    frames = {row["frame_id"] for row in plan}
-    outputs = {row["output"] for row in plan}
-    work = output / "work"
+def _finished(work: Path, frames: set[str], outputs: set[str], since: float) -> tuple[set[str], set[str]]:
+    """Planned frames calibrated and planned outputs made, by stamps and receipts written at or
+    after ``since``."""
     calibrated = {path.stem for path in _recent(work / "cal", since)}
     published: set[str] = set()
     for path in _recent(work / "calibrated", since):
         calibrated |= set((read_json(path) or {}).get("items", {}))
     for path in _recent(work / "published", since):
         published |= set((read_json(path) or {}).get("items", {}))
-    return len(calibrated & frames), len(frames), len(published & outputs), len(outputs)
+    return calibrated & frames, published & outputs
 
 
-def format_progress(counts: tuple[int, int, int, int], elapsed: float) -> str:
-    """``frames 120/300 calibrated, outputs 40/300, 25 s elapsed, ~40 s left``."""
-    done, total, made, outputs = counts
-    work_done = done + made
-    work_total = total + outputs
-    left = elapsed / work_done * (work_total - work_done) if work_done else None
-    estimate = f", ~{left:.0f} s left" if left is not None and work_done < work_total else ""
+def count_progress(output: Path, since: float) -> tuple[int, int, int, int, int] | None:
+    """(frames done, frames planned, outputs done, outputs planned, how many of those done the
+    run that started at ``since`` did); None while there is no plan yet.
+
+    Work is done once its stamp or receipt is newer than the plan: a run resumed after a crash
+    starts from what the interrupted one finished, and a run whose plan changed (written anew)
+    from nothing. Only this run's own work measures its pace.
+    """
+    plan_path = output / "work" / "plan.tsv"
+    try:
+        planned = plan_path.stat().st_mtime
+    except OSError:
+        return None
+    plan = [row for row in read_tsv(plan_path) if row["status"] == OK]
+    frames = {row["frame_id"] for row in plan}
+    outputs = {row["output"] for row in plan}
+    calibrated, published = _finished(output / "work", frames, outputs, planned)
+    by_this_run = _finished(output / "work", frames, outputs, max(planned, since))
+    return len(calibrated), len(frames), len(published), len(outputs), sum(map(len, by_this_run))
+
+
+def format_progress(counts: tuple[int, int, int, int, int], elapsed: float) -> str:
+    """``frames 120/300 calibrated, outputs 40/300, 25 s elapsed, ~40 s left``: the estimate from
+    the pace of this run's own work (the last of :func:`count_progress`'s counts)."""
+    done, total, made, outputs, this_run = counts
+    work_left = total + outputs - done - made
+    left = elapsed / this_run * work_left if this_run else None
+    estimate = f", ~{left:.0f} s left" if left is not None and work_left > 0 else ""
     counts_text = f"frames {done}/{total} calibrated, outputs {made}/{outputs}"
     return f"imgproc: {counts_text}, {elapsed:.0f} s elapsed{estimate}"
 
