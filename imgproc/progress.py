@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
@@ -44,28 +45,33 @@ class Progress:
                  now - self.start, left)  # fmt: skip
 
 
-def _recent(folder: Path, since: float) -> list[Path]:
-    """JSON files of ``folder`` written at or after ``since`` (a time.time() value)."""
+def _written(folder: Path) -> list[tuple[Path, float]]:
+    """JSON files of ``folder`` with their modification times (time.time() values)."""
     found = []
     for path in folder.glob("*.json") if folder.is_dir() else ():
         try:
-            if path.stat().st_mtime >= since:
-                found.append(path)
+            found.append((path, path.stat().st_mtime))
         except OSError:
             continue
     return found
 
 
-def _finished(work: Path, frames: set[str], outputs: set[str], since: float) -> tuple[set[str], set[str]]:
-    """Planned frames calibrated and planned outputs made, by stamps and receipts written at or
-    after ``since``."""
-    calibrated = {path.stem for path in _recent(work / "cal", since)}
-    published: set[str] = set()
-    for path in _recent(work / "calibrated", since):
-        calibrated |= set((read_json(path) or {}).get("items", {}))
-    for path in _recent(work / "published", since):
-        published |= set((read_json(path) or {}).get("items", {}))
-    return calibrated & frames, published & outputs
+def _finished(work: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """When each frame was last calibrated and each output last made, by the newest stamp or
+    receipt that says so: {frame id: time}, {output name: time}."""
+    calibrated: dict[str, float] = {}
+    published: dict[str, float] = {}
+
+    def note(found: dict[str, float], keys: Iterable[str], mtime: float) -> None:
+        for key in keys:
+            found[key] = max(mtime, found.get(key, mtime))
+
+    for path, mtime in _written(work / "cal"):
+        note(calibrated, [path.stem], mtime)
+    for folder, found in (("calibrated", calibrated), ("published", published)):
+        for path, mtime in _written(work / folder):
+            note(found, (read_json(path) or {}).get("items", {}), mtime)
+    return calibrated, published
 
 
 def count_progress(output: Path, since: float) -> tuple[int, int, int, int, int] | None:
@@ -82,11 +88,13 @@ def count_progress(output: Path, since: float) -> tuple[int, int, int, int, int]
     except OSError:
         return None
     plan = [row for row in read_tsv(plan_path) if row["status"] == OK]
+    calibrated, published = _finished(output / "work")
     frames = {row["frame_id"] for row in plan}
     outputs = {row["output"] for row in plan}
-    calibrated, published = _finished(output / "work", frames, outputs, planned)
-    by_this_run = _finished(output / "work", frames, outputs, max(planned, since))
-    return len(calibrated), len(frames), len(published), len(outputs), sum(map(len, by_this_run))
+    frames_done = [t for t in map(calibrated.get, frames) if t is not None and t >= planned]
+    outputs_done = [t for t in map(published.get, outputs) if t is not None and t >= planned]
+    this_run = sum(t >= since for t in frames_done + outputs_done)
+    return len(frames_done), len(frames), len(outputs_done), len(outputs), this_run
 
 
 def format_progress(counts: tuple[int, int, int, int, int], elapsed: float) -> str:
