@@ -81,12 +81,12 @@ class ShiftedSource:
 
     def __init__(self, frame: Float32Rows | ArrayRows, shift: Shift, order: int = 1) -> None:
         self.shift, self.order = shift, order
-        self._file = frame
+        self._frame = frame
 
     @property
     def shape(self) -> tuple[int, int]:
         """(ny, nx) of the frame."""
-        return self._file.shape
+        return self._frame.shape
 
     def _rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of the (possibly 180°-rotated) frame, NaN outside it."""
@@ -97,9 +97,9 @@ class ShiftedSource:
         block[hi - start :] = np.nan
         if lo < hi:
             if self.shift.flipped:
-                block[lo - start : hi - start] = self._file.read(ny - hi, ny - lo)[::-1, ::-1]
+                block[lo - start : hi - start] = self._frame.read(ny - hi, ny - lo)[::-1, ::-1]
             else:
-                block[lo - start : hi - start] = self._file.read(lo, hi)
+                block[lo - start : hi - start] = self._frame.read(lo, hi)
         return block
 
     def read_rows(self, r0: int, r1: int) -> np.ndarray:

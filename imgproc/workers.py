@@ -63,7 +63,7 @@ def keep_freed_memory(trim_threshold: int = TRIM_THRESHOLD) -> None:
         libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
 
 
-def cancel_timers() -> None:
+def _cancel_timers() -> None:
     """Cancel every pending ``threading.Timer`` of this process."""
     for thread in threading.enumerate():
         if isinstance(thread, threading.Timer):
@@ -79,7 +79,7 @@ def cancel_timers_at_exit() -> None:
     (Snakemake itself failing, a full disk) would wait for the last Timer. The hook runs where
     ``concurrent.futures`` registers its own, before those threads are joined.
     """
-    threading._register_atexit(cancel_timers)  # type: ignore[attr-defined]
+    threading._register_atexit(_cancel_timers)  # type: ignore[attr-defined]
 
 
 def use_processes(mode: str, cores: int, light_dir: str | os.PathLike[str]) -> bool:

@@ -14,7 +14,6 @@ sys.path.insert(0, workflow.basedir)
 from imgproc.dag import CALIBRATE_PRIORITY, Layout, WorkflowInputs  # noqa: E402
 from imgproc.workers import (  # noqa: E402
     WorkerPool,
-    cancel_timers,
     cancel_timers_at_exit,
     job_namespace,
     keep_freed_memory,
@@ -79,12 +78,11 @@ cancel_timers_at_exit()
 def exit_promptly():
     """Let the Snakemake process end as soon as the run is over (onsuccess and onerror).
 
-    Its scheduler re-arms a threading.Timer (the job rate limiter) on every round, and the
-    interpreter waits for a pending timer before it exits (on any other way out,
-    cancel_timers_at_exit cancels them). Then the interpreter's final garbage collection walks
-    every object of Snakemake, numpy and astropy, another 0.2-0.5 s; frozen objects are skipped.
+    The workers stop now. The rate limiter's pending Timers are cancelled at the exit itself,
+    on every way out (cancel_timers_at_exit). Then the interpreter's final garbage collection
+    walks every object of Snakemake, numpy and astropy, another 0.2-0.5 s; frozen objects are
+    skipped.
     """
-    cancel_timers()
     if WORKERS is not None:
         WORKERS.close()
     gc.freeze()

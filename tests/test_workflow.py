@@ -233,7 +233,7 @@ def test_plain_snakemake_repeats_the_run_from_the_written_config(night, tmp_path
 def test_workflow_profile_keeps_the_job_rate_limiter_from_waking_the_scheduler(night, tmp_path: Path) -> None:
     """Snakemake's default limiter (100/1s) re-arms a one-second Timer on every scheduling round,
     so each ended job left a chain of rounds once a second; profiles/default sets a 10-minute
-    timespan, and the run still ends at once (exit_promptly cancels the pending Timers)."""
+    timespan, and the run still ends at once (the pending Timers are cancelled at exit)."""
     out = tmp_path / "out"
     started = time.monotonic()
     assert run_cli(night.root / "lights", out, *master_flags(night), "--", "--verbose") == EXIT_OK
