@@ -26,7 +26,7 @@ import yaml
 
 from imgproc import __version__
 from imgproc.keywords import normalise
-from imgproc.manifest import list_fits, read_tsv
+from imgproc.manifest import list_fits, missing_filter, read_tsv
 from imgproc.naming import default_output_dirname
 from imgproc.plan import format_plan
 from imgproc.progress import ProgressMonitor
@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-S", "--stack-threshold", type=positive_int, default=150,
                         help="frames in a sequence before stacking is triggered (default 150)")  # fmt: skip
     parser.add_argument("-o", "--observer", default="DGAH", help="observer code (default DGAH)")
-    parser.add_argument("-f", "--filter", help="only process lights with this FILTER value")
+    parser.add_argument(
+        "-f", "--filter",
+        help="only process lights with this filter (case-insensitive; a filter no light has is an error)",
+    )  # fmt: skip
     parser.add_argument("-c", "--concurrency", type=positive_int, default=os.cpu_count() or 1,
                         help="number of processes (default: CPU count)")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="verbose diagnostic output")
@@ -328,10 +331,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if status != 0:
         print(f"imgproc: the workflow failed (Snakemake exit {status}); see {output}/logs", file=sys.stderr)
         return EXIT_FAILED
-    if args.plan and not dry:
-        return show_plan(output)
     if dry:
         return EXIT_OK
+    problem = missing_filter(read_tsv(output / "work" / "manifest.tsv"), args.filter)
+    if problem:
+        print(f"imgproc: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.plan:
+        return show_plan(output)
     print(f"imgproc: finished in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return report(output)
 

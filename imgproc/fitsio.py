@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -285,6 +286,22 @@ def encode_checksum(value: int) -> str:
     return bytes(chars[-1:] + chars[:-1]).decode("ascii")
 
 
+@functools.cache
+def new_file_mode() -> int:
+    """The permissions the umask gives any new file (``0o666 & ~umask``).
+
+    Read from ``/proc/self/status`` where the kernel shows it: setting the umask to read it
+    back is process-wide, and calibrate jobs write files from several threads at once.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 class ImageWriter:
     """A float32 primary-HDU FITS file with CHECKSUM/DATASUM, written row block by row block
     and atomically: ``with ImageWriter(path, header, shape) as out: out.write(rows) ...``.
@@ -314,6 +331,7 @@ class ImageWriter:
     def __enter__(self) -> ImageWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.fchmod(fd, new_file_mode())  # mkstemp makes it 0600; hard-linked outputs share it
         self._handle = os.fdopen(fd, "wb", buffering=0)
         try:
             self._handle.write(self.header.tostring().encode("ascii"))

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from imgproc.naming import safe_part
+
 #: File name endings taken as FITS input (compared case-insensitively).
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".ftz", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
 
@@ -44,6 +46,30 @@ def list_fits(folder: Path) -> list[Path]:
         return sorted(Path(entry.path) for entry in entries if entry.is_file() and is_fits_name(entry.name))
 
 
+def same_filter(value: object, wanted: str) -> bool:
+    """True when a light's filter ``value`` is the ``-f`` filter ``wanted``: compared as the
+    file-name token both give (:func:`imgproc.naming.safe_part`), case-insensitively, so
+    ``-f v`` takes ``V`` and ``-f "Sloan r"`` takes ``Sloan r'`` written as ``Sloan_r_``."""
+    return safe_part(value, "").casefold().rstrip("_") == safe_part(wanted, "").casefold().rstrip("_") != ""
+
+
+def filters_present(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The distinct filters of the readable lights of manifest ``rows``, sorted (``-`` for none)."""
+    return sorted({str(row["filter"] or "-") for row in rows if _readable_light(row)})
+
+
+def _readable_light(row: Mapping[str, Any]) -> bool:
+    return row["folder"] == row["role"] == "light" and not row["error"]
+
+
+def missing_filter(rows: Sequence[Mapping[str, Any]], wanted: str | None) -> str:
+    """Why ``-f wanted`` selects nothing (naming the filters the lights have), or ``""``."""
+    if wanted is None or any(_readable_light(row) and same_filter(row["filter"], wanted) for row in rows):
+        return ""
+    present = ", ".join(repr(name) for name in filters_present(rows)) or "none (no readable light)"
+    return f"no light has the filter {wanted!r} (-f); the lights' filters: {present}"
+
+
 def apply_policy(rows: list[dict], wanted_filter: str | None) -> list[dict]:
     """Statuses that depend on more than one file: non-lights in the input folder, the
     ``-f`` filter, and the same frame present twice under two names."""
@@ -56,7 +82,7 @@ def apply_policy(rows: list[dict], wanted_filter: str | None) -> list[dict]:
             row.update(
                 status=LISTED, reason=f"{row['role']} frame in the light folder: listed, not processed"
             )
-        elif row["folder"] == "light" and wanted_filter is not None and row["filter"] != wanted_filter:
+        elif row["folder"] == "light" and wanted_filter and not same_filter(row["filter"], wanted_filter):
             row.update(status=LISTED, reason=f"filter {row['filter']!r} is not {wanted_filter!r} (-f)")
         elif row["folder"] == "light":
             first = seen.setdefault(row["header_sha1"], row["path"])

@@ -11,7 +11,18 @@ from astropy.io import fits
 
 import imgproc.scan
 from imgproc.keywords import DEFAULT_KEYWORDS
-from imgproc.manifest import COLUMNS, LISTED, OK, SKIPPED, is_fits_name, list_fits, read_tsv, write_tsv
+from imgproc.manifest import (
+    COLUMNS,
+    LISTED,
+    OK,
+    SKIPPED,
+    is_fits_name,
+    list_fits,
+    missing_filter,
+    read_tsv,
+    same_filter,
+    write_tsv,
+)
 from imgproc.scan import ScanRequest, scan, scan_file
 
 SHAPE = (12, 10)
@@ -230,6 +241,28 @@ def test_scan_filter_option_lists_other_filters(tmp_path, wanted, statuses):
     for row in rows:
         if row["status"] == LISTED:
             assert f"is not {wanted!r} (-f)" in row["reason"]
+
+
+@pytest.mark.parametrize(
+    ("value", "wanted", "same"),
+    [("V", "v", True), ("Sloan r'", "sloan r", True), ("Sloan r'", "Sloan_r_", True), ("R", "r'", True),
+     ("V", "B", False), ("Luminance", "L", False), (None, "V", False), ("V", "", False)],
+)  # fmt: skip
+def test_same_filter_compares_normalised_names_case_insensitively(value, wanted, same):
+    assert same_filter(value, wanted) is same
+
+
+def test_missing_filter_names_the_filters_of_readable_lights(tmp_path):
+    lights = tmp_path / "lights"
+    _write(lights / "1.fits", {"FILTER": "V"})
+    _write(lights / "2.fits", {"FILTER": "R"})
+    _write(lights / "3.fits", {"FILTER": None})
+    _write(lights / "4.fits", {"FILTER": "B", "IMAGETYP": "Flat Field"})
+    rows = scan(ScanRequest(lights, filter="Ha"))
+    expected = "no light has the filter 'Ha' (-f); the lights' filters: '-', 'R', 'V'"
+    assert missing_filter(rows, "Ha") == expected
+    assert missing_filter(rows, "r") == missing_filter(rows, None) == ""
+    assert "the lights' filters: none" in missing_filter([], "V")
 
 
 def test_scan_master_folders_rows_after_lights(tmp_path):

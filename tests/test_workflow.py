@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -105,13 +107,33 @@ def test_cli_binning_scales_pixels_and_wcs(night, tmp_path: Path) -> None:
 
 def test_cli_filter_keeps_only_that_filter(night, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert run_cli(night.root / "lights", out, *master_flags(night), "-f", "V") == EXIT_OK
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-f", "v") == EXIT_OK  # any case
     names = sorted(p.name for p in out.glob("*.fits"))
     assert names and all("_V_" in name for name in names)
     assert len(names) == sum(fits.getheader(light)["FILTER"] == "V" for light in night.lights)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and len(summary["listed"]) == len(night.lights) - len(names)
     assert all("(-f)" in item["reason"] for item in summary["listed"])
+
+
+def test_cli_filter_no_light_has_is_a_usage_error_naming_the_filters(night, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-f", "Ha") == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "no light has the filter 'Ha' (-f); the lights' filters: 'R', 'V'" in error
+    assert not list(out.glob("*.fits"))
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-f", "Ha", "--plan") == EXIT_USAGE
+
+
+def test_outputs_and_masters_get_the_umask_permissions(night, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    old = os.umask(0o027)
+    try:
+        assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "2") == EXIT_OK
+    finally:
+        os.umask(old)
+    files = [*out.glob("*.fits"), *(out / "work" / "cal").glob("*.fits")]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o640}
 
 
 def test_cli_observer_code_in_names_and_header(night, tmp_path: Path) -> None:
