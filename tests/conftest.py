@@ -16,7 +16,11 @@ from imgproc.synth import Night, NightSpec, make_night
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
-TIRCAM = SHARED / "data" / "real" / "tircam2-ic310"
+REAL = SHARED / "data" / "real"
+TIRCAM = REAL / "tircam2-ic310"
+#: CI sets IMGPROC_REQUIRE_REAL=1: there a missing real data set fails its tests instead of
+#: skipping them (a user's clone has no ../shared, and skips).
+REQUIRE_REAL = os.environ.get("IMGPROC_REQUIRE_REAL") == "1"
 
 SMALL = NightSpec(n_lights=4, shape=(64, 64), n_stars=25, dither_px=2.0)
 
@@ -43,6 +47,17 @@ def night(small_night_template: Night, tmp_path: Path) -> Night:
         expected_masters=src.expected_masters,
         truth=src.truth,
     )
+
+
+def real_set(name: str) -> Path:
+    """The folder of the shared real data set ``name``; skips the test where it is absent (a
+    user's clone), fails it under ``IMGPROC_REQUIRE_REAL=1`` (CI)."""
+    folder = REAL / name
+    if not folder.is_dir():
+        if REQUIRE_REAL:
+            pytest.fail(f"IMGPROC_REQUIRE_REAL=1 but the real data set {folder} is missing", pytrace=False)
+        pytest.skip(f"real data not present at {folder}")
+    return folder
 
 
 def master_flags(night: Night) -> list[str]:

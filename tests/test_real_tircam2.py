@@ -13,12 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import TIRCAM, run_cli
+from conftest import TIRCAM, real_set, run_cli
 
 from imgproc.cli import EXIT_OK
 from imgproc.naming import output_name
 
-pytestmark = pytest.mark.skipif(not TIRCAM.is_dir(), reason=f"real data not present at {TIRCAM}")
+
+@pytest.fixture(scope="module", autouse=True)
+def _tircam_present() -> None:
+    real_set(TIRCAM.name)
+
 
 #: sha256 of the raw files, from the data set's README.
 CHECKSUMS = {
