@@ -24,8 +24,8 @@ from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 #: Plan columns, in order.
 COLUMNS = (
     "frame_id", "path", "size", "mtime_ns", "hdu", "status", "reason", "sequence", "reference", "output",
-    "n_group", "mid", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch", "pub_kind", "thumb", "pierside",
-    "ny", "nx",
+    "n_group", "mid", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch", "pub_kind", "thumb",
+    "pierside", "ny", "nx",
 )  # fmt: skip
 #: Lone calibrated frames with a thumbnail in the report: at most this many, evenly spread over
 #: the night (every stack and aligned frame has one).
