@@ -4,9 +4,9 @@ Criteria (keywords per master type) -> candidates that agree on all of them -> t
 time, ties broken by file name.  When none agrees, the reason names the nearest candidate and
 the keywords that differ.
 
-Dark scaling: when no dark has the frame's exposure but one agrees on everything else, the
-longest such dark is used, scaled by the exposure ratio (frame / dark), as WBPP and Siril do.
-Only a bias-subtracted dark (dark current alone) scales with exposure, so this needs a bias.
+Dark scaling: when no dark has the frame's exposure but a longer one agrees on everything else,
+the longest such dark is used, scaled by the exposure ratio (frame / dark), as WBPP and Siril
+do. Only a bias-subtracted dark (dark current alone) scales with exposure, so this needs a bias.
 """
 
 from __future__ import annotations
@@ -114,28 +114,38 @@ def match_dark(
     tolerance: Mapping[str, float] = DEFAULT_TOLERANCE,
 ) -> Match:
     """The dark of ``frame`` (a light or a flat): one of its exposure, else (with ``scaling``)
-    the longest dark that agrees on everything but the exposure, scaled by the exposure ratio.
+    the longest dark that agrees on everything but the exposure and is longer than the frame,
+    scaled down by the exposure ratio.
 
     ``bias`` says whether the frame gets a bias subtracted: without one the dark carries the
     bias too, and scaling it would scale the bias, so no dark is scaled (the reason says so).
+    A shorter dark is never scaled up: its noise and any offset in it (the UMD ST-8's 3 s
+    darks sit 17 ADU above the bias) would grow by the ratio.
     """
     exact = match_master(frame, candidates, "dark", criteria, tolerance)
     keys = [key for key in criteria["dark"] if key != "exptime"]
     if exact.path is not None or not scaling or len(keys) == len(criteria["dark"]) or _exposure(frame) <= 0:
         return exact
     others = [
-        dark
-        for dark in candidates
-        if _exposure(dark) > 0 and not differences(frame, dark, keys, tolerance) and _bias_free(dark)
+        dark for dark in candidates if _exposure(dark) > 0 and not differences(frame, dark, keys, tolerance)
     ]
+    longer = [dark for dark in others if _exposure(dark) > _exposure(frame)]
     if not others:
         return exact
-    best = min(others, key=lambda dark: (-_exposure(dark), *_rank(frame, dark)))
-    if not bias:
+    if not longer:
+        shorter = ", ".join(f"{x:g} s" for x in sorted({_exposure(dark) for dark in others}))
         return Match(
-            "dark", None, f"{exact.reason}; scaling {Path(best['path']).name} to "
-            f"{_exposure(frame):g} s would need a bias master (a dark without one carries the bias)",
+            "dark", None, f"{exact.reason}; a shorter dark ({shorter}) is not scaled up to "
+            f"{_exposure(frame):g} s",
         )  # fmt: skip
+    usable = [dark for dark in longer if bias and _bias_free(dark)]
+    if not usable:
+        longest = max(longer, key=_exposure)
+        return Match(
+            "dark", None, f"{exact.reason}; scaling {Path(longest['path']).name} to {_exposure(frame):g} s "
+            "needs a bias master (a dark without one carries the bias)",
+        )  # fmt: skip
+    best = min(usable, key=lambda dark: (-_exposure(dark), *_rank(frame, dark)))
     return Match("dark", best["path"], scale=_exposure(frame) / _exposure(best))
 
 
