@@ -140,13 +140,17 @@ def match_dark(
         )  # fmt: skip
     usable = [dark for dark in longer if bias and _bias_free(dark)]
     if not usable:
-        longest = max(longer, key=_exposure)
+        longest = min(longer, key=lambda dark: _longest_first(frame, dark))
         return Match(
             "dark", None, f"{exact.reason}; scaling {Path(longest['path']).name} to {_exposure(frame):g} s "
             "needs a bias master (a dark without one carries the bias)",
         )  # fmt: skip
-    best = min(usable, key=lambda dark: (-_exposure(dark), *_rank(frame, dark)))
+    best = min(usable, key=lambda dark: _longest_first(frame, dark))
     return Match("dark", best["path"], scale=_exposure(frame) / _exposure(best))
+
+
+def _longest_first(frame: Mapping[str, Any], dark: Mapping[str, Any]) -> tuple[float, float, str]:
+    return (-_exposure(dark), *_rank(frame, dark))
 
 
 def _bias_free(dark: Mapping[str, Any]) -> bool:
