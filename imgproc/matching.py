@@ -129,9 +129,9 @@ def match_dark(
     others = [
         dark for dark in candidates if _exposure(dark) > 0 and not differences(frame, dark, keys, tolerance)
     ]
-    longer = [dark for dark in others if _exposure(dark) > _exposure(frame)]
     if not others:
         return exact
+    longer = [dark for dark in others if _exposure(dark) > _exposure(frame)]
     if not longer:
         shorter = ", ".join(f"{x:g} s" for x in sorted({_exposure(dark) for dark in others}))
         return Match(

@@ -217,15 +217,23 @@ def _mark_thumbnails(plan: list[dict[str, Any]]) -> None:
         entry["thumb"] = True
 
 
+def master_label(entry: Mapping[str, Any], role: str) -> str:
+    """File name of the master of ``role`` a plan entry uses, a scaled dark with its factor
+    (``master_dark_300s.fits ×0.1``); ``-`` for none."""
+    if not entry.get(role):
+        return "-"
+    name = Path(entry[role]).name
+    scale = entry.get("dark_scale") if role == "dark" else None
+    return name if scale is None else f"{name} ×{scale:.4g}"
+
+
 def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:
     """The plan as a table for a person: each light's sequence, group, masters and output, or why
     it will be skipped; then the files that are only listed."""
     header = ("light", "sequence", "group", "bias", "dark", "flat", "output / reason")
     rows = []
     for entry in sorted(plan, key=lambda e: (e["sequence"] or "", e["mid"] or "", e["path"])):
-        masters = [Path(entry[role]).name if entry.get(role) else "-" for role in ("bias", "dark", "flat")]
-        if entry.get("dark") and entry.get("dark_scale") is not None:
-            masters[1] += f" ×{entry['dark_scale']:.4g}"
+        masters = [master_label(entry, role) for role in ("bias", "dark", "flat")]
         outcome = entry["output"] if entry["status"] == OK else f"SKIPPED: {entry['reason']}"
         group = f"{entry['n_group']} frames" if (entry.get("n_group") or 1) > 1 else "single"
         rows.append((Path(entry["path"]).name, entry["sequence"] or "-", group, *masters, outcome))

@@ -27,7 +27,7 @@ from imgproc.masterbuild import build_master
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.masters import plan_masters
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
-from imgproc.plan import PlanSettings, intermediate, make_plan
+from imgproc.plan import PlanSettings, intermediate, make_plan, master_label
 from imgproc.progress import Progress
 from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail, robust_background
 from imgproc.scan import ScanRequest, scan
@@ -133,7 +133,7 @@ def frame_statistics(data: np.ndarray) -> dict[str, float]:
 
 def frame_diagnostics(entry: Mapping[str, Any], stats: Mapping[str, float]) -> str:
     """One line of per-frame diagnostics (``-v``): masters used, sky level and noise."""
-    masters = " ".join(f"{role}={Path(entry[role]).name}" for role in ROLES if entry.get(role))
+    masters = " ".join(f"{role}={master_label(entry, role)}" for role in ROLES if entry.get(role))
     name = Path(entry["path"]).name
     return f"{name}: {masters or 'no masters'} sky={stats['sky']:.2f} noise={stats['noise']:.2f}"
 

@@ -22,7 +22,7 @@ from imgproc.masters import MasterSettings, plan_masters
 from imgproc.matching import match_dark
 from imgproc.plan import PlanSettings, format_plan, make_plan
 from imgproc.scan import ScanRequest, scan
-from imgproc.stages import calibrate_entry, calibration_stamp
+from imgproc.stages import calibrate_entry, calibration_stamp, frame_diagnostics
 from imgproc.synth import write_fits
 
 UMD = SHARED / "data" / "real" / "umd-st8-maximdl-ngc520-r"
@@ -196,6 +196,7 @@ def test_calibrated_pixels_header_and_stamp(night: Path, tmp_path: Path) -> None
     assert "dark master_dark_120s_late.fits scaled by 0.25 (exposure ratio)" in [
         str(h) for h in header["HISTORY"]
     ]
+    assert "dark=master_dark_120s_late.fits ×0.25 " in frame_diagnostics(entry, {"sky": 300.0, "noise": 1.0})
     # the stamp holds the scale: the same frame with another scale is calibrated again
     assert calibrate_entry(entry, work, MasterCache(), "ABC", 1)["status"] == "reused"
     halved = {**entry, "dark_scale": 0.125}
