@@ -1,7 +1,9 @@
-"""Calibration: (light − bias − dark) / normalised flat, in float32, with provenance cards.
+"""Calibration: (light − bias − k·dark) / normalised flat, in float32, with provenance cards.
 
 Convention: master darks are bias-subtracted (dark current only) when a bias folder is given,
 as the original tool's companion scripts make them; without a bias the dark carries the bias.
+A dark of another exposure is scaled by k = light / dark exposure (only with a bias, see
+:func:`imgproc.matching.match_dark`); k is 1 for a dark of the light's exposure.
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ def calibrate_image(
     dark: np.ndarray | None = None,
     flat: np.ndarray | None = None,
     *,
+    dark_scale: float | None = None,
     in_place: bool = False,
 ) -> np.ndarray:
-    """(light − bias − dark) / flat as a new float32 array; the inputs are not modified, except
-    a float32 ``light`` with ``in_place``, which is calibrated in place and returned.
+    """(light − bias − k·dark) / flat as a new float32 array, k = ``dark_scale`` (None: 1); the
+    inputs are not modified, except a float32 ``light`` with ``in_place``, which is calibrated
+    in place and returned.
 
     ``flat`` must already be normalised (:func:`normalise_flat`).  Shapes must agree.  Infinite
     input pixels come out as NaN, like every other pixel without a valid value.
@@ -59,7 +63,7 @@ def calibrate_image(
     if bias is not None:
         np.subtract(out, bias, out=out)
     if dark is not None:
-        np.subtract(out, dark, out=out)
+        np.subtract(out, dark if dark_scale is None else np.float32(dark_scale) * dark, out=out)
     if flat is not None:
         np.divide(out, flat, out=out)
     infinite = np.isinf(out)
@@ -105,10 +109,17 @@ MASTERS = MasterCache()
 
 
 def calibrated_header(
-    header: fits.Header, masters: Mapping[str, str | None], *, observer: str, mid: datetime, binning: int
+    header: fits.Header,
+    masters: Mapping[str, str | None],
+    *,
+    observer: str,
+    mid: datetime,
+    binning: int,
+    dark_scale: float | None = None,
 ) -> fits.Header:
     """The light's header with calibration flags, master file names, OBSERVER, DATE-AVG
-    (mid-exposure, UTC), binning and a HISTORY line; scaling and checksum cards removed."""
+    (mid-exposure, UTC), binning and a HISTORY line; scaling and checksum cards removed.
+    A scaled dark gets DARKSCAL and a HISTORY line naming the dark and the ratio."""
     out = bin_header(header, binning)
     for key in _DROP:
         out.remove(key, ignore_missing=True, remove_all=True)
@@ -122,6 +133,9 @@ def calibrated_header(
     out.set("OBSERVER", observer, "observer code")
     out.set("DATE-AVG", mid.isoformat(timespec="milliseconds"), "[UTC] mid-exposure time")
     out.add_history(f"Calibrated by imgproc {__version__}")
+    if masters.get("dark") is not None and dark_scale is not None:
+        out.set("DARKSCAL", float(dark_scale), "dark scaled by the exposure ratio light/dark")
+        out.add_history(f"dark {Path(masters['dark']).name} scaled by {dark_scale:.6g} (exposure ratio)")
     return out
 
 
@@ -135,9 +149,10 @@ def calibrate_frame(
     observer: str,
     mid: datetime,
     binning: int,
+    dark_scale: float | None = None,
 ) -> tuple[np.ndarray, fits.Header]:
     """Read, calibrate and bin one light into the float32 FITS file ``target``; returns its
-    pixels and header.
+    pixels and header. ``dark_scale`` multiplies the dark (one of another exposure).
 
     The frame streams through in blocks of rows (a multiple of ``binning``) that stay in the
     CPU cache from the read through calibration and binning to the write, instead of a
@@ -147,12 +162,14 @@ def calibrate_frame(
     header, image, blocks = read_image_blocks(light_path, hdu, multiple=binning)
     frames = {role: cache.get(role, path) for role, path in masters.items() if path is not None}
     check_master_shapes(image.shape, frames)  # whole frames: each block's slices would agree
-    out_header = calibrated_header(header, masters, observer=observer, mid=mid, binning=binning)
+    out_header = calibrated_header(
+        header, masters, observer=observer, mid=mid, binning=binning, dark_scale=dark_scale
+    )
     binned = image if binning == 1 else np.empty(binned_shape(image.shape, binning), np.float32)
     with ImageWriter(target, out_header, binned.shape) as out:
         for rows in blocks:
             masters_rows = [frames[role][rows] if role in frames else None for role in ROLES]
-            part = calibrate_image(image[rows], *masters_rows, in_place=True)
+            part = calibrate_image(image[rows], *masters_rows, dark_scale=dark_scale, in_place=True)
             if binning > 1:
                 if len(part) < binning:  # the remainder rows binning drops
                     continue

@@ -71,6 +71,7 @@ class Layout:
             "max_batch": self.config["max_batch"],
             "criteria": {role: list(matching[role]) for role in ROLES},
             "tolerance": dict(matching["tolerance"]),
+            "dark_scaling": matching["dark_scaling"],
             "min_master_frames": self.config["masters"]["min_frames"],
             "prefer_finished": self.config["masters"]["prefer_finished"],
         }

@@ -64,9 +64,10 @@ def build_master(master: Mapping[str, Any], memory_budget: int) -> tuple[np.ndar
     """Combine a planned master's raw frames; returns float32 pixels and its header."""
     role, paths = master["role"], master["members"].split(";")
     bias = read_image(Path(master["bias"]))[0] if master.get("bias") else None
-    dark = None
-    if master.get("dark"):
-        dark = read_image(Path(master["dark"]))[0] * np.float32(master["dark_scale"])
+    dark = read_image(Path(master["dark"]))[0] if master.get("dark") else None
+    scale = master.get("dark_scale")
+    if dark is not None and scale is not None:
+        dark *= np.float32(scale)
     sources = [CorrectedSource(FitsSource(p, read_header(Path(p))[1]), bias, dark) for p in paths]
     if role == "flat":  # frames of different brightness: each scaled to a common level first
         for source in sources:
@@ -84,8 +85,9 @@ def build_master(master: Mapping[str, Any], memory_budget: int) -> tuple[np.ndar
     for key, value in (("BIASFILE", master.get("bias")), ("DARKFILE", master.get("dark"))):
         if value:
             header[key] = (Path(value).name, "master subtracted from every frame")
-    if master.get("dark"):
-        header["DARKSCAL"] = (float(master["dark_scale"]), "dark scaled by exposure ratio")
+    if dark is not None and scale is not None:
+        header["DARKSCAL"] = (float(scale), "dark scaled by the exposure ratio frame/dark")
+        header.add_history(f"dark {Path(master['dark']).name} scaled by {float(scale):.6g} (exposure ratio)")
     header.add_history(f"imgproc {__version__}: sigma-clipped mean (3 sigma, median centre, MAD width)")
     if role == "flat":
         header.add_history("each frame scaled to its central mean; master normalised to central mean 1")

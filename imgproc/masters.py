@@ -4,9 +4,10 @@ Raw bias, dark and flat frames given with ``-B``/``-D``/``-F`` are grouped by th
 matching uses (bias: instrument, gain, offset, readout mode, set temperature, binning, shape;
 darks also exposure; flats also filter).  A group of at least ``min_frames`` becomes a master,
 unless a finished master in the same folder already covers it.  Darks are bias-subtracted when
-a bias is available; flats are bias- and dark-corrected (a dark of another exposure is scaled)
-and normalised to mean 1 over the central region.  Each frame is combined by a sigma-clipped
-mean (3σ, median centre, MAD width) in row strips under the memory budget.
+a bias is available; flats are bias- and dark-corrected (without a dark of their exposure, the
+longest bias-subtracted one scaled by the exposure ratio, when a bias is subtracted) and
+normalised to mean 1 over the central region.  Each frame is combined by a sigma-clipped mean
+(3σ, median centre, MAD width) in row strips under the memory budget.
 
 This module is the planning, in pure Python (the Snakefile reads it at parse time);
 :mod:`imgproc.masterbuild` does the combining.
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from imgproc.manifest import OK
-from imgproc.matching import DEFAULT_CRITERIA, DEFAULT_TOLERANCE, differences, match_master
+from imgproc.matching import DEFAULT_CRITERIA, DEFAULT_TOLERANCE, differences, match_dark, match_master
 from imgproc.naming import mean_time, safe_part
 
 ROLES = ("bias", "dark", "flat")
@@ -57,6 +58,7 @@ class MasterSettings:
     prefer_finished: bool = True  # a finished master of the same group wins over building one
     criteria: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_CRITERIA))
     tolerance: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
+    dark_scaling: bool = True  # a dark of another exposure, bias-subtracted, scaled to the flats'
 
 
 def group_raw(rows: Sequence[Mapping[str, Any]], role: str, settings: MasterSettings) -> list[list[Mapping]]:
@@ -135,25 +137,21 @@ def plan_masters(rows: Sequence[Mapping[str, Any]], settings: MasterSettings) ->
 
 
 def _corrections(
-    master: dict[str, Any], role: str, usable: Mapping[str, Sequence[Mapping]], settings
+    master: dict[str, Any], role: str, usable: Mapping[str, Sequence[Mapping]], settings: MasterSettings
 ) -> None:
-    """Which bias (and dark, with its exposure scale) a dark or flat group is corrected with."""
-    master["dark_scale"] = None
+    """Which bias (and dark, with its exposure scale) a dark or flat group is corrected with.
+
+    A flat without a dark of its exposure is corrected with the longest bias-subtracted dark
+    scaled by the exposure ratio (:func:`imgproc.matching.match_dark`), if a bias is subtracted
+    too and ``dark_scaling`` is on; otherwise with no dark.
+    """
+    master.update(dark=None, dark_scale=None)
     if role == "bias":
         return
     bias = match_master(master, usable["bias"], "bias", settings.criteria, settings.tolerance)
     master["bias"] = bias.path
     if role != "flat":
         return
-    dark = match_master(master, usable["dark"], "dark", settings.criteria, settings.tolerance)
-    if dark.path is None:  # no dark of this exposure: scale one that agrees on everything else
-        others = {**settings.criteria, "dark": [k for k in settings.criteria["dark"] if k != "exptime"]}
-        dark = match_master(master, usable["dark"], "dark", others, settings.tolerance)
-    if dark.path is not None:
-        dark_row = next(d for d in usable["dark"] if d["path"] == dark.path)
-        master["dark"] = dark.path
-        master["dark_scale"] = (
-            (master.get("exptime") or 0.0) / dark_row["exptime"] if dark_row["exptime"] else None
-        )
-        if master["dark_scale"] is None:
-            master["dark"] = None
+    dark = match_dark(master, usable["dark"], bias=bias.path is not None, scaling=settings.dark_scaling,
+                      criteria=settings.criteria, tolerance=settings.tolerance)  # fmt: skip
+    master.update(dark=dark.path, dark_scale=dark.scale)

@@ -24,8 +24,8 @@ from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 #: Plan columns, in order.
 COLUMNS = (
     "frame_id", "path", "size", "mtime_ns", "hdu", "status", "reason", "sequence", "reference", "output",
-    "n_group", "mid", "bias", "dark", "flat", "cal_batch", "pub_batch", "pub_kind", "thumb", "pierside",
-    "ny", "nx",
+    "n_group", "mid", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch", "pub_kind", "thumb",
+    "pierside", "ny", "nx",
 )  # fmt: skip
 #: Lone calibrated frames with a thumbnail in the report: at most this many, evenly spread over
 #: the night (every stack and aligned frame has one).
@@ -52,10 +52,13 @@ class PlanSettings:
     tolerance: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
     min_master_frames: int = 3  # raw calibration frames needed to build a master
     prefer_finished: bool = True  # a finished master covering a group wins over building one
+    dark_scaling: bool = True  # no dark of a frame's exposure: a longer one scaled (needs a bias)
 
     def master_settings(self) -> MasterSettings:
         """How raw calibration frames become masters."""
-        return MasterSettings(self.min_master_frames, self.prefer_finished, self.criteria, self.tolerance)
+        return MasterSettings(
+            self.min_master_frames, self.prefer_finished, self.criteria, self.tolerance, self.dark_scaling
+        )
 
 
 def frame_id(path: str) -> str:
@@ -130,9 +133,10 @@ def make_plan(
             "sequence": sequence_key(row),
             "mid": mid_exposure(datetime.fromisoformat(row["date_obs"]), row["exptime"]),
         }  # fmt: skip
-        matches = match_light(row, wanted, settings.criteria, settings.tolerance)
+        matches = match_light(row, wanted, settings.criteria, settings.tolerance, settings.dark_scaling)
         for role, match in matches.items():
             entry[role] = match.path
+        entry["dark_scale"] = matches["dark"].scale if "dark" in matches else None
         failed = [match.reason for match in matches.values() if match.path is None]
         if failed:
             entry.update(status=SKIPPED, reason="; ".join(failed))
@@ -213,13 +217,23 @@ def _mark_thumbnails(plan: list[dict[str, Any]]) -> None:
         entry["thumb"] = True
 
 
+def master_label(entry: Mapping[str, Any], role: str) -> str:
+    """File name of the master of ``role`` a plan entry uses, a scaled dark with its factor
+    (``master_dark_300s.fits ×0.1``); ``-`` for none."""
+    if not entry.get(role):
+        return "-"
+    name = Path(entry[role]).name
+    scale = entry.get("dark_scale") if role == "dark" else None
+    return name if scale is None else f"{name} ×{scale:.4g}"
+
+
 def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:
     """The plan as a table for a person: each light's sequence, group, masters and output, or why
     it will be skipped; then the files that are only listed."""
     header = ("light", "sequence", "group", "bias", "dark", "flat", "output / reason")
     rows = []
     for entry in sorted(plan, key=lambda e: (e["sequence"] or "", e["mid"] or "", e["path"])):
-        masters = [Path(entry[role]).name if entry.get(role) else "-" for role in ("bias", "dark", "flat")]
+        masters = [master_label(entry, role) for role in ("bias", "dark", "flat")]
         outcome = entry["output"] if entry["status"] == OK else f"SKIPPED: {entry['reason']}"
         group = f"{entry['n_group']} frames" if (entry.get("n_group") or 1) > 1 else "single"
         rows.append((Path(entry["path"]).name, entry["sequence"] or "-", group, *masters, outcome))

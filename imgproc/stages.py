@@ -27,7 +27,7 @@ from imgproc.masterbuild import build_master
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.masters import plan_masters
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
-from imgproc.plan import PlanSettings, intermediate, make_plan
+from imgproc.plan import PlanSettings, intermediate, make_plan, master_label
 from imgproc.progress import Progress
 from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail, robust_background
 from imgproc.scan import ScanRequest, scan
@@ -116,9 +116,11 @@ def run_build_master(master: Mapping[str, Any], target: Path, memory_budget: int
 
 
 def calibration_stamp(entry: Mapping[str, Any], observer: str, binning: int) -> str:
-    """Digest of everything an intermediate depends on."""
+    """Digest of everything an intermediate depends on (a dark's scale only when it is scaled,
+    so that the stamps of unscaled frames are those of earlier versions)."""
     masters = {role: file_id(entry[role]) for role in ROLES if entry.get(role)}
-    return digest([file_id(entry["path"]), masters, observer, binning, entry["mid"], __version__])
+    scale = [entry["dark_scale"]] if entry.get("dark") and entry.get("dark_scale") is not None else []
+    return digest([file_id(entry["path"]), masters, observer, binning, entry["mid"], __version__, *scale])
 
 
 def frame_statistics(data: np.ndarray) -> dict[str, float]:
@@ -131,7 +133,7 @@ def frame_statistics(data: np.ndarray) -> dict[str, float]:
 
 def frame_diagnostics(entry: Mapping[str, Any], stats: Mapping[str, float]) -> str:
     """One line of per-frame diagnostics (``-v``): masters used, sky level and noise."""
-    masters = " ".join(f"{role}={Path(entry[role]).name}" for role in ROLES if entry.get(role))
+    masters = " ".join(f"{role}={master_label(entry, role)}" for role in ROLES if entry.get(role))
     name = Path(entry["path"]).name
     return f"{name}: {masters or 'no masters'} sky={stats['sky']:.2f} noise={stats['noise']:.2f}"
 
@@ -148,6 +150,7 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     data, header = calibrate_frame(
         Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target,
         observer=observer, mid=datetime.fromisoformat(entry["mid"]), binning=binning,
+        dark_scale=entry.get("dark_scale") if entry.get("dark") else None,
     )  # fmt: skip
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
