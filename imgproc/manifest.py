@@ -15,13 +15,16 @@ from typing import Any
 #: File name endings taken as FITS input (compared case-insensitively).
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".ftz", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
 
+#: A file that marks an imgproc output folder (the resolved config); such folders are not searched.
+OUTPUT_MARKER = "imgproc.yaml"
+
 #: Folder roles: where a file was found.
 FOLDER_ROLES = ("light", "bias", "dark", "flat")
 
 #: Manifest columns, in order; numbers parse back as float (or int for the INT set).
 COLUMNS = (
     "path", "folder", "role", "status", "reason", "error", "size", "mtime_ns", "hdu", "ny", "nx",
-    "imagetyp_raw", "is_master", "object", "filter", "exptime", "date_obs", "instrume", "gain",
+    "imagetyp_raw", "type_source", "is_master", "object", "filter", "exptime", "date_obs", "instrume", "gain",
     "offset", "readoutm", "set_temp", "xbinning", "ybinning", "pierside", "header_sha1", "table_sha1",
 )  # fmt: skip
 _FLOAT = frozenset({"exptime", "gain", "offset", "set_temp", "dark_scale"})
@@ -38,10 +41,60 @@ def is_fits_name(name: str) -> bool:
     return not lower.startswith(".") and lower.endswith(FITS_SUFFIXES)
 
 
-def list_fits(folder: Path) -> list[Path]:
-    """FITS files directly inside ``folder``, sorted by name (no header is read)."""
-    with os.scandir(folder) as entries:
-        return sorted(Path(entry.path) for entry in entries if entry.is_file() and is_fits_name(entry.name))
+def list_fits(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+    """FITS files in ``folder`` and its subfolders, sorted by path (no header is read).
+
+    Hidden files and folders are left out, and so are the folders ``exclude`` (an output folder
+    inside the tree) and any subfolder holding :data:`OUTPUT_MARKER` (an imgproc output folder).
+    Symlinked folders are followed, but each real folder is searched once (a symlink loop ends)
+    and a file reached by two paths is listed once, under the first path in sorted order. A
+    subfolder that cannot be read is left out.
+    """
+    skipped = {_identity(path) for path in exclude if path.is_dir()}
+    folders, files = set(skipped), set()
+    found: list[Path] = []
+    todo = [(folder, True)]
+    while todo:
+        current, top = todo.pop()
+        try:
+            key = _identity(current)
+            if key in folders or (not top and (current / OUTPUT_MARKER).is_file()):
+                continue
+            folders.add(key)
+            with os.scandir(current) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError:
+            if top:
+                raise
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                subfolders.append((Path(entry.path), False))
+            elif entry.is_file() and is_fits_name(entry.name) and _identity(entry) not in files:
+                files.add(_identity(entry))
+                found.append(Path(entry.path))
+        todo += reversed(subfolders)  # depth first, in name order
+    return sorted(found)
+
+
+def _identity(path: Path | os.DirEntry) -> tuple[int, int]:
+    """(device, inode) of a file or folder, symlinks followed."""
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def describe_type(row: Mapping[str, Any]) -> str:
+    """A row's frame type and where it came from: ``bias frame (IMAGETYP 'Bias Frame')``,
+    ``flat frame (from its file name)``, ``bias frame (from its IRAFNAME)``."""
+    kind, source = f"{row['role']} frame", row.get("type_source")
+    if not source:
+        return kind
+    if row.get("imagetyp_raw") is not None:
+        return f"{kind} ({source} {row['imagetyp_raw']!r})"
+    return f"{kind} (from its {source})"
 
 
 def apply_policy(rows: list[dict], wanted_filter: str | None) -> list[dict]:
@@ -53,9 +106,7 @@ def apply_policy(rows: list[dict], wanted_filter: str | None) -> list[dict]:
         if row["error"]:
             row.update(status=SKIPPED, reason=row["error"])
         elif row["folder"] == "light" and row["role"] != "light":
-            row.update(
-                status=LISTED, reason=f"{row['role']} frame in the light folder: listed, not processed"
-            )
+            row.update(status=LISTED, reason=f"{describe_type(row)} in the light folder: listed, not processed")
         elif row["folder"] == "light" and wanted_filter is not None and row["filter"] != wanted_filter:
             row.update(status=LISTED, reason=f"filter {row['filter']!r} is not {wanted_filter!r} (-f)")
         elif row["folder"] == "light":
