@@ -106,7 +106,8 @@ def apply_policy(rows: list[dict], wanted_filter: str | None) -> list[dict]:
         if row["error"]:
             row.update(status=SKIPPED, reason=row["error"])
         elif row["folder"] == "light" and row["role"] != "light":
-            row.update(status=LISTED, reason=f"{describe_type(row)} in the light folder: listed, not processed")
+            reason = f"{describe_type(row)} in the light folder: listed, not processed"
+            row.update(status=LISTED, reason=reason)
         elif row["folder"] == "light" and wanted_filter is not None and row["filter"] != wanted_filter:
             row.update(status=LISTED, reason=f"filter {row['filter']!r} is not {wanted_filter!r} (-f)")
         elif row["folder"] == "light":

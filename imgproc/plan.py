@@ -235,8 +235,7 @@ def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[st
         outcome = entry["output"] if entry["status"] == OK else f"SKIPPED: {entry['reason']}"
         group = f"{entry['n_group']} frames" if (entry.get("n_group") or 1) > 1 else "single"
         rows.append((shown[entry["path"]], entry["sequence"] or "-", group, *masters, outcome))
-    for row in others:
-        rows.append((shown[row["path"]], "-", "-", "-", "-", "-", f"{row['status'].upper()}: {row['reason']}"))
+    rows += [(shown[r["path"]], *["-"] * 5, f"{r['status'].upper()}: {r['reason']}") for r in others]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + str(r[-1])
              for r in [header, *rows]]  # fmt: skip
