@@ -46,25 +46,25 @@ def list_fits(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
 
     Hidden files and folders are left out, and so are the folders ``exclude`` (an output folder
     inside the tree) and any subfolder holding :data:`OUTPUT_MARKER` (an imgproc output folder).
-    Symlinked folders are followed, but each real folder is searched once (a symlink loop ends)
-    and a file reached by two paths is listed once, under the first path in sorted order. A
-    subfolder that cannot be read is left out.
+    Symlinks are followed, but each real folder is searched once (a symlink loop ends) and each
+    file listed once: under its real path when the tree holds it, else under its first link in
+    path order. A subfolder that cannot be read is left out.
     """
-    skipped = {_identity(path) for path in exclude if path.is_dir()}
-    folders, files = set(skipped), set()
-    found: list[Path] = []
-    todo = [(folder, True)]
-    while todo:
-        current, top = todo.pop()
+    searched = {_identity(path) for path in exclude if path.is_dir()}
+    real, linked = [folder], []  # folders still to search: the real tree first, then the links
+    files: list[Path] = []  # each real folder is searched once, so each of its files is new
+    links: list[Path] = []  # symlinked files, listed when their file is not listed already
+    while real or linked:
+        current = real.pop() if real else linked.pop(0)
         try:
             key = _identity(current)
-            if key in folders or (not top and (current / OUTPUT_MARKER).is_file()):
+            if key in searched or (current != folder and (current / OUTPUT_MARKER).is_file()):
                 continue
-            folders.add(key)
+            searched.add(key)
             with os.scandir(current) as scan:
                 entries = sorted(scan, key=lambda entry: entry.name)
         except OSError:
-            if top:
+            if current == folder:
                 raise
             continue
         subfolders = []
@@ -72,15 +72,20 @@ def list_fits(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():
-                subfolders.append((Path(entry.path), False))
-            elif entry.is_file() and is_fits_name(entry.name) and _identity(entry) not in files:
-                files.add(_identity(entry))
-                found.append(Path(entry.path))
-        todo += reversed(subfolders)  # depth first, in name order
-    return sorted(found)
+                (linked if entry.is_symlink() else subfolders).append(Path(entry.path))
+            elif entry.is_file() and is_fits_name(entry.name):
+                (links if entry.is_symlink() else files).append(Path(entry.path))
+        real += reversed(subfolders)
+    if links:
+        seen = {_identity(path) for path in files}
+        for link in sorted(links):
+            if _identity(link) not in seen:
+                seen.add(_identity(link))
+                files.append(link)
+    return sorted(files)
 
 
-def _identity(path: Path | os.DirEntry) -> tuple[int, int]:
+def _identity(path: Path) -> tuple[int, int]:
     """(device, inode) of a file or folder, symlinks followed."""
     stat = path.stat()
     return stat.st_dev, stat.st_ino
