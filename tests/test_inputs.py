@@ -12,8 +12,10 @@ import pytest
 import yaml
 from astropy.io import fits
 from conftest import REPO, run_cli
+from hypothesis import given
+from hypothesis import strategies as st
 
-from imgproc.cli import EXIT_OK
+from imgproc.cli import EXIT_OK, default_output_dir
 from imgproc.dag import Layout
 from imgproc.fitsio import read_header, read_image
 from imgproc.keywords import DEFAULT_KEYWORDS, frame_type, name_type, normalise
@@ -194,6 +196,21 @@ def test_name_type_takes_whole_words_only(name: str | None, kind: str | None) ->
     assert name_type(name) == kind
 
 
+@given(
+    word=st.sampled_from(["bias", "zero", "dark", "flat"]),
+    glued=st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=8),
+    number=st.integers(0, 999),
+)
+def test_name_type_never_reads_a_word_glued_to_other_letters(word: str, glued: str, number: int) -> None:
+    """'darkcloud', 'flatiron', 'nodark': a calibration word inside a longer word is no type
+    (bar the plurals and the few prefixes name_type knows: 'flats', 'skyflat')."""
+    before, after = f"{glued}{word}", f"{word}{glued}"
+    if glued.lower() not in ("master", "sky", "dome", "lamp", "twilight"):
+        assert name_type(f"M31_{before}_{number:03d}.fits") is None
+    if glued.lower() not in ("s", "es"):
+        assert name_type(f"{after}-{number}.fit") is None
+
+
 def test_type_from_the_file_name_or_irafname_only_without_a_type_keyword() -> None:
     cards = {"DATE-OBS": "2022-10-23T08:31:24", "EXPTIME": "0", "FILTER1": "BLOCK"}
     by_name = normalise(cards, file_name="bias_1.fits")
@@ -299,6 +316,15 @@ def test_a_master_folder_frame_named_for_another_type_is_not_used(tmp_path: Path
     assert by_name["bias_1.fits"]["status"] == OK
     assert by_name["flats_1.fits"]["status"] == SKIPPED
     assert by_name["flats_1.fits"]["reason"] == "flat frame (from its file name) in the bias folder"
+
+
+def test_default_output_folder_is_named_for_the_earliest_light_of_the_tree(tmp_path: Path) -> None:
+    night = tmp_path / "night"
+    _fits(night / "bias_001.fits", {"OBJECT": "Bias", "EXPTIME": 0.0, "DATE-OBS": "2025-04-30T20:00:00"})
+    _fits(night / "s2" / "Light_2.fits", {**LIGHT, "OBJECT": "M 57", "DATE-OBS": "2025-05-02T01:00:00"}, 1)
+    _fits(night / "s1" / "Light_1.fits", {**LIGHT, "DATE-OBS": "2025-05-01T21:00:00"}, 2)
+    _fits(night / ".trash" / "Light_0.fits", {**LIGHT, "OBJECT": "Old", "DATE-OBS": "2020-01-01T21:00:00"}, 3)
+    assert default_output_dir(night, "AB", DEFAULT_KEYWORDS) == tmp_path / "M_27_2025-05-01_AB_CAL"
 
 
 # --- the command on a tree --------------------------------------------------------------------
