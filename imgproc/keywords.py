@@ -144,11 +144,6 @@ def parse_date_obs(value: object, time_obs: object = None) -> datetime:
     return parsed - offset
 
 
-def lookup(header: Mapping[str, Any], keys: list[str]) -> Any:
-    """The first of ``keys`` present in ``header`` with a non-placeholder value, else None."""
-    return lookup_key(header, keys)[1]
-
-
 def lookup_key(header: Mapping[str, Any], keys: list[str]) -> tuple[str | None, Any]:
     """(keyword, value) of the first of ``keys`` present with a non-placeholder value, else (None, None)."""
     for key in keys:
