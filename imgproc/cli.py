@@ -127,13 +127,15 @@ def check_folder(path: Path, what: str) -> Path:
 
 
 def default_output_dir(input_dir: Path, observer: str, keywords: dict[str, list[str]]) -> Path:
-    """``<OBJECT>_<YYYY-MM-DD>_<OBSERVER>_CAL`` of the earliest light, beside the input folder."""
+    """``<OBJECT>_<YYYY-MM-DD>_<OBSERVER>_CAL`` of the earliest light (of the folder and its
+    subfolders; frames whose type or file name says calibration are not lights), beside the
+    input folder."""
     from imgproc.fitsio import FitsError, read_header  # astropy only when this folder is needed
 
     earliest: tuple[str, str | None] | None = None
     for path in list_fits(input_dir):
         try:
-            values = normalise(read_header(path)[0], keywords)
+            values = normalise(read_header(path)[0], keywords, path.name)
         except (FitsError, OSError):
             continue
         if values["imagetyp"] in (None, "light") and values["date_obs"]:
@@ -152,16 +154,17 @@ def resolve_config(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[s
     config = dict(defaults)
     input_dir = check_folder(args.input_dir, "input folder")
     if not list_fits(input_dir):
-        raise UsageError(f"no FITS files (.fits .fit .fts .fz .fits.gz) in {input_dir}")
-    for role, path in (("bias", args.bias_dir), ("dark", args.dark_dir), ("flat", args.flat_dir)):
-        folder = None if path is None else check_folder(path, f"{role} folder")
-        if folder is not None and not list_fits(folder):
-            raise UsageError(f"the {role} folder {folder} holds no FITS files")
-        config[f"{role}_dir"] = None if folder is None else str(folder)
+        raise UsageError(f"no FITS files (.fits .fit .fts .fz .fits.gz) in {input_dir} or its subfolders")
+    given = (("bias", args.bias_dir), ("dark", args.dark_dir), ("flat", args.flat_dir))
+    masters = {role: None if path is None else check_folder(path, f"{role} folder") for role, path in given}
     output = args.output_dir or default_output_dir(input_dir, args.observer, config["keywords"])
     output = output.resolve()
     if output == input_dir or input_dir in output.parents:
         raise UsageError(f"output folder {output} is inside the input folder; choose another")
+    for role, folder in masters.items():
+        if folder is not None and not list_fits(folder, [output]):
+            raise UsageError(f"the {role} folder {folder} holds no FITS files (its subfolders neither)")
+        config[f"{role}_dir"] = None if folder is None else str(folder)
     config.update(
         input_dir=str(input_dir), output_dir=str(output), observer=args.observer, filter=args.filter,
         bin=args.bin_level, align=args.align, stack=args.stack, stack_threshold=args.stack_threshold,

@@ -34,9 +34,11 @@ class Layout:
         self.config = config
         self.input_dir = Path(config["input_dir"])
         self.master_dirs = {r: Path(config[f"{r}_dir"]) for r in ROLES if config.get(f"{r}_dir")}
+        self.exclude = [Path(config["output_dir"])] if config.get("output_dir") else []
 
     def input_files(self) -> list[str]:
-        """Every FITS file of the input and master folders (names only, no header read).
+        """Every FITS file of the input and master folders and their subfolders, the output
+        folder left out (names only, no header read).
 
         These are the scan's inputs only so that Snakemake rescans when files come, go or
         change (see :func:`trackable`).
@@ -45,7 +47,7 @@ class Layout:
         missing = [str(folder) for folder in folders if not folder.is_dir()]
         if missing:
             raise FileNotFoundError(f"not a folder: {', '.join(missing)}")
-        return trackable(str(path) for folder in folders for path in list_fits(folder))
+        return trackable(str(path) for folder in folders for path in list_fits(folder, self.exclude))
 
     def scan_params(self) -> dict[str, Any]:
         """What the scan depends on besides the files themselves."""
@@ -54,6 +56,7 @@ class Layout:
             "master_dirs": {role: str(path) for role, path in self.master_dirs.items()},
             "keywords": dict(self.config["keywords"]),
             "filter": self.config.get("filter"),
+            "exclude": [str(path) for path in self.exclude],
         }
 
     def plan_params(self) -> dict[str, Any]:

@@ -95,15 +95,13 @@ def read_header(path: Path) -> tuple[fits.Header, int, tuple[int, int]]:
     with open_fits(path) as hdul:
         try:
             index = find_image(hdul)
-            header = hdul[index].header.copy()
+            header = image_header(hdul, index)
         except FitsError:
             raise
         except (OSError, ValueError, IndexError) as exc:
             raise FitsError(f"damaged FITS structure ({exc})") from exc
         compressed = isinstance(hdul[index], fits.CompImageHDU)
         data_start = hdul.fileinfo(index)["datLoc"]
-    if compressed:
-        header = _strip_compression(header)
     return header, index, _checked_shape(path, header, data_start, compressed)
 
 
@@ -118,12 +116,32 @@ def _checked_shape(path: Path, header: fits.Header, data_start: int, compressed:
     return shape
 
 
-def _strip_compression(header: fits.Header) -> fits.Header:
-    """The image header of a tile-compressed HDU, without its table-only cards."""
-    clean = header.copy()
-    for key in ("XTENSION", "PCOUNT", "GCOUNT", "EXTNAME"):
-        clean.remove(key, ignore_missing=True, remove_all=True)
-    return clean
+#: Cards of an extension that only describe it as an extension (or a compressed table).
+_EXTENSION_CARDS = ("XTENSION", "PCOUNT", "GCOUNT", "EXTNAME", "EXTVER", "INHERIT")
+#: Cards of a primary header that describe its own (empty) data unit, not the observation.
+_PRIMARY_OWN_CARDS = frozenset({"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "BZERO", "BSCALE", "BLANK", "CHECKSUM",
+                                "DATASUM", "COMMENT", "HISTORY", ""})  # fmt: skip
+
+
+def image_header(hdul: fits.HDUList, index: int) -> fits.Header:
+    """The header of the image in HDU ``index``, as a primary image's.
+
+    An image extension (an fpack ``.fz`` file's compressed HDU, an archive's ``SCI``) loses its
+    extension-only cards and takes the observation cards of the empty primary header that it
+    does not set itself (its own values win; none with ``INHERIT = F``).
+    """
+    header = hdul[index].header.copy()
+    if index == 0:
+        return header
+    inherit = header.get("INHERIT", True) is not False
+    for key in _EXTENSION_CARDS:
+        header.remove(key, ignore_missing=True, remove_all=True)
+    if inherit:
+        for card in hdul[0].header.cards:
+            key = card.keyword
+            if key not in _PRIMARY_OWN_CARDS and not key.startswith("NAXIS") and key not in header:
+                header.append(card)
+    return header
 
 
 _DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", -32: ">f4", -64: ">f8"}
@@ -190,7 +208,7 @@ def read_image_blocks(
     with open_fits(path) as hdul:
         index = find_image(hdul) if hdu is None else hdu
         try:
-            header = hdul[index].header.copy()
+            header = image_header(hdul, index)
             compressed = isinstance(hdul[index], fits.CompImageHDU)
             plain = _plain_layout(header, hdul.fileinfo(index)["datLoc"], compressed, path)
             data = None if plain else hdul[index].data
@@ -206,8 +224,6 @@ def read_image_blocks(
         if data.shape != shape:
             raise FitsError(f"truncated: data shape {data.shape} but header says {shape}")
         image = np.asarray(data, dtype=np.float32)
-        if isinstance(hdul[index], fits.CompImageHDU):
-            header = _strip_compression(header)
     blocks = (slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step))
     return header, image, blocks
 

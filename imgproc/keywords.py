@@ -15,7 +15,8 @@ from typing import Any
 
 #: Canonical name -> header keywords tried in order.  Overridable from config ``keywords``.
 DEFAULT_KEYWORDS: dict[str, list[str]] = {
-    "imagetyp": ["IMAGETYP", "FRAMETYP", "FRAME"],
+    "imagetyp": ["IMAGETYP", "FRAMETYP", "FRAME", "OBSTYPE"],
+    "frame_name": ["IRAFNAME"],
     "object": ["OBJECT", "OBJNAME"],
     "filter": ["FILTER", "FILTER1", "FILTNAME"],
     "exptime": ["EXPTIME", "EXPOSURE"],
@@ -36,6 +37,8 @@ NUMERIC = frozenset({"exptime", "gain", "offset", "set_temp", "xbinning", "ybinn
 #: Values that mean "not recorded" in real archives (e.g. OBJECT='None').
 PLACEHOLDERS = frozenset({"", "none", "null", "n/a", "unknown"})
 
+#: Words of frame-type values, first match wins: ``'skyflat'`` and ``'twilight flat'`` are flats,
+#: ``'darkflat'`` (a dark for flats) a dark.
 _IMAGETYP_WORDS: list[tuple[str, str]] = [
     ("bias", "bias"),
     ("zero", "bias"),
@@ -45,8 +48,15 @@ _IMAGETYP_WORDS: list[tuple[str, str]] = [
     ("light", "light"),
     ("object", "light"),
     ("science", "light"),
+    ("expose", "light"),
+    ("standard", "light"),
     ("sky", "light"),
 ]
+
+#: A word of a file name that names a calibration frame: ``bias``, ``zeros``, ``darks``,
+#: ``skyflat``, ``masterFlat``... (a whole word between non-letters, never part of a longer one).
+_NAME_WORD = re.compile(r"(?:master|sky|dome|lamp|twilight)?(bias|zero|dark|flat)(?:e?s)?")
+_NAME_KINDS = {"bias": "bias", "zero": "bias", "dark": "dark", "flat": "flat"}
 
 _TZ_SUFFIX = re.compile(r"(?P<base>.*?)(?P<tz>Z|[+-]\d{2}:?\d{2})$")
 
@@ -73,6 +83,20 @@ def frame_type(imagetyp: object) -> str | None:
         if word in text:
             return kind
     return "other"
+
+
+def name_type(name: object) -> str | None:
+    """The calibration type a file name (or IRAFNAME) names by a whole word, else None.
+
+    ``'bias_1.fits'``, ``'flats01.fits'``, ``'calib-001-dark.fit'``, ``'zero_003'`` name a type;
+    ``'IC310_1'``, ``'Light_NGC 7023'``, ``'darkcloud_01'`` and ``'flatiron'`` do not, and neither
+    does a name with words of two types (``'flat_dark_1'``).
+    """
+    if is_placeholder(name):
+        return None
+    words = re.split(r"[^a-z]+", str(name).lower())
+    kinds = {_NAME_KINDS[m.group(1)] for word in words if (m := _NAME_WORD.fullmatch(word))}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def is_master_type(imagetyp: object) -> bool:
@@ -120,26 +144,31 @@ def parse_date_obs(value: object, time_obs: object = None) -> datetime:
     return parsed - offset
 
 
-def lookup(header: Mapping[str, Any], keys: list[str]) -> Any:
-    """The first of ``keys`` present in ``header`` with a non-placeholder value, else None."""
+def lookup_key(header: Mapping[str, Any], keys: list[str]) -> tuple[str | None, Any]:
+    """(keyword, value) of the first of ``keys`` present with a non-placeholder value, else (None, None)."""
     for key in keys:
         if key in header and not is_placeholder(header[key]):
-            return header[key]
-    return None
+            return key, header[key]
+    return None, None
 
 
-def normalise(header: Mapping[str, Any], table: Mapping[str, list[str]] | None = None) -> dict:
+def normalise(
+    header: Mapping[str, Any], table: Mapping[str, list[str]] | None = None, file_name: str | None = None
+) -> dict:
     """Canonical values of a raw header, by the keyword table.
 
     Returns a dict with every canonical name of ``table`` (None where absent); numeric names are
     floats; ``imagetyp`` is mapped by :func:`frame_type` with the raw text kept in
     ``imagetyp_raw``; ``date_obs`` is an ISO UTC string (or None, with ``date_error`` saying why);
-    binning defaults to 1.
+    binning defaults to 1. Without a frame-type keyword, ``imagetyp`` is what ``file_name`` or
+    ``frame_name`` (IRAFNAME) names (:func:`name_type`); ``type_source`` says where the type came
+    from: its keyword, ``'file name'``, ``frame_name``'s keyword, or None.
     """
     table = dict(DEFAULT_KEYWORDS if table is None else table)
     values: dict[str, Any] = {}
+    used: dict[str, str | None] = {}
     for name, keys in table.items():
-        raw = lookup(header, list(keys))
+        used[name], raw = lookup_key(header, list(keys))
         if name in NUMERIC:
             values[name] = to_number(raw)
         elif raw is None:
@@ -147,7 +176,14 @@ def normalise(header: Mapping[str, Any], table: Mapping[str, list[str]] | None =
         else:
             values[name] = str(raw).strip()
     values["imagetyp_raw"] = values.get("imagetyp")
-    values["imagetyp"] = frame_type(values.get("imagetyp"))
+    values["imagetyp"] = frame_type(values["imagetyp_raw"])
+    values["type_source"] = used.get("imagetyp") if values["imagetyp"] else None
+    named = (("file name", file_name), (used.get("frame_name"), values.get("frame_name")))
+    if values["imagetyp"] is None:
+        for source, text in named:
+            if kind := name_type(text):
+                values.update(imagetyp=kind, type_source=source)
+                break
     for axis in ("xbinning", "ybinning"):
         values[axis] = int(values.get(axis) or 1)
     values["date_error"] = None

@@ -17,13 +17,16 @@ from imgproc.naming import safe_part
 #: File name endings taken as FITS input (compared case-insensitively).
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".ftz", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
 
+#: A file that marks an imgproc output folder (the resolved config); such folders are not searched.
+OUTPUT_MARKER = "imgproc.yaml"
+
 #: Folder roles: where a file was found.
 FOLDER_ROLES = ("light", "bias", "dark", "flat")
 
 #: Manifest columns, in order; numbers parse back as float (or int for the INT set).
 COLUMNS = (
     "path", "folder", "role", "status", "reason", "error", "size", "mtime_ns", "hdu", "ny", "nx",
-    "imagetyp_raw", "is_master", "object", "filter", "exptime", "date_obs", "instrume", "gain",
+    "imagetyp_raw", "type_source", "is_master", "object", "filter", "exptime", "date_obs", "instrume", "gain",
     "offset", "readoutm", "set_temp", "xbinning", "ybinning", "pierside", "header_sha1", "table_sha1",
 )  # fmt: skip
 _FLOAT = frozenset({"exptime", "gain", "offset", "set_temp", "dark_scale"})
@@ -40,10 +43,65 @@ def is_fits_name(name: str) -> bool:
     return not lower.startswith(".") and lower.endswith(FITS_SUFFIXES)
 
 
-def list_fits(folder: Path) -> list[Path]:
-    """FITS files directly inside ``folder``, sorted by name (no header is read)."""
-    with os.scandir(folder) as entries:
-        return sorted(Path(entry.path) for entry in entries if entry.is_file() and is_fits_name(entry.name))
+def list_fits(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+    """FITS files in ``folder`` and its subfolders, sorted by path (no header is read).
+
+    Hidden files and folders are left out, and so are the folders ``exclude`` (an output folder
+    inside the tree) and any subfolder holding :data:`OUTPUT_MARKER` (an imgproc output folder).
+    Symlinks are followed, but each real folder is searched once (a symlink loop ends) and each
+    file listed once: under its real path when the tree holds it, else under its first link in
+    path order. A subfolder that cannot be read is left out.
+    """
+    searched = {_identity(path) for path in exclude if path.is_dir()}
+    real, linked = [folder], []  # folders still to search: the real tree first, then the links
+    files: list[Path] = []  # each real folder is searched once, so each of its files is new
+    links: list[Path] = []  # symlinked files, listed when their file is not listed already
+    while real or linked:
+        current = real.pop() if real else linked.pop(0)
+        try:
+            key = _identity(current)
+            if key in searched or (current != folder and (current / OUTPUT_MARKER).is_file()):
+                continue
+            searched.add(key)
+            with os.scandir(current) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError:
+            if current == folder:
+                raise
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                (linked if entry.is_symlink() else subfolders).append(Path(entry.path))
+            elif entry.is_file() and is_fits_name(entry.name):
+                (links if entry.is_symlink() else files).append(Path(entry.path))
+        real += reversed(subfolders)
+    if links:
+        seen = {_identity(path) for path in files}
+        for link in sorted(links):
+            if _identity(link) not in seen:
+                seen.add(_identity(link))
+                files.append(link)
+    return sorted(files)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """(device, inode) of a file or folder, symlinks followed."""
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def describe_type(row: Mapping[str, Any]) -> str:
+    """A row's frame type and where it came from: ``bias frame (IMAGETYP 'Bias Frame')``,
+    ``flat frame (from its file name)``, ``bias frame (from its IRAFNAME)``."""
+    kind, source = f"{row['role']} frame", row.get("type_source")
+    if not source:
+        return kind
+    if row.get("imagetyp_raw") is not None:
+        return f"{kind} ({source} {row['imagetyp_raw']!r})"
+    return f"{kind} (from its {source})"
 
 
 def same_filter(value: object, wanted: str) -> bool:
@@ -79,9 +137,8 @@ def apply_policy(rows: list[dict], wanted_filter: str | None) -> list[dict]:
         if row["error"]:
             row.update(status=SKIPPED, reason=row["error"])
         elif row["folder"] == "light" and row["role"] != "light":
-            row.update(
-                status=LISTED, reason=f"{row['role']} frame in the light folder: listed, not processed"
-            )
+            reason = f"{describe_type(row)} in the light folder: listed, not processed"
+            row.update(status=LISTED, reason=reason)
         elif row["folder"] == "light" and wanted_filter and not same_filter(row["filter"], wanted_filter):
             row.update(status=LISTED, reason=f"filter {row['filter']!r} is not {wanted_filter!r} (-f)")
         elif row["folder"] == "light":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -227,21 +228,28 @@ def master_label(entry: Mapping[str, Any], role: str) -> str:
     return name if scale is None else f"{name} ×{scale:.4g}"
 
 
+def _short_names(paths: Sequence[str]) -> dict[str, str]:
+    """Each path below the folder that holds them all (the file name in a flat folder)."""
+    if not paths:
+        return {}
+    common = os.path.commonpath([os.path.dirname(path) for path in paths]) or "."
+    return {path: os.path.relpath(path, common) for path in paths}
+
+
 def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:
     """The plan as a table for a person: each light's sequence, group, masters and output, or why
-    it will be skipped; then the files that are only listed."""
+    it will be skipped; then the files that are only listed (calibration frames among the lights,
+    other filters) or skipped. Files are named by their path below the light folder."""
     header = ("light", "sequence", "group", "bias", "dark", "flat", "output / reason")
+    others = [row for row in manifest if row["folder"] == "light" and row["status"] != OK]
+    shown = _short_names([entry["path"] for entry in plan] + [row["path"] for row in others])
     rows = []
     for entry in sorted(plan, key=lambda e: (e["sequence"] or "", e["mid"] or "", e["path"])):
         masters = [master_label(entry, role) for role in ("bias", "dark", "flat")]
         outcome = entry["output"] if entry["status"] == OK else f"SKIPPED: {entry['reason']}"
         group = f"{entry['n_group']} frames" if (entry.get("n_group") or 1) > 1 else "single"
-        rows.append((Path(entry["path"]).name, entry["sequence"] or "-", group, *masters, outcome))
-    for row in manifest:
-        if row["folder"] == "light" and row["status"] != OK:
-            rows.append(
-                (Path(row["path"]).name, "-", "-", "-", "-", "-", f"{row['status'].upper()}: {row['reason']}")
-            )
+        rows.append((shown[entry["path"]], entry["sequence"] or "-", group, *masters, outcome))
+    rows += [(shown[r["path"]], *["-"] * 5, f"{r['status'].upper()}: {r['reason']}") for r in others]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + str(r[-1])
              for r in [header, *rows]]  # fmt: skip

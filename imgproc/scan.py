@@ -18,7 +18,7 @@ from typing import Any
 
 from imgproc.fitsio import FitsError, read_header
 from imgproc.keywords import DEFAULT_KEYWORDS, is_master_type, normalise
-from imgproc.manifest import COLUMNS, FOLDER_ROLES, apply_policy, list_fits
+from imgproc.manifest import COLUMNS, FOLDER_ROLES, apply_policy, describe_type, list_fits
 
 #: Below this many files to read, worker processes cost more to start than they save (a header
 #: takes about 0.8 ms; a worker about 0.5 s to start and import astropy).
@@ -33,18 +33,20 @@ class ScanRequest:
     master_dirs: dict[str, Path] = field(default_factory=dict)  # role -> folder
     keywords: Mapping[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_KEYWORDS))
     filter: str | None = None  # keep only lights with this normalised filter
+    exclude: list[Path] = field(default_factory=list)  # folders not searched (the output folder)
 
     def files(self) -> list[tuple[Path, str]]:
-        """(path, folder role) of every FITS file to scan; no header is read."""
-        found = [(path, "light") for path in list_fits(self.light_dir)]
+        """(path, folder role) of every FITS file to scan, subfolders included; no header is read."""
+        found = [(path, "light") for path in list_fits(self.light_dir, self.exclude)]
         for role, folder in sorted(self.master_dirs.items()):
-            found += [(path, role) for path in list_fits(folder)]
+            found += [(path, role) for path in list_fits(folder, self.exclude)]
         return found
 
 
 def table_digest(keywords: Mapping[str, list[str]]) -> str:
-    """A short digest of the keyword table, so cached rows are redone when it changes."""
-    return hashlib.sha1(json.dumps(keywords, sort_keys=True).encode()).hexdigest()[:12]
+    """A short digest of the keyword table and the manifest columns, so cached rows are redone
+    when either changes."""
+    return hashlib.sha1(json.dumps([keywords, COLUMNS], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def scan_file(path: Path, folder: str, keywords: Mapping[str, list[str]]) -> dict[str, Any]:
@@ -59,7 +61,7 @@ def scan_file(path: Path, folder: str, keywords: Mapping[str, list[str]]) -> dic
     except (FitsError, OSError, KeyError, ValueError) as exc:
         row.update(role=folder, error=f"unreadable: {exc}")
         return row
-    values = normalise(header, keywords)
+    values = normalise(header, keywords, path.name)
     row.update({key: values.get(key) for key in COLUMNS if key in values})
     row.update(hdu=hdu, ny=ny, nx=nx, header_sha1=hashlib.sha1(header.tostring().encode()).hexdigest())
     row["is_master"] = is_master_type(values["imagetyp_raw"]) or "NCOMBINE" in header or "COMBINED" in header
@@ -76,7 +78,7 @@ def _role(folder: str, imagetyp: str | None) -> str:
 
 def _problem(row: Mapping[str, Any], values: Mapping[str, Any]) -> str:
     if row["role"] != row["folder"] and row["folder"] != "light":
-        return f"IMAGETYP {values['imagetyp_raw']!r} is not a {row['folder']} frame"
+        return f"{describe_type(row)} in the {row['folder']} folder"
     if row["role"] == "light" and values["date_error"]:
         return f"{values['date_error']}: the mid-exposure time cannot be computed"
     if row["role"] in ("light", "dark") and values["exptime"] is None:

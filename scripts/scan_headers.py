@@ -13,5 +13,6 @@ with job_logging(sm.log[0], sm.config.get("verbose", False)):
         master_dirs={role: Path(path) for role, path in params["master_dirs"].items()},
         keywords=params["keywords"],
         filter=params["filter"],
+        exclude=[Path(path) for path in params["exclude"]],
     )
     run_scan(request, Path(sm.output.manifest), Path("work/scan-cache.tsv"), workers=sm.threads)

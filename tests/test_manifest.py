@@ -115,8 +115,8 @@ def test_list_fits_sorted_files_only(tmp_path):
         ("bias", None, "bias", ""),
         ("dark", "Dark Frame", "dark", ""),
         ("flat", "Flat Field", "flat", ""),
-        ("dark", "Bias Frame", "bias", "IMAGETYP 'Bias Frame' is not a dark frame"),
-        ("flat", "LIGHT", "light", "IMAGETYP 'LIGHT' is not a flat frame"),
+        ("dark", "Bias Frame", "bias", "bias frame (IMAGETYP 'Bias Frame') in the dark folder"),
+        ("flat", "LIGHT", "light", "light frame (IMAGETYP 'LIGHT') in the flat folder"),
     ],
 )
 def test_scan_file_role_from_imagetyp(tmp_path, folder, imagetyp, role, error):
@@ -216,7 +216,7 @@ def test_scan_statuses_of_a_mixed_light_folder(tmp_path):
     ]
     assert by_name["a_light.fits"]["status"] == OK
     assert by_name["b_bias.fits"]["status"] == LISTED
-    assert "bias frame in the light folder" in by_name["b_bias.fits"]["reason"]
+    assert "bias frame (IMAGETYP 'Bias Frame') in the light folder" in by_name["b_bias.fits"]["reason"]
     assert by_name["c_noimagetyp.fits"]["role"] == "light"
     assert by_name["c_noimagetyp.fits"]["status"] == OK
     assert by_name["d_dup.fits"]["status"] == SKIPPED
