@@ -1,0 +1,379 @@
+"""Every array routine on any 2-D frame geometry: odd, prime, portrait, non-square, binned with
+remainders (issue 17).  Property-based over moderate random shapes, then real sensor sizes:
+the small ones through the imgproc command, the large ones at the function level."""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from conftest import master_flags, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imgproc.align import Registrar, Shift, _background, _despike, _taper, apply_shift
+from imgproc.binning import bin_image, binned_shape
+from imgproc.cli import EXIT_OK
+from imgproc.report import block_mean, fwhm_estimate, local_maxima, stretch, thumbnail_of
+from imgproc.stack import ArraySource, combine
+from imgproc.stages import frame_statistics
+from imgproc.synth import NightSpec, make_night, random_stars, star_field
+
+PRIMES = (17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 61, 67, 71, 79, 89, 97, 101, 113, 127, 131, 151, 173, 197)
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def sides(low: int = 16, high: int = 200) -> st.SearchStrategy[int]:
+    """A frame side: a prime, an odd or any length in ``low..high``."""
+    return st.one_of(
+        st.sampled_from([p for p in PRIMES if low <= p <= high]),
+        st.integers(low, high).map(lambda n: n | 1 if n < high else n),
+        st.integers(low, high),
+    )
+
+
+def shapes(low: int = 16, high: int = 200) -> st.SearchStrategy[tuple[int, int]]:
+    return st.tuples(sides(low, high), sides(low, high))
+
+
+def noisy_field(
+    shape: tuple[int, int],
+    stars: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    shift: tuple[float, float] = (0.0, 0.0),
+    flip: bool = False,
+) -> np.ndarray:
+    """A star field (FWHM 3 px) on a sky of 100 with noise 3 (float32)."""
+    frame = rng.standard_normal(shape, dtype=np.float32)
+    frame *= np.float32(3.0)
+    frame += np.float32(100.0)
+    frame += star_field(shape, stars, fwhm=3.0, shift=shift, rotate180=flip)
+    return frame
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    return struct.unpack(">II", png[16:24])
+
+
+# -- registration -------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(shape=shapes(64, 240), seed=st.integers(0, 2**16), flip=st.booleans(),
+       frac=st.tuples(st.floats(-4.0, 4.0), st.floats(-4.0, 4.0)))  # fmt: skip
+def test_registrar_recovers_a_subpixel_shift_on_any_shape(
+    shape: tuple[int, int], seed: int, flip: bool, frac: tuple[float, float]
+) -> None:
+    rng = np.random.default_rng(seed)
+    stars = random_stars(shape, max(20, shape[0] * shape[1] // 300), rng, flux_range=(3e3, 3e4), margin=4)
+    reference = noisy_field(shape, stars, rng)
+    frame = noisy_field(shape, stars, rng, shift=frac, flip=flip)
+    registrar = Registrar(reference)
+    shift = registrar.measure(frame, try_flip=True)
+    assert registrar.factor == 1
+    assert shift.flipped is flip
+    # the frame shows the sky moved by frac (after the rotation): the shift moves it back
+    assert shift.dy == pytest.approx(-frac[0], abs=0.1) and shift.dx == pytest.approx(-frac[1], abs=0.1)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (17, 23), (23, 17), (16, 97), (97, 16)])
+def test_registrar_runs_on_the_smallest_frames(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(1)
+    frame = rng.normal(100.0, 3.0, shape).astype(np.float32)
+    frame[shape[0] // 2, shape[1] // 2] += 300.0
+    shift = Registrar(frame).measure(frame, try_flip=True)
+    assert (shift.dy, shift.dx, shift.flipped) == (0.0, 0.0, False)
+
+
+def test_registrar_binned_stage_on_odd_sides() -> None:
+    """Both sides >= 2048, odd and prime: the 2x2 binned integer stage and the flip, whose
+    binning is off by the remainder row and column."""
+    rng = np.random.default_rng(7)
+    shape = (2053, 2049)
+    stars = random_stars(shape, 300, rng)
+    reference = noisy_field(shape, stars, rng)
+    registrar = Registrar(reference)
+    assert registrar.factor == 2
+    for flip, move in ((False, (13.3, -21.7)), (True, (-5.55, 8.2))):
+        shift = registrar.measure(noisy_field(shape, stars, rng, shift=move, flip=flip), try_flip=True)
+        assert shift.flipped is flip
+        assert shift.dy == pytest.approx(-move[0], abs=0.1) and shift.dx == pytest.approx(-move[1], abs=0.1)
+
+
+# -- preparation ----------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(shape=shapes(16, 400), tilt=st.tuples(st.floats(-0.05, 0.05), st.floats(-0.05, 0.05)),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_background_follows_a_gradient_on_any_shape(
+    shape: tuple[int, int], tilt: tuple[float, float], seed: int
+) -> None:
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    sky = (200.0 + tilt[0] * yy + tilt[1] * xx).astype(np.float32)
+    frame = sky + np.random.default_rng(seed).normal(0.0, 1.0, shape).astype(np.float32)
+    background = _background(frame, 64)
+    assert background.shape == shape and background.dtype == np.float32
+    # a side of fewer than two 64 px cells has one cell: flat along it; more cells follow the
+    # plane exactly but for the noise of medians of >= 16 values and the subsample's centre
+    # being up to 2 px off the cell's
+    slack = [abs(t) * (n / 2 if n < 128 else 2.0) for t, n in zip(tilt, shape, strict=True)]
+    assert np.abs(background - sky).max() < 1.0 + sum(slack)
+
+
+@SETTINGS
+@given(shape=shapes(16, 300), seed=st.integers(0, 2**16))
+def test_despike_flattens_hot_pixels_anywhere(shape: tuple[int, int], seed: int) -> None:
+    ny, nx = shape
+    rng = np.random.default_rng(seed)
+    star = star_field(shape, np.array([[ny / 4, 3 * nx / 4, 2000.0]]), fwhm=3.0)
+    data = star + rng.normal(0.0, 1.0, shape).astype(np.float32)
+    hot = [(0, 0), (0, nx - 1), (ny - 1, 0), (ny - 1, nx - 1), (ny // 2, nx // 2 - 3)]
+    for y, x in hot:
+        data[y, x] = 1000.0
+    padded = np.pad(data, 1)  # zero (background) border
+    before = data.copy()
+    _despike(data, 1.0)
+    for y, x in hot:  # set to the second brightest of its 8 neighbours
+        around = np.delete(padded[y : y + 3, x : x + 3].ravel(), 4)
+        assert data[y, x] == np.sort(around)[-2]
+    others = np.ones(shape, bool)
+    others[tuple(np.array(hot).T)] = False
+    np.testing.assert_array_equal(data[others], before[others])  # the star and the noise stay
+
+
+@pytest.mark.parametrize("n", [*range(1, 20), 64, 97])
+def test_taper_on_tiny_and_odd_sides(n: int) -> None:
+    ramp = _taper(n, 16)
+    assert ramp.shape == (n,) and np.all(ramp > 0) and np.all(ramp <= 1)
+    np.testing.assert_array_equal(ramp, ramp[::-1])
+
+
+# -- resampling ----------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(shape=shapes(16, 200), dy=st.floats(-6.0, 6.0), dx=st.floats(-6.0, 6.0), flip=st.booleans(),
+       order=st.sampled_from([1, 3]))  # fmt: skip
+def test_apply_shift_moves_a_plane_on_any_shape(
+    shape: tuple[int, int], dy: float, dx: float, flip: bool, order: int
+) -> None:
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    plane = 50.0 + 0.5 * yy - 0.25 * xx
+    source = plane[::-1, ::-1] if flip else plane
+    out = apply_shift(source.astype(np.float32), Shift(dy, dx, flip, 1.0), order=order)
+    assert out.shape == shape and out.dtype == np.float32
+    # out[y, x] samples the (rotated) frame at (y - dy, x - dx): inside it for bilinear, with
+    # one more pixel each side for the cubic's 4x4 footprint (integer shifts: a copy)
+    py, px = yy - dy, xx - dx
+    reach = 1 if order == 3 else 0
+    fy, fx = np.floor(py + 1e-6), np.floor(px + 1e-6)
+    whole_y, whole_x = np.abs(py - np.rint(py)) < 1e-6, np.abs(px - np.rint(px)) < 1e-6
+    inside_y = np.where(
+        whole_y, (np.rint(py) >= 0) & (np.rint(py) <= ny - 1), (fy >= reach) & (fy + 1 + reach <= ny - 1)
+    )
+    inside_x = np.where(
+        whole_x, (np.rint(px) >= 0) & (np.rint(px) <= nx - 1), (fx >= reach) & (fx + 1 + reach <= nx - 1)
+    )
+    np.testing.assert_array_equal(np.isfinite(out), inside_y & inside_x)
+    expected = 50.0 + 0.5 * py - 0.25 * px
+    inner = np.isfinite(out) & (py > 4) & (py < ny - 5) & (px > 4) & (px < nx - 5)
+    np.testing.assert_allclose(out[inner], expected[inner], atol=0.05 if order == 3 else 1e-3)
+
+
+# -- binning -------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(shape=shapes(16, 300), factor=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_binning_drops_the_remainder_rows_and_columns(shape: tuple[int, int], factor: int, seed: int) -> None:
+    ny, nx = shape
+    data = np.random.default_rng(seed).normal(100.0, 10.0, shape).astype(np.float32)
+    binned = bin_image(data, factor)
+    by, bx = ny // factor, nx // factor
+    assert binned.shape == binned_shape(shape, factor) == (by, bx) and binned.dtype == np.float32
+    blocks = data[: by * factor, : bx * factor].astype(np.float64).reshape(by, factor, bx, factor)
+    np.testing.assert_allclose(binned, blocks.mean(axis=(1, 3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16), (17, 17)])
+def test_binning_larger_than_a_side_is_refused(shape: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="cannot be binned"):
+        bin_image(np.zeros(shape, np.float32), 18)
+
+
+# -- combine -------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(rows=sides(1, 60), cols=st.integers(0, 50).map(lambda n: 2 * n + 1), n_frames=st.integers(1, 7),
+       method=st.sampled_from(["median", "mean"]), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_combine_of_odd_widths_equals_numpy(
+    rows: int, cols: int, n_frames: int, method: str, threads: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    frames = rng.normal(100.0, 10.0, (n_frames, rows, cols)).astype(np.float32)
+    frames[rng.random(frames.shape) < 0.05] = np.nan
+    budget = 3 * cols * (n_frames * 8 + 32)  # a few rows per strip: strips end anywhere
+    result = combine([ArraySource(f) for f in frames], method=method, memory_budget=budget, threads=threads)
+    with warnings.catch_warnings():  # all-NaN pixels
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = (np.nanmedian if method == "median" else np.nanmean)(frames.astype(np.float64), axis=0)
+    assert result.shape == (rows, cols)
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-4, equal_nan=True)
+
+
+# -- thumbnails and statistics -------------------------------------------------------------------
+
+
+@SETTINGS
+@given(shape=shapes(16, 400), max_side=st.sampled_from([64, 128, 256]), seed=st.integers(0, 2**16))
+def test_thumbnail_keeps_the_aspect_on_any_shape(shape: tuple[int, int], max_side: int, seed: int) -> None:
+    ny, nx = shape
+    rng = np.random.default_rng(seed)
+    stars = random_stars(shape, max(5, ny * nx // 2000), rng, flux_range=(5e3, 5e4), margin=min(shape) // 4)
+    data = noisy_field(shape, stars, rng)
+    small, counts, factor = block_mean(data, max_side)
+    assert factor == max(1, math.ceil(max(ny, nx) / max_side))  # the smallest that fits
+    assert small.shape == (math.ceil(ny / factor), math.ceil(nx / factor))
+    assert max(small.shape) <= max_side and counts.sum() == ny * nx
+    # partial edge blocks are means of what they hold
+    assert small[-1, -1] == pytest.approx(
+        float(data[(small.shape[0] - 1) * factor :, (small.shape[1] - 1) * factor :].mean()), rel=1e-5
+    )
+    # the aspect is kept to within one thumbnail pixel a side
+    assert abs(small.shape[1] * factor - nx) < factor and abs(small.shape[0] * factor - ny) < factor
+    indices, _ = stretch(small)
+    assert indices.shape == small.shape and indices.dtype == np.uint8
+    thumb = thumbnail_of(data, fits.Header(), max_side)
+    assert png_size(thumb["png"]) == (thumb["width"], thumb["height"]) == (small.shape[1], small.shape[0])
+    assert thumb["shape"] == shape and thumb["nan_fraction"] == 0.0
+
+
+@SETTINGS
+@given(shape=shapes(16, 300), seed=st.integers(0, 2**16))
+def test_local_maxima_find_peaks_at_every_edge(shape: tuple[int, int], seed: int) -> None:
+    ny, nx = shape
+    image = np.random.default_rng(seed).uniform(0.0, 1.0, shape).astype(np.float32)
+    corners = {(0, 0), (0, nx - 1), (ny - 1, 0), (ny - 1, nx - 1)}
+    for y, x in corners:
+        image[y, x] = 10.0
+    found = {(y, x) for _, y, x in local_maxima(image, 5.0)}
+    assert found == corners
+
+
+@SETTINGS
+@given(shape=shapes(48, 300), factor=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_fwhm_estimate_on_any_shape(shape: tuple[int, int], factor: int, seed: int) -> None:
+    ny, nx = shape
+    rng = np.random.default_rng(seed)
+    ys, xs = np.meshgrid(np.array([0.3, 0.7]) * ny, np.array([0.3, 0.7]) * nx)  # 19 px apart or more
+    stars = np.column_stack([ys.ravel(), xs.ravel(), rng.uniform(2e4, 5e4, 4)])
+    stars[:, :2] += rng.uniform(-0.5, 0.5, (4, 2))
+    data = star_field(shape, stars, fwhm=3.0) + np.float32(100.0)
+    small = block_mean(data, max(ny, nx) // factor)[0]
+    peaks = local_maxima(small - 100.0, 20.0)
+    assert fwhm_estimate(data, peaks, block_mean(data, max(ny, nx) // factor)[2]) == pytest.approx(
+        3.0, rel=0.15
+    )
+
+
+@SETTINGS
+@given(shape=shapes(16, 400), seed=st.integers(0, 2**16))
+def test_frame_statistics_on_any_shape(shape: tuple[int, int], seed: int) -> None:
+    data = np.random.default_rng(seed).normal(250.0, 8.0, shape).astype(np.float32)
+    stats = frame_statistics(data)
+    assert stats["sky"] == pytest.approx(250.0, abs=2.0)
+    assert stats["noise"] == pytest.approx(8.0, rel=0.25)
+
+
+# -- real sensor sizes ---------------------------------------------------------------------------
+
+#: (width, height) of real sensors small enough for a whole night through the command
+SMALL_SENSORS = [(650, 500), (765, 510), (1304, 976), (1080, 1920), (1530, 1020)]
+#: and the large ones, at the function level
+LARGE_SENSORS = [
+    (3326, 2504),
+    (3008, 3008),
+    pytest.param((6248, 4176), marks=pytest.mark.e2e),
+    pytest.param((5496, 3672), marks=pytest.mark.e2e),
+    pytest.param((9576, 6388), marks=pytest.mark.e2e),
+]
+
+
+@pytest.fixture(scope="module", params=SMALL_SENSORS, ids=lambda size: f"{size[0]}x{size[1]}")
+def sensor_night(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    width, height = request.param
+    spec = NightSpec(n_lights=3, shape=(height, width), filters=("V",), distractors=False, n_stars=150)
+    return make_night(tmp_path_factory.mktemp(f"night{width}x{height}"), spec)
+
+
+def test_sensor_night_aligned_stack(sensor_night, tmp_path: Path) -> None:
+    night = sensor_night
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_OK
+    (output,) = out.glob("*.fits")
+    header, stack = fits.getheader(output), fits.getdata(output)
+    shape = fits.getdata(night.lights[0]).shape
+    assert stack.shape == shape and header["NCOMBINE"] == 3
+    # the stack lies on the grid of the first light: its stars are where that light's are
+    first = fits.getdata(night.lights[0]).astype(np.float32)
+    residual = Registrar(first).measure(np.nan_to_num(stack, nan=float(np.nanmedian(stack))))
+    assert abs(residual.dy) < 0.15 and abs(residual.dx) < 0.15
+    _assert_report_thumbnail_aspect(out, shape)
+
+
+def test_sensor_night_binned_by_3(sensor_night, tmp_path: Path) -> None:
+    night = sensor_night
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-b", "3") == EXIT_OK
+    outputs = sorted(out.glob("*.fits"))
+    ny, nx = fits.getdata(night.lights[0]).shape
+    assert len(outputs) == 3
+    for output in outputs:
+        header, data = fits.getheader(output), fits.getdata(output)
+        assert data.shape == (ny // 3, nx // 3) and np.isfinite(data).all()
+        assert header["XBINNING"] == 3 and header["YBINNING"] == 3
+    _assert_report_thumbnail_aspect(out, (ny // 3, nx // 3))
+
+
+def _assert_report_thumbnail_aspect(out: Path, shape: tuple[int, int]) -> None:
+    """Every thumbnail of the report has the frame's aspect (ceil of the sides: within 3 %)."""
+    html = (out / "report.html").read_text()
+    sizes = re.findall(r'<img src="data:image/png;base64,[^"]*" width="(\d+)" height="(\d+)"', html)
+    assert sizes
+    ny, nx = shape
+    for width, height in sizes:
+        assert int(width) / int(height) == pytest.approx(nx / ny, rel=0.03)
+
+
+@pytest.mark.parametrize("size", LARGE_SENSORS, ids=lambda size: f"{size[0]}x{size[1]}")
+def test_large_sensor_register_shift_bin_thumbnail(size: tuple[int, int]) -> None:
+    width, height = size
+    shape = (height, width)
+    rng = np.random.default_rng(width)
+    stars = random_stars(shape, 300, rng)
+    reference = noisy_field(shape, stars, rng)
+    frame = noisy_field(shape, stars, rng, shift=(-17.35, 24.6), flip=True)
+    registrar = Registrar(reference)
+    assert registrar.factor == 2
+    shift = registrar.measure(frame, try_flip=True)
+    assert shift.flipped and registrar.accepts(shift)
+    assert shift.dy == pytest.approx(17.35, abs=0.1) and shift.dx == pytest.approx(-24.6, abs=0.1)
+    aligned = apply_shift(frame, shift)
+    assert aligned.shape == shape and np.isfinite(aligned[height // 2, width // 2])
+    assert np.isnan(aligned[0]).all() and np.isnan(aligned[:, -1]).all()  # moved in from outside
+    assert bin_image(aligned, 3).shape == (height // 3, width // 3)
+    small, _, factor = block_mean(aligned)
+    assert small.shape == (math.ceil(height / factor), math.ceil(width / factor)) and max(small.shape) <= 256
