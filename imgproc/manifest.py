@@ -129,13 +129,30 @@ def missing_filter(rows: Sequence[Mapping[str, Any]], wanted: str | None) -> str
 
 
 def apply_policy(rows: list[dict], wanted_filter: str | None) -> list[dict]:
-    """Statuses that depend on more than one file: non-lights in the input folder, the
-    ``-f`` filter, and the same frame present twice under two names."""
+    """Statuses that depend on more than one file: non-lights in the input folder, frames of
+    another type in a master folder, the ``-f`` filter, and the same frame present twice under
+    two names.
+
+    A folder given both as the input and as a master folder (one folder for a whole night, as
+    some cameras and archives write it) is read by frame type: its untyped frames are the
+    lights, and its frames of another type are listed, not used. In a master folder of its own,
+    a frame of another type is skipped as a mistake.
+    """
+    lights = {row["path"] for row in rows if row["folder"] == "light"}
     seen: dict[str, str] = {}
     for row in rows:
         row.update(status=OK, reason="")
+        shared = row["folder"] != "light" and row["path"] in lights
+        if row["folder"] != "light" and not row.get("type_source"):
+            row["role"] = "light" if shared else row["folder"]
         if row["error"]:
             row.update(status=SKIPPED, reason=row["error"])
+        elif row["folder"] != "light" and row["role"] != row["folder"]:
+            reason = f"{describe_type(row)} in the {row['folder']} folder"
+            if shared:
+                row.update(status=LISTED, reason=f"{reason}: listed, not used")
+            else:
+                row.update(status=SKIPPED, reason=reason)
         elif row["folder"] == "light" and row["role"] != "light":
             reason = f"{describe_type(row)} in the light folder: listed, not processed"
             row.update(status=LISTED, reason=reason)

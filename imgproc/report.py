@@ -457,11 +457,12 @@ def master_usage(
     plan: Sequence[Mapping[str, Any]], manifest_rows: Sequence[Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
     """Every master in the manifest (and any named in the plan) with the number of processed
-    lights that used it."""
+    lights that used it. Frames of another type found in a master folder are not masters: the
+    summary lists or skips them."""
     used = Counter((role, str(e[role])) for e in plan if e["status"] == OK for role in ROLES if e.get(role))
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for row in manifest_rows:
-        if row["folder"] in ROLES:
+        if row["folder"] in ROLES and row["role"] == row["folder"]:
             rows[(row["folder"], str(row["path"]))] = {"role": row["folder"], "path": str(row["path"]), **row}
     for role, path in used:
         rows.setdefault((role, path), {"role": role, "path": path, "status": OK})

@@ -18,7 +18,7 @@ from typing import Any
 
 from imgproc.fitsio import FitsError, read_header
 from imgproc.keywords import DEFAULT_KEYWORDS, is_master_type, normalise
-from imgproc.manifest import COLUMNS, FOLDER_ROLES, apply_policy, describe_type, list_fits
+from imgproc.manifest import COLUMNS, FOLDER_ROLES, apply_policy, list_fits
 
 #: Below this many files to read, worker processes cost more to start than they save (a header
 #: takes about 0.8 ms; a worker about 0.5 s to start and import astropy).
@@ -77,8 +77,6 @@ def _role(folder: str, imagetyp: str | None) -> str:
 
 
 def _problem(row: Mapping[str, Any], values: Mapping[str, Any]) -> str:
-    if row["role"] != row["folder"] and row["folder"] != "light":
-        return f"{describe_type(row)} in the {row['folder']} folder"
     if row["role"] == "light" and values["date_error"]:
         return f"{values['date_error']}: the mid-exposure time cannot be computed"
     if row["role"] in ("light", "dark") and values["exptime"] is None:

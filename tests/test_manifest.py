@@ -102,15 +102,18 @@ def test_list_fits_sorted_files_only(tmp_path):
     assert [p.name for p in list_fits(tmp_path)] == ["a.FIT", "b.fits"]
 
 
+IN_LIGHTS = "in the light folder: listed, not processed"
+
+
 @pytest.mark.parametrize(
-    ("folder", "imagetyp", "role", "error"),
+    ("folder", "imagetyp", "role", "reason"),
     [
         ("light", "Light Frame", "light", ""),
         ("light", None, "light", ""),
         ("light", "Object", "light", ""),
-        ("light", "Bias Frame", "bias", ""),
-        ("light", "Dark Frame", "dark", ""),
-        ("light", "FLAT", "flat", ""),
+        ("light", "Bias Frame", "bias", f"bias frame (IMAGETYP 'Bias Frame') {IN_LIGHTS}"),
+        ("light", "Dark Frame", "dark", f"dark frame (IMAGETYP 'Dark Frame') {IN_LIGHTS}"),
+        ("light", "FLAT", "flat", f"flat frame (IMAGETYP 'FLAT') {IN_LIGHTS}"),
         ("bias", "Master Bias", "bias", ""),
         ("bias", None, "bias", ""),
         ("dark", "Dark Frame", "dark", ""),
@@ -118,13 +121,44 @@ def test_list_fits_sorted_files_only(tmp_path):
         ("dark", "Bias Frame", "bias", "bias frame (IMAGETYP 'Bias Frame') in the dark folder"),
         ("flat", "LIGHT", "light", "light frame (IMAGETYP 'LIGHT') in the flat folder"),
     ],
-)
-def test_scan_file_role_from_imagetyp(tmp_path, folder, imagetyp, role, error):
+)  # fmt: skip
+def test_scan_role_from_imagetyp(tmp_path, folder, imagetyp, role, reason):
     path = _write(tmp_path / folder / "f.fits", {"IMAGETYP": imagetyp})
-    row = scan_file(path, folder, DEFAULT_KEYWORDS)
-    assert row["role"] == role
-    assert row["folder"] == folder
-    assert row["error"] == error
+    assert scan_file(path, folder, DEFAULT_KEYWORDS)["error"] == ""
+    (tmp_path / "light").mkdir(exist_ok=True)
+    masters = {} if folder == "light" else {folder: tmp_path / folder}
+    [row] = scan(ScanRequest(tmp_path / "light", masters))
+    assert (row["role"], row["folder"], row["reason"]) == (role, folder, reason)
+    assert row["status"] == (OK if not reason else LISTED if folder == "light" else SKIPPED)
+
+
+def test_one_folder_for_the_whole_night_is_read_by_frame_type(tmp_path):
+    """The same folder as input, -B and -F (TIRCAM2's layout): untyped frames are the lights,
+    typed ones serve their own role, and every other combination is listed, not skipped."""
+    night = tmp_path / "night"
+    _write(night / "IC310_1.fits", {"IMAGETYP": None})  # no type at all: a light
+    _write(night / "bias_1.fits", {"IMAGETYP": None})  # the type from the file name
+    _write(night / "flats01.fits", {"IMAGETYP": None})
+    rows = scan(ScanRequest(night, {"bias": night, "flat": night}))
+    got = {(Path(r["path"]).name, r["folder"]): (r["role"], r["status"]) for r in rows}
+    assert got == {
+        ("IC310_1.fits", "light"): ("light", OK),
+        ("bias_1.fits", "light"): ("bias", LISTED),
+        ("flats01.fits", "light"): ("flat", LISTED),
+        ("IC310_1.fits", "bias"): ("light", LISTED),
+        ("bias_1.fits", "bias"): ("bias", OK),
+        ("flats01.fits", "bias"): ("flat", LISTED),
+        ("IC310_1.fits", "flat"): ("light", LISTED),
+        ("bias_1.fits", "flat"): ("bias", LISTED),
+        ("flats01.fits", "flat"): ("flat", OK),
+    }
+    by_key = {(Path(r["path"]).name, r["folder"]): r for r in rows}
+    assert by_key[("IC310_1.fits", "flat")]["reason"] == "light frame in the flat folder: listed, not used"
+    # a bias folder of its own takes an untyped frame as a bias, even after the shared run
+    (tmp_path / "empty").mkdir()
+    again = scan(ScanRequest(tmp_path / "empty", {"bias": night}), rows)
+    alone = next(r for r in again if r["path"].endswith("IC310_1.fits"))
+    assert (alone["role"], alone["status"]) == ("bias", OK)
 
 
 def test_scan_file_row_values(tmp_path):
