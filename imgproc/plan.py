@@ -152,11 +152,26 @@ def make_plan(
     return sorted(plan, key=lambda entry: (entry["status"] != OK, entry["mid"], entry["path"]))
 
 
-def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
-    sequences: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def _split_by_shape(plan: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The plan's good entries by sequence. Frames of one sequence key but of different image
+    shapes (crops, a changed readout area) cannot be aligned or stacked together: each shape is
+    a sequence of its own, its name ending in the shape (``..._700x700px``)."""
+    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for entry in plan:
         if entry["status"] == OK:
+            by_key[entry["sequence"]].append(entry)
+    sequences: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for key, entries in by_key.items():
+        several = len({(e["ny"], e["nx"]) for e in entries}) > 1
+        for entry in entries:
+            if several:
+                entry["sequence"] = f"{key}_{entry['nx']}x{entry['ny']}px"
             sequences[entry["sequence"]].append(entry)
+    return sequences
+
+
+def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
+    sequences = _split_by_shape(plan)
     claimed: dict[str, str] = {}
     for key in sorted(sequences):
         frames = sorted(sequences[key], key=lambda entry: (entry["mid"], entry["path"]))

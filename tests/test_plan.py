@@ -334,3 +334,23 @@ def test_stacks_get_a_publish_job_each_up_to_four_per_batch_and_run_after_calibr
     inputs.plan = lambda: plan  # type: ignore[method-assign]
     link, stack = (inputs.publish_priority(SimpleNamespace(pub_batch=b)) for b in ("p0000", "p0100"))
     assert link > CALIBRATE_PRIORITY > stack  # hard links first, stacks after every calibration
+
+
+def test_frames_of_one_sequence_but_two_shapes_are_two_sequences(night) -> None:
+    rows = scan(ScanRequest(night.root / "lights"))
+    lights = [r for r in rows if r["filter"] == "V"]
+    ny, nx = lights[0]["ny"], lights[0]["nx"]
+    for row in lights[::2]:
+        row.update(ny=row["ny"] - 10, nx=row["nx"] + 6)  # e.g. a crop of the same camera
+    plan = make_plan(lights, PlanSettings(stack=True, stack_threshold=1, align=True))
+    by_sequence = defaultdict(list)
+    for entry in plan:
+        by_sequence[entry["sequence"]].append(entry)
+    assert sorted(by_sequence) == sorted(
+        [f"V1234_Cyg_V_60s_1x1_{nx}x{ny}px", f"V1234_Cyg_V_60s_1x1_{nx + 6}x{ny - 10}px"]
+    )
+    for sequence, entries in by_sequence.items():
+        assert len({(e["ny"], e["nx"]) for e in entries}) == 1
+        assert sequence.endswith(f"_{entries[0]['nx']}x{entries[0]['ny']}px")
+        assert len({e["output"] for e in entries}) == 1  # one stack per shape
+        assert {e["reference"] for e in entries} <= {e["frame_id"] for e in entries}
