@@ -43,8 +43,9 @@ class ScanRequest:
 
 
 def table_digest(keywords: Mapping[str, list[str]]) -> str:
-    """A short digest of the keyword table, so cached rows are redone when it changes."""
-    return hashlib.sha1(json.dumps(keywords, sort_keys=True).encode()).hexdigest()[:12]
+    """A short digest of the keyword table and the manifest columns, so cached rows are redone
+    when either changes."""
+    return hashlib.sha1(json.dumps([keywords, COLUMNS], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def scan_file(path: Path, folder: str, keywords: Mapping[str, list[str]]) -> dict[str, Any]:
