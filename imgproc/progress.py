@@ -128,8 +128,9 @@ class ProgressMonitor(threading.Thread):
         while not self._finished.wait(self.interval):
             self.report()
 
-    def report(self) -> None:
-        """Print a progress line if anything changed since the last one."""
+    def report(self, final: bool = False) -> None:
+        """Print a progress line if anything changed since the last one (the ``final`` one
+        without an estimate: what is not done by then, failed or skipped, will not be)."""
         try:
             counts = count_progress(self.output, self.started_wall - 1.0)
         except (OSError, ValueError):
@@ -137,6 +138,8 @@ class ProgressMonitor(threading.Thread):
         if counts is None or counts[1] == 0:
             return
         line = format_progress(counts, time.monotonic() - self.started)
+        if final:
+            line = line.split(", ~")[0]
         if line.split(", ~")[0] != self._last.split(", ~")[0]:
             print(line, file=self.stream or sys.stderr, flush=True)
             self._last = line
@@ -145,4 +148,4 @@ class ProgressMonitor(threading.Thread):
         """Stop watching, after one last line."""
         self._finished.set()
         self.join(timeout=self.interval + 1)
-        self.report()
+        self.report(final=True)
