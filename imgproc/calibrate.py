@@ -73,10 +73,10 @@ def calibrate_image(
 
 
 def check_master_shapes(shape: tuple[int, ...], masters: Mapping[str, np.ndarray | None]) -> None:
-    """ValueError naming the first master (by role) whose shape is not the light's ``shape``."""
+    """FitsError naming the first master (by role) whose shape is not the light's ``shape``."""
     for role, master in masters.items():
         if master is not None and master.shape != shape:
-            raise ValueError(f"{role} shape {master.shape} differs from the light's {shape}")
+            raise FitsError(f"{role} shape {master.shape} differs from the light's {shape}")
 
 
 class MasterCache:
@@ -98,9 +98,9 @@ class MasterCache:
 def _read_master(role: str, path: str) -> np.ndarray:
     try:
         data, _ = read_image(Path(path))
-    except FitsError as exc:
+        frame = normalise_flat(data) if role == "flat" else data
+    except ValueError as exc:  # FitsError, or a flat without a usable pixel: the master is unusable
         raise FitsError(f"master {Path(path).name}: {exc}") from exc
-    frame = normalise_flat(data) if role == "flat" else data
     frame.flags.writeable = False
     return frame
 

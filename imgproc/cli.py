@@ -4,8 +4,11 @@ It checks the folders, resolves the output folder, writes the resolved config in
 ``imgproc.yaml`` and runs Snakemake there.  Running the same command again resumes: a lock left
 by a killed run is cleared (a live run's lock is respected) and incomplete jobs are redone.
 
-Exit status: 0 every light processed; 1 the workflow failed; 2 usage or folder error;
-3 finished, but some lights were skipped (see ``summary.txt`` in the output folder).
+Exit status: 0 every light processed; 1 the workflow failed, or an output or light failed with an
+internal error (a bug: its traceback is in ``logs/``); 2 usage or folder error; 3 finished, but
+some lights or outputs were skipped for a problem of the input (an unreadable or truncated file,
+no matching master, a frame that could not be aligned, a foreign file at an output's name); see
+``summary.txt`` in the output folder.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,9 +29,9 @@ import yaml
 
 from imgproc import __version__
 from imgproc.keywords import normalise
-from imgproc.manifest import list_fits, missing_filter, read_tsv
+from imgproc.manifest import FAILED, SKIPPED, list_fits, missing_filter, read_tsv
 from imgproc.naming import default_output_dirname
-from imgproc.plan import format_plan
+from imgproc.plan import calibration_gaps, format_plan
 from imgproc.progress import ProgressMonitor
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -71,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imgproc",
         description="Calibrate, bin, align and stack a night of FITS frames (a Snakemake workflow).",
         epilog="Arguments after -- go to Snakemake, e.g. -- --dry-run or -- --profile profiles/slurm. "
-        "Exit status: 0 all done, 1 workflow failed, 2 usage error, 3 some lights skipped.",
+        "Exit status: 0 all done, 1 workflow failed or an internal error (see OUTPUT_DIR/logs), "
+        "2 usage error, 3 some lights skipped (bad input; see OUTPUT_DIR/summary.txt).",
     )
     parser.add_argument("input_dir", type=Path, help="folder of raw light frames")
     parser.add_argument(
@@ -253,15 +257,19 @@ def invalidate_missing(output: Path) -> None:
 
 
 def _intermediates_present(output: Path, items: dict[str, dict]) -> bool:
-    return all(
-        (output / "work" / "cal" / f"{fid}.fits").exists()
-        for fid, i in items.items()
-        if i["status"] != "skipped"
-    )
+    return _present(items, lambda fid: output / "work" / "cal" / f"{fid}.fits")
 
 
 def _outputs_present(output: Path, items: dict[str, dict]) -> bool:
-    return all((output / name).exists() for name, i in items.items() if i["status"] != "skipped")
+    return _present(items, lambda name: output / name)
+
+
+def _present(items: dict[str, dict], path: Callable[[str], Path]) -> bool:
+    """Whether a batch's receipt still holds: every file it made exists and nothing failed (an
+    item that failed with an internal error is tried again)."""
+    return all(
+        i["status"] == SKIPPED or (i["status"] != FAILED and path(key).exists()) for key, i in items.items()
+    )
 
 
 def snakemake_command(config_path: Path, cores: int, extra: Sequence[str]) -> list[str]:
@@ -288,12 +296,17 @@ def show_plan(output: Path) -> int:
 
 
 def report(output: Path) -> int:
-    """Exit status from ``summary.json``: complete or not."""
+    """Exit status from ``summary.json``: failed when an output or light failed with an internal
+    error, else complete or not."""
     try:
         summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return EXIT_FAILED
     print(f"imgproc: outputs in {output}", file=sys.stderr)
+    if summary.get("outputs_failed") or summary.get("failed_frames"):
+        print(f"imgproc: internal errors; see {output / 'summary.txt'} and the tracebacks in {output}/logs",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
     return EXIT_OK if summary.get("complete") else EXIT_INCOMPLETE
 
 
@@ -304,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         defaults = yaml.safe_load((workflow_dir() / "config.yaml").read_text(encoding="utf-8"))
         config = resolve_config(args, defaults)
+        for gap in calibration_gaps([role for role in ("bias", "dark", "flat") if config[f"{role}_dir"]]):
+            print(f"imgproc: warning: {gap}", file=sys.stderr)
         output = Path(config["output_dir"])
         prepare_output(output)
         config_path = write_config(output, config)

@@ -29,10 +29,14 @@ DEFAULT_KEYWORDS: dict[str, list[str]] = {
     "xbinning": ["XBINNING"],
     "ybinning": ["YBINNING"],
     "pierside": ["PIERSIDE"],
+    "bayerpat": ["BAYERPAT", "CFA-PAT", "COLORTYP"],
 }
 
 #: Canonical names whose values are numbers (strings such as '40' become floats).
 NUMERIC = frozenset({"exptime", "gain", "offset", "set_temp", "xbinning", "ybinning"})
+
+#: Colour filter array patterns (2×2 cells, row by row) a colour camera's frame may carry.
+CFA_PATTERNS = frozenset({"RGGB", "GRBG", "GBRG", "BGGR"})
 
 #: Values that mean "not recorded" in real archives (e.g. OBJECT='None').
 PLACEHOLDERS = frozenset({"", "none", "null", "n/a", "unknown"})
@@ -115,6 +119,19 @@ def to_number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def cfa_pattern(bayerpat: object, filter_name: object) -> str | None:
+    """The colour filter array pattern of a frame (``'RGGB'``...), or None for a mono frame.
+
+    From BAYERPAT (or the keywords the table lists for it) when it names a pattern; a DSLR
+    program writes the pattern as FILTER (``FILTER='RGGB'``) and no BAYERPAT.
+    """
+    for value in (bayerpat, filter_name):
+        text = "" if value is None else str(value).strip().upper()
+        if text in CFA_PATTERNS:
+            return text
+    return None
+
+
 def parse_date_obs(value: object, time_obs: object = None) -> datetime:
     """Parse DATE-OBS into a naive UTC datetime.
 
@@ -175,6 +192,7 @@ def normalise(
             values[name] = None
         else:
             values[name] = str(raw).strip()
+    values["bayerpat"] = cfa_pattern(values.get("bayerpat"), values.get("filter"))
     values["imagetyp_raw"] = values.get("imagetyp")
     values["imagetyp"] = frame_type(values["imagetyp_raw"])
     values["type_source"] = used.get("imagetyp") if values["imagetyp"] else None

@@ -28,13 +28,15 @@ COLUMNS = (
     "path", "folder", "role", "status", "reason", "error", "size", "mtime_ns", "hdu", "ny", "nx",
     "imagetyp_raw", "type_source", "is_master", "object", "filter", "exptime", "date_obs", "instrume", "gain",
     "offset", "readoutm", "set_temp", "xbinning", "ybinning", "pierside", "header_sha1", "table_sha1",
+    "bayerpat",
 )  # fmt: skip
 _FLOAT = frozenset({"exptime", "gain", "offset", "set_temp", "dark_scale"})
 _INT = frozenset({"size", "mtime_ns", "hdu", "ny", "nx", "xbinning", "ybinning", "n_group", "n_frames"})
 _BOOL = frozenset({"is_master", "thumb"})
 
-#: Status values: ``ok`` (used), ``listed`` (left out on purpose), ``skipped`` (bad input).
-OK, LISTED, SKIPPED = "ok", "listed", "skipped"
+#: Status values: ``ok`` (used), ``listed`` (left out on purpose), ``skipped`` (bad input);
+#: a batch receipt item is also ``failed`` when making it raised an internal error.
+OK, LISTED, SKIPPED, FAILED = "ok", "listed", "skipped", "failed"
 
 
 def is_fits_name(name: str) -> bool:

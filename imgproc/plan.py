@@ -11,7 +11,7 @@ import hashlib
 import math
 import os
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -251,6 +251,41 @@ def _short_names(paths: Sequence[str]) -> dict[str, str]:
     return {path: os.path.relpath(path, common) for path in paths}
 
 
+#: What is not done to the lights when a master folder is not given, by role.
+STEPS_NOT_DONE = {
+    "bias": "no bias folder given (-B): bias not subtracted",
+    "dark": "no dark folder given (-D): darks not subtracted",
+    "flat": "no flat folder given (-F): not flat-fielded",
+}
+UNCALIBRATED = (
+    "no master folder given (-B/-D/-F): the outputs are uncalibrated (bias, dark and flat not applied)"
+)
+
+
+def calibration_gaps(roles: Collection[str]) -> list[str]:
+    """What is not done to the lights with master folders of only these ``roles`` given: one line
+    when none is given, else a line per missing folder."""
+    missing = [role for role in STEPS_NOT_DONE if role not in roles]
+    return [UNCALIBRATED] if len(missing) == len(STEPS_NOT_DONE) else [STEPS_NOT_DONE[r] for r in missing]
+
+
+def colour_lights(
+    plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]
+) -> dict[str, list[str]]:
+    """Planned lights with a colour filter array (manifest ``bayerpat``), by pattern: their paths."""
+    patterns = {row["path"]: row.get("bayerpat") for row in manifest if row["folder"] == "light"}
+    found: dict[str, list[str]] = defaultdict(list)
+    for entry in plan:
+        if entry["status"] == OK and patterns.get(entry["path"]):
+            found[str(patterns[entry["path"]])].append(str(entry["path"]))
+    return dict(found)
+
+
+def colour_message(pattern: str, count: int) -> str:
+    """The report of ``count`` colour lights of CFA ``pattern`` processed as mono."""
+    return f"{count} colour (CFA {pattern}) lights processed as mono: colour handling is not implemented yet"
+
+
 def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:
     """The plan as a table for a person: each light's sequence, group, masters and output, or why
     it will be skipped; then the files that are only listed (calibration frames among the lights,
@@ -271,4 +306,8 @@ def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[st
     ok = sum(1 for e in plan if e["status"] == OK)
     outputs = len({e["output"] for e in plan if e["status"] == OK})
     lines.append(f"{ok} lights -> {outputs} outputs; {len(rows) - ok} files skipped or listed")
+    lines += [
+        colour_message(pattern, len(paths))
+        for pattern, paths in sorted(colour_lights(plan, manifest).items())
+    ]
     return "\n".join(lines) + "\n"

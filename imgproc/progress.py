@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from imgproc.manifest import OK, read_tsv
+from imgproc.manifest import FAILED, OK, SKIPPED, read_tsv
 from imgproc.stamps import read_json
 
 log = logging.getLogger("imgproc")
@@ -58,7 +58,8 @@ def _written(folder: Path) -> list[tuple[Path, float]]:
 
 def _finished(work: Path) -> tuple[dict[str, float], dict[str, float]]:
     """When each frame was last calibrated and each output last made, by the newest stamp or
-    receipt that says so: {frame id: time}, {output name: time}."""
+    receipt that says so (a receipt item skipped or failed is not done): {frame id: time},
+    {output name: time}."""
     calibrated: dict[str, float] = {}
     published: dict[str, float] = {}
 
@@ -70,7 +71,12 @@ def _finished(work: Path) -> tuple[dict[str, float], dict[str, float]]:
         note(calibrated, [path.stem], mtime)
     for folder, found in (("calibrated", calibrated), ("published", published)):
         for path, mtime in _written(work / folder):
-            note(found, (read_json(path) or {}).get("items", {}), mtime)
+            items = (read_json(path) or {}).get("items", {})
+            note(
+                found,
+                [key for key, item in items.items() if item.get("status") not in (SKIPPED, FAILED)],
+                mtime,
+            )
     return calibrated, published
 
 
@@ -122,8 +128,9 @@ class ProgressMonitor(threading.Thread):
         while not self._finished.wait(self.interval):
             self.report()
 
-    def report(self) -> None:
-        """Print a progress line if anything changed since the last one."""
+    def report(self, final: bool = False) -> None:
+        """Print a progress line if anything changed since the last one (the ``final`` one
+        without an estimate: what is not done by then, failed or skipped, will not be)."""
         try:
             counts = count_progress(self.output, self.started_wall - 1.0)
         except (OSError, ValueError):
@@ -131,6 +138,8 @@ class ProgressMonitor(threading.Thread):
         if counts is None or counts[1] == 0:
             return
         line = format_progress(counts, time.monotonic() - self.started)
+        if final:
+            line = line.split(", ~")[0]
         if line.split(", ~")[0] != self._last.split(", ~")[0]:
             print(line, file=self.stream or sys.stderr, flush=True)
             self._last = line
@@ -139,4 +148,4 @@ class ProgressMonitor(threading.Thread):
         """Stop watching, after one last line."""
         self._finished.set()
         self.join(timeout=self.interval + 1)
-        self.report()
+        self.report(final=True)

@@ -22,12 +22,13 @@ from astropy.io import fits
 from imgproc import __version__
 from imgproc.align import Registrar, Shift, apply_shift, pier_side_flip
 from imgproc.cache import FileCache
-from imgproc.fitsio import FitsError, Float32Rows, link_atomic, read_header, read_image, write_atomic
+from imgproc.fitsio import Float32Rows, link_atomic, read_header, read_image, write_atomic
 from imgproc.manifest import SKIPPED
 from imgproc.naming import mean_time
 from imgproc.progress import Progress
 from imgproc.report import cached_thumbnail
 from imgproc.stack import MEMORY, combine
+from imgproc.stages import problem_item
 from imgproc.stamps import digest, read_json, write_json
 
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
@@ -386,8 +387,9 @@ def run_publish_batch(
         reference = references.get(str(group[0].get("reference") or ""))
         try:
             results[name] = publish_group(name, group, reference, workdir, outdir, settings, threads)
-        except (FitsError, ValueError, OSError) as exc:
-            results[name] = {"status": SKIPPED, "reason": f"publishing failed: {exc}", "excluded": {}}
+        except Exception as exc:  # one output's error, whatever it is, must not stop the batch
+            inputs = [workdir / "cal" / f"{e['frame_id']}.fits" for e in group]
+            results[name] = problem_item(exc, name, "publishing failed", inputs) | {"excluded": {}}
         progress.step(done)
     write_json(receipt, {"kind": "publish", "items": results, "seconds": progress.elapsed()})
     return results

@@ -418,14 +418,14 @@ def frame_rows(
         out_item = published.get(output, {}) if output else {}
         if entry["status"] != OK:
             status, reason, level = "skipped", entry.get("reason") or "", "bad"
-        elif cal.get("status") == "skipped":
-            status, reason, level = "skipped", cal.get("reason", ""), "bad"
+        elif cal.get("status") in ("skipped", "failed"):
+            status, reason, level = cal["status"], cal.get("reason", ""), "bad"
         elif not cal:
             status, reason, level = "not calibrated", "no calibrate receipt for this frame", "warn"
         elif fid in excluded:
             status, reason, level = "excluded", excluded[fid], "bad"
-        elif out_item.get("status") == "skipped":
-            status, reason, level = "output not written", out_item.get("reason", ""), "bad"
+        elif out_item.get("status") in ("skipped", "failed"):
+            status, reason, level = f"output {out_item['status']}", out_item.get("reason", ""), "bad"
         elif not out_item:
             status, reason, level = cal["status"], "no publish receipt for its output", "warn"
         else:
@@ -670,6 +670,7 @@ def _masters_html(masters: Sequence[Mapping[str, Any]], built: Iterable[str] = (
 
 def _problems_html(summary: Mapping[str, Any]) -> str:
     failed = [{"file": n, "reason": r} for n, r in (summary.get("failed_outputs") or {}).items()]
+    not_written = [{"file": n, "reason": r} for n, r in (summary.get("skipped_outputs") or {}).items()]
     not_built = [
         {
             "file": ", ".join(Path(str(f)).name for f in m.get("frames") or []),
@@ -678,10 +679,16 @@ def _problems_html(summary: Mapping[str, Any]) -> str:
         for m in summary.get("masters_not_built") or []
     ]
     sections = [
+        ("failed-outputs", "Outputs failed (internal error; tracebacks in logs/publish)", failed),
+        (
+            "failed-frames",
+            "Lights failed (internal error; tracebacks in logs/calibrate)",
+            summary.get("failed_frames") or [],
+        ),
         ("skipped", "Lights skipped", summary.get("skipped") or []),
         ("listed", "Files listed but not processed", summary.get("listed") or []),
         ("masters-skipped", "Masters not used", summary.get("masters_skipped") or []),
-        ("failed-outputs", "Outputs not written", failed),
+        ("skipped-outputs", "Outputs not written", not_written),
         ("masters-not-built", "Raw calibration frames not combined into a master", not_built),
     ]
     out = []
@@ -735,11 +742,13 @@ def build_report(
     rows = frame_rows(plan, manifest, calibrated, published)
     outputs = summary.get("output_files")
     if outputs is None:
-        outputs = sorted(n for n, i in published.items() if i.get("status") != "skipped")
+        outputs = sorted(n for n, i in published.items() if i.get("status") not in ("skipped", "failed"))
     shown = _with_thumbnail(plan)
     complete = summary.get("complete")
     verdict = (
-        '<span class="ok">complete: every light was processed</span>'
+        '<span class="fail">FAILED: internal errors, see the failed outputs and lights below</span>'
+        if summary.get("outputs_failed") or summary.get("failed_frames")
+        else '<span class="ok">complete: every light was processed</span>'
         if complete
         else '<span class="fail">INCOMPLETE: see the skipped files below</span>'
     )

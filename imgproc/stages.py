@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -22,12 +23,20 @@ import numpy as np
 from imgproc import __version__
 from imgproc.calibrate import MASTERS, ROLES, MasterCache, calibrate_frame
 from imgproc.fitsio import FitsError, write_atomic
-from imgproc.manifest import LISTED, OK, SKIPPED, read_tsv, write_tsv
+from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, write_tsv
 from imgproc.masterbuild import build_master
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.masters import plan_masters
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
-from imgproc.plan import PlanSettings, intermediate, make_plan, master_label
+from imgproc.plan import (
+    PlanSettings,
+    calibration_gaps,
+    colour_lights,
+    colour_message,
+    intermediate,
+    make_plan,
+    master_label,
+)
 from imgproc.progress import Progress
 from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail, robust_background
 from imgproc.scan import ScanRequest, scan
@@ -72,6 +81,22 @@ def job_logging(log_file: str | Path | None = None, verbose: bool = False) -> It
             handler.close()
 
 
+def problem_item(exc: Exception, subject: str, what: str, inputs: Iterable[str | Path]) -> dict[str, str]:
+    """Receipt item of ``subject`` (a light, an output) whose making raised ``exc``; the error is
+    logged, with ``what`` failed (``calibration failed``) as the reason.
+
+    A problem of its input files (a :class:`~imgproc.fitsio.FitsError`, which also covers an
+    unusable master, or an OSError about one of ``inputs``) is ``skipped``; anything else is an
+    internal error: ``failed``, its traceback in the job log and its type in the reason.
+    """
+    about_input = isinstance(exc, OSError) and str(exc.filename) in {str(path) for path in inputs}
+    if isinstance(exc, FitsError) or about_input:
+        log.error("%s: %s: %s", subject, what, exc)
+        return {"status": SKIPPED, "reason": f"{what}: {exc}"}
+    log.error("%s: %s: internal error", subject, what, exc_info=exc)
+    return {"status": FAILED, "reason": f"{what}: internal error {type(exc).__name__}: {exc}"}
+
+
 # --- scan and plan ---------------------------------------------------------------------------
 
 
@@ -102,6 +127,8 @@ def run_plan(manifest: Path, plan_path: Path, masters_path: Path, settings: Plan
     for entry in plan:
         if entry["status"] != OK:
             log.warning("skipped %s: %s", entry["path"], entry["reason"])
+    for pattern, paths in sorted(colour_lights(plan, rows).items()):
+        log.warning("%s", colour_message(pattern, len(paths)))
     return plan
 
 
@@ -169,9 +196,9 @@ def run_calibrate_batch(
     for done, entry in enumerate(entries, start=1):
         try:
             results[entry["frame_id"]] = calibrate_entry(entry, workdir, MASTERS, observer, binning)
-        except (FitsError, ValueError, OSError, KeyError) as exc:
-            log.error("cannot calibrate %s: %s", entry["path"], exc)
-            results[entry["frame_id"]] = {"status": SKIPPED, "reason": f"calibration failed: {exc}"}
+        except Exception as exc:  # one frame's error, whatever it is, must not stop the batch
+            inputs = [entry["path"], *(entry[role] for role in ROLES if entry.get(role))]
+            results[entry["frame_id"]] = problem_item(exc, entry["path"], "calibration failed", inputs)
         progress.step(done)
     write_json(receipt, {"kind": "calibrate", "items": results, "seconds": progress.elapsed()})
     return results
@@ -186,15 +213,21 @@ def summarise(
     receipts: Sequence[Mapping[str, Any]],
     masters: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Counts and reasons of a run: what was written, stacked, listed and skipped."""
+    """Counts and reasons of a run: what was written, stacked, listed, skipped (a problem of the
+    input) and failed (an internal error), and what was not done to the lights."""
     calibrated, outputs = receipt_items(receipts)
+    by_id = {e["frame_id"]: e for e in plan}
+    failed_frames = [
+        {"file": by_id[fid]["path"], "reason": item["reason"]}
+        for fid, item in calibrated.items()
+        if item["status"] == FAILED and fid in by_id
+    ]
     skipped = [
         {"file": row["path"], "reason": row["reason"]}
         for row in manifest
         if row["status"] == SKIPPED and row["folder"] == "light"
     ]
     skipped += [{"file": e["path"], "reason": e["reason"]} for e in plan if e["status"] != OK]
-    by_id = {e["frame_id"]: e for e in plan}
     skipped += [
         {"file": by_id[fid]["path"], "reason": item["reason"]}
         for fid, item in calibrated.items()
@@ -204,16 +237,24 @@ def summarise(
         skipped += [
             {"file": by_id[fid]["path"], "reason": reason}
             for fid, reason in item.get("excluded", {}).items()
-            if fid in by_id and not any(s["file"] == by_id[fid]["path"] for s in skipped)
+            if fid in by_id and not any(s["file"] == by_id[fid]["path"] for s in skipped + failed_frames)
         ]
-    written = sorted(name for name, item in outputs.items() if item["status"] != SKIPPED)
+    written = sorted(name for name, item in outputs.items() if item["status"] not in (SKIPPED, FAILED))
+    not_written = {
+        status: {n: i["reason"] for n, i in sorted(outputs.items()) if i["status"] == status}
+        for status in (SKIPPED, FAILED)
+    }
+    roles = {row["folder"] for row in manifest} - {"light"}
     return {
         "version": __version__,
         "lights": sum(1 for row in manifest if row["folder"] == "light" and row["role"] == "light"),
         "outputs": len(written),
         "stacked": sum(1 for name in written if outputs[name].get("ncombine", 1) > 1),
         "output_files": written,
-        "failed_outputs": {n: i["reason"] for n, i in sorted(outputs.items()) if i["status"] == SKIPPED},
+        "outputs_failed": len(not_written[FAILED]),
+        "failed_outputs": not_written[FAILED],
+        "skipped_outputs": not_written[SKIPPED],
+        "failed_frames": sorted(failed_frames, key=lambda s: s["file"]),
         "skipped": sorted(skipped, key=lambda s: s["file"]),
         "listed": [
             {"file": row["path"], "reason": row["reason"]} for row in manifest if row["status"] == LISTED
@@ -223,6 +264,13 @@ def summarise(
             for row in manifest
             if row["status"] == SKIPPED and row["folder"] != "light"
         ],
+        "uncalibrated": not roles,
+        "steps_not_done": calibration_gaps(roles),
+        "colour_as_mono": [
+            {"file": path, "bayerpat": pattern}
+            for pattern, paths in sorted(colour_lights(plan, manifest).items())
+            for path in paths
+        ],
         "batch_seconds": round(sum(float(r.get("seconds", 0.0)) for r in receipts), 1),
         "masters_built": [m["path"] for m in masters if m["status"] == OK],
         "masters_not_built": [
@@ -230,20 +278,31 @@ def summarise(
             for m in masters
             if m["status"] != OK
         ],
-        "complete": not skipped and not any(i["status"] == SKIPPED for i in outputs.values()),
+        "complete": not skipped and not failed_frames and not any(not_written.values()),
     }
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     """The summary as lines for a person."""
+    frames_failed = len(summary["failed_frames"])
     lines = [
         f"imgproc {summary['version']}: {summary['lights']} lights, {summary['outputs']} outputs written "
-        f"({summary['stacked']} stacked), {len(summary['skipped'])} lights skipped, "
+        f"({summary['stacked']} stacked), {summary['outputs_failed']} outputs failed, "
+        + (f"{frames_failed} lights failed, " if frames_failed else "")
+        + f"{len(summary['skipped'])} lights skipped, "
         f"{len(summary['listed'])} files listed but not processed; "
         f"{summary['batch_seconds']} s of calibrate and publish work"
     ]
+    lines += [
+        f"  output {n} FAILED: {r} (traceback in logs/publish/)" for n, r in summary["failed_outputs"].items()
+    ]
+    lines += [f"  light {s['file']} FAILED: {s['reason']} (traceback in logs/calibrate/)"
+              for s in summary["failed_frames"]]  # fmt: skip
     lines += [f"  skipped {s['file']}: {s['reason']}" for s in summary["skipped"]]
-    lines += [f"  output {n} not written: {r}" for n, r in summary["failed_outputs"].items()]
+    lines += [f"  output {n} not written: {r}" for n, r in summary["skipped_outputs"].items()]
+    lines += [f"  {step}" for step in summary["steps_not_done"]]
+    colour = Counter(c["bayerpat"] for c in summary["colour_as_mono"])
+    lines += [f"  {colour_message(pattern, n)}" for pattern, n in sorted(colour.items())]
     lines += [f"  master {s['file']} not used: {s['reason']}" for s in summary["masters_skipped"]]
     lines += [f"  built master {path}" for path in summary["masters_built"]]
     lines += [
@@ -251,7 +310,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         for m in summary["masters_not_built"]
     ]
     lines += [f"  listed {s['file']}: {s['reason']}" for s in summary["listed"]]
-    lines.append("complete: every light was processed" if summary["complete"] else "INCOMPLETE: see above")
+    if summary["outputs_failed"] or frames_failed:
+        lines.append("FAILED: internal errors (see above and the tracebacks in logs/)")
+    else:
+        lines.append(
+            "complete: every light was processed" if summary["complete"] else "INCOMPLETE: see above"
+        )
     return "\n".join(lines) + "\n"
 
 

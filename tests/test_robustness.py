@@ -143,7 +143,7 @@ def test_an_existing_foreign_file_is_never_overwritten(night, tmp_path: Path) ->
     assert run_cli(night.root / "lights", fresh, *master_flags(night)) == EXIT_INCOMPLETE
     assert foreign.read_bytes() == b"somebody else's data"
     summary = json.loads((fresh / "summary.json").read_text())
-    assert "not overwritten" in summary["failed_outputs"][victim.name]
+    assert "not overwritten" in summary["skipped_outputs"][victim.name] and summary["outputs_failed"] == 0
     assert len(list(fresh.glob("*.fits"))) == len(night.lights)
 
 
