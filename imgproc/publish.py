@@ -20,9 +20,10 @@ import numpy as np
 from astropy.io import fits
 
 from imgproc import __version__
-from imgproc.align import Registrar, Shift, apply_shift, pier_side_flip
+from imgproc.align import MosaicRegistrar, Registrar, Shift, apply_shift, pier_side_flip
 from imgproc.cache import FileCache
 from imgproc.fitsio import Float32Rows, link_atomic, read_header, read_image, write_atomic
+from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
 from imgproc.naming import mean_time
 from imgproc.progress import Progress
@@ -120,20 +121,24 @@ KEEP_FRAMES_SHARE = 0.25
 
 #: Registrars of this process's publish jobs (threads of the workflow's process), built once
 #: per reference intermediate and settings.
-REGISTRARS: FileCache[Registrar] = FileCache(512 * 1024**2)
+REGISTRARS: FileCache[Registrar | MosaicRegistrar] = FileCache(512 * 1024**2)
 
 
-def registrar_for(reference: Path, settings: StackSettings) -> Registrar:
-    """The registrar built on the reference frame's intermediate (see :data:`REGISTRARS`)."""
+def registrar_for(reference: Path, settings: StackSettings) -> Registrar | MosaicRegistrar:
+    """The registrar built on the reference frame's intermediate (see :data:`REGISTRARS`): a
+    :class:`MosaicRegistrar` for a colour sensor's frames (a CFA pattern in the header)."""
 
-    def build() -> Registrar:
-        data, _ = read_image(reference)
-        return Registrar(data, upsample=settings.upsample, min_significance=settings.min_significance)
+    def build() -> Registrar | MosaicRegistrar:
+        data, header = read_image(reference)
+        kind = MosaicRegistrar if normalise(header)["bayerpat"] else Registrar  # colour sensors
+        return kind(data, upsample=settings.upsample, min_significance=settings.min_significance)
 
     return REGISTRARS.get((settings.upsample, settings.min_significance), str(reference), build)
 
 
-def measure(member: Member, data: np.ndarray, registrar: Registrar, reference_pierside: str | None) -> Shift:
+def measure(
+    member: Member, data: np.ndarray, registrar: Registrar | MosaicRegistrar, reference_pierside: str | None
+) -> Shift:
     """The shift that puts ``member`` (its pixels ``data``) on the reference grid.
 
     A frame whose PIERSIDE differs from the reference's is rotated by 180° (meridian flip)
@@ -254,7 +259,7 @@ def _shift_record(shift: Shift) -> dict[str, Any]:
             "quality": round(shift.quality, 4), "significance": round(shift.significance, 1)}  # fmt: skip
 
 
-def check_shift(shift: Shift, registrar: Registrar) -> str:
+def check_shift(shift: Shift, registrar: Registrar | MosaicRegistrar) -> str:
     """Why a measured shift cannot be used ('' when it can)."""
     if registrar.accepts(shift):
         return ""

@@ -17,7 +17,7 @@ from conftest import master_flags, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imgproc.align import Registrar, Shift, _background, _despike, _taper, apply_shift
+from imgproc.align import MosaicRegistrar, Registrar, Shift, _background, _despike, _taper, apply_shift
 from imgproc.binning import bin_image, binned_shape
 from imgproc.cli import EXIT_OK
 from imgproc.report import block_mean, fwhm_estimate, local_maxima, stretch, thumbnail_of
@@ -56,6 +56,31 @@ def noisy_field(
     frame += np.float32(100.0)
     frame += star_field(shape, stars, fwhm=3.0, shift=shift, rotate180=flip)
     return frame
+
+
+def mosaic(frame: np.ndarray, levels: tuple[float, float, float, float] = (700, 810, 805, 90)) -> np.ndarray:
+    """A colour sensor's raw frame: each 2x2 site of the pattern on its own level (the Seestar's
+    GRBG sites sit at about 700-810, the INDI ASI224's blue at 96)."""
+    out = frame.copy()
+    for (y, x), level in zip(((0, 0), (0, 1), (1, 0), (1, 1)), levels, strict=True):
+        out[y::2, x::2] += np.float32(level)
+    return out
+
+
+@pytest.mark.parametrize(("shape", "flip"), [((192, 108), False), ((97, 130), True), ((130, 97), False)])
+def test_mosaic_registrar_measures_colour_frames_on_superpixels(shape, flip) -> None:
+    rng = np.random.default_rng(7)
+    stars = random_stars(shape, shape[0] * shape[1] // 250, rng, flux_range=(1e3, 1e4), margin=6)
+    reference = mosaic(noisy_field(shape, stars, rng))
+    frame = mosaic(noisy_field(shape, stars, rng, shift=(-3.4, 5.3), flip=flip))
+    plain = Registrar(reference)
+    wrong = plain.measure(frame, try_flip=True)  # on the raw mosaic the pattern outweighs the stars
+    assert not (plain.accepts(wrong) and abs(wrong.dy - 3.4) < 0.5 and abs(wrong.dx + 5.3) < 0.5)
+    registrar = MosaicRegistrar(reference)
+    shift = registrar.measure(frame, try_flip=True)
+    assert registrar.accepts(shift) and shift.flipped is flip and registrar.shape == shape
+    # star_field's shift moves the frame's content; the registrar undoes it
+    assert abs(shift.dy - 3.4) < 0.15 and abs(shift.dx + 5.3) < 0.15
 
 
 def png_size(png: bytes) -> tuple[int, int]:
