@@ -1,0 +1,214 @@
+"""The shared real data sets (../shared/data/real), end to end: what a careful observer expects
+of each, calibrate-only and, where a set has a sequence of one camera, ``-s -S 1 -a``.
+
+Each set's README gives its provenance and header oddities. The tests skip where ../shared is
+absent (a user's clone) and fail there under IMGPROC_REQUIRE_REAL=1 (CI). TIRCAM2's masters
+made outside imgproc are tested in test_real_tircam2.py.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from conftest import real_set, run_cli
+
+from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
+from imgproc.manifest import read_tsv
+from imgproc.naming import mean_time, output_name
+
+pytestmark = pytest.mark.e2e
+
+
+class Run:
+    """One run of the imgproc command on a real set: its exit status and what it left."""
+
+    def __init__(self, out: Path, status: int) -> None:
+        self.out, self.status = out, status
+        self.summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+        self.manifest = read_tsv(out / "work" / "manifest.tsv")
+
+    def outputs(self) -> list[Path]:
+        return sorted(self.out.glob("*.fits"))
+
+    def shifts(self) -> dict[str, dict[str, float]]:
+        """Every registered frame's shift record, from the publish receipts."""
+        found: dict[str, dict[str, float]] = {}
+        for receipt in (self.out / "work" / "published").glob("*.json"):
+            for item in json.loads(receipt.read_text())["items"].values():
+                found |= item.get("shifts", {})
+        return found
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):
+    """``run(name, *args)``: the command on real set ``name`` (arguments relative to its folder),
+    run once per module and shared by the tests that read it."""
+    done: dict[tuple, Run] = {}
+
+    def go(name: str, *args: str) -> Run:
+        if (name, *args) not in done:
+            folder = real_set(name)
+            out = tmp_path_factory.mktemp(name)
+            flags = [str(folder / a) if (folder / a).exists() else a for a in args]
+            done[(name, *args)] = Run(out, run_cli(*flags[:1], out, *flags[1:]))
+        return done[(name, *args)]
+
+    return go
+
+
+def mid(path: Path) -> datetime:
+    header = fits.getheader(path)
+    return datetime.fromisoformat(header["DATE-OBS"]) + timedelta(seconds=float(header["EXPTIME"]) / 2)
+
+
+# --- SBIG ST-8 + MaxIm DL: raw bias, darks of 300 s and 3 s, flats, 9 lights of 1530x1020 -----
+
+UMD = "umd-st8-maximdl-ngc520-r"
+UMD_MASTERS = ("-B", "bias", "-D", "darks", "-F", "flats")
+
+
+def test_umd_masters_are_built_and_every_light_calibrated(run) -> None:
+    result = run(UMD, "lights", *UMD_MASTERS)
+    assert result.status == EXIT_OK and result.summary["complete"]
+    built = sorted(Path(p).name.rsplit("_", 1)[0] for p in result.summary["masters_built"])
+    assert built == ["master_bias", "master_dark_300s", "master_dark_3s", "master_flat_Sloan_r_"]
+    lights = sorted((real_set(UMD) / "lights").glob("*.fit"))
+    # blank OBJECT -> UNKNOWN; FILTER "Sloan r'" -> Sloan_r_; the JD is mid-exposure
+    expected = {output_name(None, "DGAH", "Sloan r'", mid(light)): light for light in lights}
+    assert [p.name for p in result.outputs()] == sorted(expected)
+    masters = result.out / "masters"
+    bias = fits.getdata(next(masters.glob("master_bias_*.fits"))).astype(np.float64)
+    dark = fits.getdata(next(masters.glob("master_dark_300s_*.fits"))).astype(np.float64)
+    flat = fits.getdata(next(masters.glob("master_flat_*.fits"))).astype(np.float64)
+    flat /= flat[flat > 0].mean()
+    name, light = next(iter(expected.items()))
+    with fits.open(result.out / name) as hdul:
+        header, data = hdul[0].header, hdul[0].data
+    assert header["BIASCAL"] and header["DARKCAL"] and header["FLATCAL"] and "DARKSCAL" not in header
+    assert header["DARKFILE"].startswith("master_dark_300s_")  # the lights' own exposure
+    raw = fits.getdata(light).astype(np.float64)
+    np.testing.assert_allclose(data, (raw - bias - dark) / flat, rtol=1e-5, atol=1e-2)
+    assert 600 < np.nanmedian(data) < 1000  # sky of the dark-subtracted 300 s frames
+
+
+def test_umd_aligned_stack_of_the_whole_sequence(run) -> None:
+    result = run(UMD, "lights", *UMD_MASTERS, "-s", "-S", "1", "-a")
+    assert result.status == EXIT_OK and result.summary["complete"]
+    [stack] = result.outputs()
+    lights = sorted((real_set(UMD) / "lights").glob("*.fit"))
+    assert stack.name == output_name(None, "DGAH", "Sloan r'", mean_time([mid(p) for p in lights]))
+    header = fits.getheader(stack)
+    assert header["NCOMBINE"] == 9 and (header["NAXIS1"], header["NAXIS2"]) == (1530, 1020)
+    shifts = result.shifts()
+    assert len(shifts) == 9 and min(s["significance"] for s in shifts.values()) > 50
+    assert max(abs(s["dy"]) + abs(s["dx"]) for s in shifts.values()) > 40  # the field drifts
+
+
+# --- TIRCAM2: one folder holding lights, bias and flats, no IMAGETYP ---------------------------
+
+TIRCAM = "tircam2-ic310"
+
+
+def test_tircam2_one_folder_gives_lights_bias_and_flat_by_file_name(run) -> None:
+    result = run(TIRCAM, ".", "-B", ".", "-F", ".")
+    assert result.status == EXIT_OK and result.summary["complete"]
+    assert len(result.outputs()) == 5 and result.summary["lights"] == 5
+    listed = {(Path(item["file"]).name, item["reason"]) for item in result.summary["listed"]}
+    assert (
+        "bias_1.fits",
+        "bias frame (from its file name) in the light folder: listed, not processed",
+    ) in listed
+    assert (
+        "flats05.fits",
+        "flat frame (from its file name) in the light folder: listed, not processed",
+    ) in listed
+    assert ("IC310_1.fits", "light frame in the flat folder: listed, not used") in listed
+    masters = {
+        fits.getheader(p)["IMAGETYP"]: fits.getheader(p) for p in (result.out / "masters").glob("*.fits")
+    }
+    assert masters["masterBIAS"]["NCOMBINE"] == 3 and masters["masterFLAT"]["NCOMBINE"] == 5
+    inputs = {card.split()[-1] for card in masters["masterFLAT"]["HISTORY"] if card.startswith("input ")}
+    assert inputs == {f"flats0{i}.fits" for i in range(1, 6)}
+    for output in result.outputs():
+        header = fits.getheader(output)
+        assert output.name.startswith("UNKNOWN_DGAH_J_20221023_")  # OBJECT='None', FILTER1='J'
+        assert header["BIASCAL"] and header["FLATCAL"] and not header["DARKCAL"]
+
+
+def test_tircam2_stack_of_five(run) -> None:
+    result = run(TIRCAM, ".", "-s", "-S", "1", "-a")
+    assert result.status == EXIT_OK and result.summary["uncalibrated"]
+    [stack] = result.outputs()
+    assert fits.getheader(stack)["NCOMBINE"] == 5
+    assert all(abs(s["dy"]) < 0.5 and abs(s["dx"]) < 0.5 for s in result.shifts().values())  # no dither
+
+
+# --- Seestar S50: a tree, colour (GRBG) frames of two units, 1080x1920 portrait --------------
+
+SEESTAR = "seestar-s50-ngc7023"
+
+
+def test_seestar_tree_is_searched_and_colour_reported(run) -> None:
+    result = run(SEESTAR, ".")
+    assert result.status == EXIT_OK and result.summary["uncalibrated"]
+    assert len(result.outputs()) == 6 and all(
+        p.name.startswith("NGC_7023_DGAH_IRCUT_") for p in result.outputs()
+    )
+    assert {item["bayerpat"] for item in result.summary["colour_as_mono"]} == {"GRBG"}
+    assert len(result.summary["colour_as_mono"]) == 6
+    assert fits.getdata(result.outputs()[0]).shape == (1920, 1080)  # portrait
+
+
+def test_seestar_sequences_stack_aligned_on_superpixels(run) -> None:
+    result = run(SEESTAR, ".", "-s", "-S", "1", "-a")
+    assert result.status == EXIT_OK and result.summary["complete"]
+    assert sorted(fits.getheader(p)["NCOMBINE"] for p in result.outputs()) == [2, 4]  # 10 s and 20 s
+    shifts = result.shifts()
+    assert len(shifts) == 6 and min(s["significance"] for s in shifts.values()) > 50
+
+
+# --- INDI ASI224MC: the type in FRAME, RGGB, 1304x976 ------------------------------------------
+
+INDI = "indi-asi224mc-m27"
+
+
+def test_indi_frames_are_lights_by_frame_and_stack(run) -> None:
+    single = run(INDI, ".")
+    assert single.status == EXIT_OK and len(single.outputs()) == 6
+    assert {(r["type_source"], r["role"]) for r in single.manifest} == {("FRAME", "light")}
+    assert {item["bayerpat"] for item in single.summary["colour_as_mono"]} == {"RGGB"}
+    stacked = run(INDI, ".", "-s", "-S", "1", "-a")
+    assert stacked.status == EXIT_OK
+    [stack] = stacked.outputs()
+    assert fits.getheader(stack)["NCOMBINE"] == 6 and stack.name.startswith(
+        "UNKNOWN_DGAH_Luminance_20180907_"
+    )
+
+
+# --- PANOPTES DSLR crops: .fz extension, pattern in FILTER, a header-stripped file ---------------
+
+PANOPTES = "panoptes-dslr-testcrops"
+
+
+def test_panoptes_crops_read_skip_and_report(run) -> None:
+    result = run(PANOPTES, ".")
+    assert result.status == EXIT_INCOMPLETE
+    skipped = {Path(item["file"]).name: item["reason"] for item in result.summary["skipped"]}
+    assert skipped == {
+        "noheader.fits": "DATE-OBS is missing: the mid-exposure time cannot be computed",
+        # a crop of the same exposure as tiny.fits: same object, filter and time, so same name
+        "unsolved.fits": "output name UNKNOWN_DGAH_RGGB_20160909_2457640.84266435.fits is already made "
+        "from tiny.fits",
+    }
+    assert len(result.outputs()) == 4
+    solved = next(r for r in result.manifest if r["path"].endswith("solved.fits.fz"))
+    assert (solved["hdu"], solved["ny"], solved["nx"], solved["bayerpat"]) == (1, 700, 700, "RGGB")
+    start = datetime.fromisoformat("2016-09-09T08:14:34")
+    name = output_name(None, "DGAH", "RGGB", start + timedelta(seconds=120.4 / 2))
+    assert fits.getdata(result.out / name).shape == (700, 700)
