@@ -178,8 +178,9 @@ def normalise(
     floats; ``imagetyp`` is mapped by :func:`frame_type` with the raw text kept in
     ``imagetyp_raw``; ``date_obs`` is an ISO UTC string (or None, with ``date_error`` saying why);
     binning defaults to 1. Without a frame-type keyword, ``imagetyp`` is what ``file_name`` or
-    ``frame_name`` (IRAFNAME) names (:func:`name_type`); ``type_source`` says where the type came
-    from: its keyword, ``'file name'``, ``frame_name``'s keyword, or None.
+    ``frame_name`` (IRAFNAME) names (:func:`name_type`), else a bias when EXPTIME is 0;
+    ``type_source`` says where the type came from: its keyword, ``'file name'``, ``frame_name``'s
+    keyword, ``'EXPTIME of 0'``, or None.
     """
     table = dict(DEFAULT_KEYWORDS if table is None else table)
     values: dict[str, Any] = {}
@@ -202,6 +203,8 @@ def normalise(
             if kind := name_type(text):
                 values.update(imagetyp=kind, type_source=source)
                 break
+    if values["imagetyp"] is None and values.get("exptime") == 0:  # no light is 0 s long
+        values.update(imagetyp="bias", type_source="EXPTIME of 0")
     for axis in ("xbinning", "ybinning"):
         values[axis] = int(values.get(axis) or 1)
     values["date_error"] = None

@@ -221,7 +221,7 @@ def test_type_from_the_file_name_or_irafname_only_without_a_type_keyword() -> No
     )
     by_iraf = normalise({**cards, "IRAFNAME": "flats_j_6s_01"}, file_name="img_0001.fits")
     assert (by_iraf["imagetyp"], by_iraf["type_source"]) == ("flat", "IRAFNAME")
-    light = normalise({**cards, "IRAFNAME": "IC310_j_10s_d1_015"}, file_name="IC310_1.fits")
+    light = normalise({**cards, "EXPTIME": "40", "IRAFNAME": "IC310_j_10s_d1_015"}, file_name="IC310_1.fits")
     assert (light["imagetyp"], light["type_source"]) == (None, None)
     keyword = normalise({**cards, "IMAGETYP": "Light"}, file_name="bias_1.fits")
     assert (keyword["imagetyp"], keyword["type_source"]) == ("light", "IMAGETYP")

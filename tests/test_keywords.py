@@ -203,3 +203,18 @@ def test_normalise_custom_table():
         {"exptime": ["EXPOSURE"], "date_obs": ["DATE-OBS"]},
     )
     assert values["exptime"] == 5.0
+
+
+@pytest.mark.parametrize(
+    ("cards", "name", "kind", "source"),
+    [
+        ({"EXPTIME": "0", "FILTER1": "BLOCK"}, "bias_001.fits", "bias", "file name"),
+        ({"EXPTIME": "0", "FILTER1": "BLOCK"}, "frame_017.fits", "bias", "EXPTIME of 0"),  # TIRCAM2
+        ({"EXPTIME": 0.0, "IMAGETYP": "Light Frame"}, "frame.fits", "light", "IMAGETYP"),
+        ({"EXPTIME": 0.001}, "frame.fits", None, None),
+        ({}, "frame.fits", None, None),
+    ],
+)
+def test_a_frame_of_no_type_and_zero_exposure_is_a_bias(cards, name, kind, source):
+    values = normalise(cards, file_name=name)
+    assert (values["imagetyp"], values["type_source"]) == (kind, source)
