@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -284,6 +284,14 @@ def colour_lights(
 def colour_message(pattern: str, count: int) -> str:
     """The report of ``count`` colour lights of CFA ``pattern`` processed as mono."""
     return f"{count} colour (CFA {pattern}) lights processed as mono: colour handling is not implemented yet"
+
+
+def calibration_notes(summary: Mapping[str, Any]) -> list[str]:
+    """What a run's summary says was not done to its lights: calibration steps without a master
+    folder, and colour lights processed as mono (a line per CFA pattern)."""
+    colour = Counter(c["bayerpat"] for c in summary.get("colour_as_mono") or [])
+    notes = list(summary.get("steps_not_done") or [])
+    return notes + [colour_message(pattern, n) for pattern, n in sorted(colour.items())]
 
 
 def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:

@@ -34,6 +34,7 @@ from astropy.utils.exceptions import AstropyWarning
 from imgproc import __version__
 from imgproc.binning import block_sum
 from imgproc.manifest import OK, read_tsv
+from imgproc.plan import calibration_notes
 from imgproc.stamps import read_json, receipt_items, write_json
 
 #: Longest side of a thumbnail, in pixels.
@@ -691,7 +692,8 @@ def _problems_html(summary: Mapping[str, Any]) -> str:
         ("skipped-outputs", "Outputs not written", not_written),
         ("masters-not-built", "Raw calibration frames not combined into a master", not_built),
     ]
-    out = []
+    notes = calibration_notes(summary)
+    out = [f'<ul id="calibration-notes">{"".join(f"<li>{_e(n)}</li>" for n in notes)}</ul>'] if notes else []
     for css_id, title, items in sections:
         if not items:
             continue

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -31,6 +30,7 @@ from imgproc.plan import COLUMNS as PLAN_COLUMNS
 from imgproc.plan import (
     PlanSettings,
     calibration_gaps,
+    calibration_notes,
     colour_lights,
     colour_message,
     intermediate,
@@ -300,9 +300,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
               for s in summary["failed_frames"]]  # fmt: skip
     lines += [f"  skipped {s['file']}: {s['reason']}" for s in summary["skipped"]]
     lines += [f"  output {n} not written: {r}" for n, r in summary["skipped_outputs"].items()]
-    lines += [f"  {step}" for step in summary["steps_not_done"]]
-    colour = Counter(c["bayerpat"] for c in summary["colour_as_mono"])
-    lines += [f"  {colour_message(pattern, n)}" for pattern, n in sorted(colour.items())]
+    lines += [f"  {note}" for note in calibration_notes(summary)]
     lines += [f"  master {s['file']} not used: {s['reason']}" for s in summary["masters_skipped"]]
     lines += [f"  built master {path}" for path in summary["masters_built"]]
     lines += [

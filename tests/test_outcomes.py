@@ -251,6 +251,10 @@ def test_colour_lights_and_no_masters_are_reported(tmp_path: Path, capsys: pytes
     )
     manifest = (out / "work" / "manifest.tsv").read_text().splitlines()
     assert manifest[0].split("\t")[-1] == "bayerpat" and manifest[1].endswith("\tRGGB")
+    report = (out / "report.html").read_text()
+    notes = report[report.index('<ul id="calibration-notes">') :].split("</ul>")[0]
+    assert notes.count("<li>") == 3 and "3 colour (CFA RGGB) lights processed as mono" in notes
+    assert "the outputs are uncalibrated" in notes
 
     assert run_cli(tmp_path / "lights", tmp_path / "plan", "--plan") == EXIT_OK
     plan_text = (tmp_path / "plan" / "plan.txt").read_text()
