@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from astropy.io import fits
-from conftest import REPO, run_cli
+from conftest import REPO, real_set, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,7 +24,6 @@ from imgproc.plan import format_plan, frame_id
 from imgproc.scan import ScanRequest, scan
 
 SHAPE = (53, 70)  # (ny, nx)
-PANOPTES = REPO.parent / "shared" / "data" / "real" / "panoptes-dslr-testcrops" / "lights" / "solved.fits.fz"
 LIGHT = {"OBJECT": "M 27", "FILTER": "V", "EXPTIME": 30.0, "INSTRUME": "Cam", "GAIN": 100}
 
 
@@ -271,18 +270,18 @@ def test_gzipped_image_extension_behind_an_empty_primary(tmp_path: Path) -> None
     np.testing.assert_array_equal(read_image(path)[0], _pixels(4))
 
 
-@pytest.mark.skipif(not PANOPTES.exists(), reason="the real PANOPTES crops are not here")
 def test_real_panoptes_fz_reads_its_compressed_extension() -> None:
-    header, hdu, shape = read_header(PANOPTES)
+    path = real_set("panoptes-dslr-testcrops") / "lights" / "solved.fits.fz"
+    header, hdu, shape = read_header(path)
     assert (hdu, shape) == (1, (700, 700))
-    values = normalise(header, file_name=PANOPTES.name)
+    values = normalise(header, file_name=path.name)
     assert (values["date_obs"], values["exptime"], values["filter"]) == (
         "2016-09-09T08:14:34.000",
         120.4,
         "RGGB",
     )
     assert values["imagetyp"] is None and "XTENSION" not in header
-    data = read_image(PANOPTES)[0]
+    data = read_image(path)[0]
     assert data.shape == (700, 700) and 1500 < float(np.median(data)) < 3000
 
 
