@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import SHARED, run_cli
+from conftest import REAL, real_set, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +25,7 @@ from imgproc.scan import ScanRequest, scan
 from imgproc.stages import calibrate_entry, calibration_stamp, frame_diagnostics
 from imgproc.synth import write_fits
 
-UMD = SHARED / "data" / "real" / "umd-st8-maximdl-ngc520-r"
+UMD = REAL / "umd-st8-maximdl-ngc520-r"
 SHAPE = (64, 97)  # NAXIS2 x NAXIS1: not square, not a power of two
 CAMERA = {"INSTRUME": "TestCam", "GAIN": 100, "OFFSET": 20, "READOUTM": "Normal", "SET-TEMP": -10.0}
 LIGHT_EXPTIME = 30.0
@@ -297,10 +297,10 @@ def test_raw_flats_without_bias_or_with_the_switch_off_get_no_dark(raw_calibrati
 # --- real frames: the UMD ST-8 night ---------------------------------------------------------
 
 
-@pytest.mark.skipif(not UMD.is_dir(), reason=f"real data not present at {UMD}")
 def test_umd_flats_with_only_300s_darks_get_them_scaled(tmp_path: Path) -> None:
     """The g night's case on the r night's frames: 3 s flats, only the 300 s darks (the lights'
     exposure). The flats are built with the 300 s dark scaled by 0.01; the lights need none."""
+    real_set(UMD.name)
     darks = tmp_path / "darks300"
     darks.mkdir()
     for path in sorted(UMD.glob("darks/calib-00?-dark.fit")):
@@ -315,10 +315,10 @@ def test_umd_flats_with_only_300s_darks_get_them_scaled(tmp_path: Path) -> None:
     assert all("DARKSCAL" not in fits.getheader(p) and fits.getheader(p)["DARKCAL"] for p in outputs)
 
 
-@pytest.mark.skipif(not UMD.is_dir(), reason=f"real data not present at {UMD}")
 def test_umd_lights_with_only_3s_darks_are_not_scaled_up(tmp_path: Path) -> None:
     """The 3 s darks sit ~17 ADU above the bias: scaled x100 they would take 1700 ADU off an
     ~800 ADU sky. The 300 s lights are skipped, saying why."""
+    real_set(UMD.name)
     darks = tmp_path / "darks3"
     darks.mkdir()
     for path in sorted(UMD.glob("darks/calib-00?-dark03.fit")):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import TIRCAM, run_cli
+from conftest import TIRCAM, real_set, run_cli
 
 from imgproc.cli import EXIT_OK
 from imgproc.manifest import read_tsv
@@ -164,8 +164,8 @@ def test_group_raw_splits_on_matching_keywords() -> None:
     assert [(m["n_frames"], m["status"]) for m in planned] == [(4, "ok"), (1, "skipped")]
 
 
-@pytest.mark.skipif(not TIRCAM.is_dir(), reason=f"real data not present at {TIRCAM}")
 def test_tircam2_raw_bias_and_flats_become_masters(tmp_path: Path) -> None:
+    real_set(TIRCAM.name)
     folders = {name: tmp_path / name for name in ("lights", "bias", "flats")}
     for folder, pattern in (
         (folders["lights"], "IC310_*"),
