@@ -297,14 +297,19 @@ def test_raw_flats_without_bias_or_with_the_switch_off_get_no_dark(raw_calibrati
 # --- real frames: the UMD ST-8 night ---------------------------------------------------------
 
 
+def umd_darks(folder: Path, pattern: str) -> Path:
+    """A dark folder holding only the UMD darks that match ``pattern`` (linked)."""
+    umd = real_set(UMD.name)
+    folder.mkdir()
+    for path in sorted(umd.glob(f"darks/{pattern}")):
+        (folder / path.name).symlink_to(path)
+    return folder
+
+
 def test_umd_flats_with_only_300s_darks_get_them_scaled(tmp_path: Path) -> None:
     """The g night's case on the r night's frames: 3 s flats, only the 300 s darks (the lights'
     exposure). The flats are built with the 300 s dark scaled by 0.01; the lights need none."""
-    real_set(UMD.name)
-    darks = tmp_path / "darks300"
-    darks.mkdir()
-    for path in sorted(UMD.glob("darks/calib-00?-dark.fit")):
-        (darks / path.name).symlink_to(path)
+    darks = umd_darks(tmp_path / "darks300", "calib-00?-dark.fit")
     out = tmp_path / "out"
     assert run_cli(UMD / "lights", out, "-B", UMD / "bias", "-D", darks, "-F", UMD / "flats") == EXIT_OK
     flat = next((out / "masters").glob("master_flat_*.fits"))
@@ -318,11 +323,7 @@ def test_umd_flats_with_only_300s_darks_get_them_scaled(tmp_path: Path) -> None:
 def test_umd_lights_with_only_3s_darks_are_not_scaled_up(tmp_path: Path) -> None:
     """The 3 s darks sit ~17 ADU above the bias: scaled x100 they would take 1700 ADU off an
     ~800 ADU sky. The 300 s lights are skipped, saying why."""
-    real_set(UMD.name)
-    darks = tmp_path / "darks3"
-    darks.mkdir()
-    for path in sorted(UMD.glob("darks/calib-00?-dark03.fit")):
-        (darks / path.name).symlink_to(path)
+    darks = umd_darks(tmp_path / "darks3", "calib-00?-dark03.fit")
     out = tmp_path / "out"
     status = run_cli(UMD / "lights", out, "-B", UMD / "bias", "-D", darks, "-F", UMD / "flats", "--plan")
     assert status == EXIT_INCOMPLETE
