@@ -30,8 +30,8 @@ import yaml
 from imgproc import __version__
 from imgproc.keywords import normalise
 from imgproc.manifest import FAILED, SKIPPED, list_fits, missing_filter, read_tsv
-from imgproc.naming import default_output_dirname
-from imgproc.plan import calibration_gaps, format_plan
+from imgproc.naming import check_observer, default_output_dirname
+from imgproc.plan import MAX_BIN, calibration_gaps, format_plan
 from imgproc.progress import ProgressMonitor
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -68,6 +68,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def bin_level(text: str) -> int:
+    """argparse type: a binning factor from 1 to :data:`imgproc.plan.MAX_BIN`."""
+    value = positive_int(text)
+    if value > MAX_BIN:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_BIN}")
+    return value
+
+
+def observer_code(text: str) -> str:
+    """argparse type: an observer code (:func:`imgproc.naming.check_observer`)."""
+    try:
+        return check_observer(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the original tool, plus pass-through of Snakemake arguments."""
     parser = argparse.ArgumentParser(
@@ -85,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-B", "--bias-dir", type=Path, help="folder of master bias frames")
     parser.add_argument("-D", "--dark-dir", type=Path, help="folder of master dark frames")
     parser.add_argument("-F", "--flat-dir", type=Path, help="folder of master flat frames")
-    parser.add_argument("-b", "--bin-level", type=positive_int, default=1, help="binning factor (default 1)")
+    parser.add_argument("-b", "--bin-level", type=bin_level, default=1,
+                        help=f"binning factor, 1 to {MAX_BIN} (default 1)")  # fmt: skip
     parser.add_argument("-a", "--align", action="store_true", help="align frames (sub-pixel)")
     parser.add_argument("-s", "--stack", action="store_true", help="stack groups of frames")
     parser.add_argument("-S", "--stack-threshold", type=positive_int, default=150,
                         help="frames in a sequence before stacking is triggered (default 150)")  # fmt: skip
-    parser.add_argument("-o", "--observer", default="DGAH", help="observer code (default DGAH)")
+    parser.add_argument("-o", "--observer", type=observer_code, default="DGAH",
+                        help="observer code: letters, digits, . _ + - (default DGAH)")  # fmt: skip
     parser.add_argument(
         "-f", "--filter",
         help="only process lights with this filter (case-insensitive; a filter no light has is an error)",

@@ -66,6 +66,7 @@ class Layout:
             "observer": self.config["observer"],
             "stack": self.config["stack"],
             "stack_threshold": self.config["stack_threshold"],
+            "binning": self.config["bin"],
             "align": self.config["align"],
             "roles": sorted(self.master_dirs),
             "reference": self.config["alignment"]["reference"],

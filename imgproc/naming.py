@@ -16,6 +16,20 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 MAX_PART = 64
 
 
+#: What an observer code may hold: it goes into file names and the ASCII ``OBSERVER`` card as it is.
+OBSERVER_CODE = re.compile(rf"[A-Za-z0-9_+-][A-Za-z0-9._+-]{{0,{MAX_PART - 1}}}")
+
+
+def check_observer(code: str) -> str:
+    """``code`` if it is a valid observer code (:data:`OBSERVER_CODE`), else ValueError saying why."""
+    if not OBSERVER_CODE.fullmatch(code):
+        raise ValueError(
+            f"observer code {code!r} must be 1-{MAX_PART} characters of A-Z a-z 0-9 . _ + - "
+            "(not starting with a dot): it goes into file names and the OBSERVER card"
+        )
+    return code
+
+
 def safe_part(value: object, fallback: str = "UNKNOWN") -> str:
     """A file-name-safe token: spaces and characters outside ``[A-Za-z0-9._+-]`` become ``_``.
 

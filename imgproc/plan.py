@@ -28,6 +28,8 @@ COLUMNS = (
     "n_group", "mid", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch", "pub_kind", "thumb",
     "pierside", "ny", "nx",
 )  # fmt: skip
+#: Largest binning factor (``-b``; the config schema's ``bin`` maximum).
+MAX_BIN = 64
 #: Lone calibrated frames with a thumbnail in the report: at most this many, evenly spread over
 #: the night (every stack and aligned frame has one).
 REPORT_FRAMES = 48
@@ -43,6 +45,7 @@ class PlanSettings:
     observer: str = "DGAH"
     stack: bool = False
     stack_threshold: int = 150
+    binning: int = 1  # -b: a light smaller than one binned pixel is skipped
     align: bool = False
     reference: str = "first"  # first | middle
     roles: Sequence[str] | None = None  # master folders given (None: those seen in the manifest)
@@ -139,6 +142,11 @@ def make_plan(
             entry[role] = match.path
         entry["dark_scale"] = matches["dark"].scale if "dark" in matches else None
         failed = [match.reason for match in matches.values() if match.path is None]
+        if min(row["ny"], row["nx"]) < settings.binning:
+            failed.append(
+                f"the frame ({row['nx']}x{row['ny']} px) is smaller than the binning "
+                f"{settings.binning}x{settings.binning} (-b)"
+            )
         if failed:
             entry.update(status=SKIPPED, reason="; ".join(failed))
         entry["_row"] = row

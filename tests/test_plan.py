@@ -336,6 +336,17 @@ def test_stacks_get_a_publish_job_each_up_to_four_per_batch_and_run_after_calibr
     assert link > CALIBRATE_PRIORITY > stack  # hard links first, stacks after every calibration
 
 
+def test_a_frame_smaller_than_the_binning_is_skipped_saying_why(night) -> None:
+    rows = scan(ScanRequest(night.root / "lights"))
+    ny, nx = rows[0]["ny"], rows[0]["nx"]
+    rows[0] = rows[0] | {"ny": 5, "nx": 9}
+    plan = make_plan(rows, PlanSettings(binning=6))
+    skipped = [e for e in plan if e["status"] != OK]
+    assert [e["path"] for e in skipped] == [rows[0]["path"]]
+    assert skipped[0]["reason"] == "the frame (9x5 px) is smaller than the binning 6x6 (-b)"
+    assert all(e["status"] == OK for e in make_plan(rows[1:], PlanSettings(binning=min(ny, nx))))
+
+
 def test_frames_of_one_sequence_but_two_shapes_are_two_sequences(night) -> None:
     rows = scan(ScanRequest(night.root / "lights"))
     lights = [r for r in rows if r["filter"] == "V"]

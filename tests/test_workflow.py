@@ -294,9 +294,20 @@ def test_usage_errors_are_one_line_messages(night, args: list[str], message: str
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_out_of_range_flag_is_rejected(night, tmp_path: Path) -> None:
-    result = run_cli_process(night.root / "lights", tmp_path / "out", "-b", "0")
-    assert result.returncode == EXIT_USAGE and "must be 1 or more" in result.stderr
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-b", "0"], "argument -b/--bin-level: 0 must be 1 or more"),
+        (["-b", "100000"], "argument -b/--bin-level: 100000 is more than 64"),
+        (["-o", ""], "argument -o/--observer: observer code '' must be 1-64 characters of A-Z a-z 0-9"),
+        (["-o", "Zoë"], "observer code 'Zoë' must be 1-64 characters of A-Z a-z 0-9 . _ + - (not starting"),
+        (["-o", "A B"], "observer code 'A B' must be"),
+    ],
+)
+def test_out_of_range_flag_is_rejected(night, tmp_path: Path, flags: list[str], message: str) -> None:
+    result = run_cli_process(night.root / "lights", tmp_path / "out", *flags)
+    assert result.returncode == EXIT_USAGE and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing is written before the flags are valid
 
 
 def test_compressed_inputs_are_calibrated(night, tmp_path: Path) -> None:
