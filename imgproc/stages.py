@@ -271,7 +271,6 @@ def summarise(
             for pattern, paths in sorted(colour_lights(plan, manifest).items())
             for path in paths
         ],
-        "batch_seconds": round(sum(float(r.get("seconds", 0.0)) for r in receipts), 1),
         "masters_built": [m["path"] for m in masters if m["status"] == OK],
         "masters_not_built": [
             {"role": m["role"], "frames": m["members"].split(";"), "reason": m["reason"]}
@@ -290,8 +289,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"({summary['stacked']} stacked), {summary['outputs_failed']} outputs failed, "
         + (f"{frames_failed} lights failed, " if frames_failed else "")
         + f"{len(summary['skipped'])} lights skipped, "
-        f"{len(summary['listed'])} files listed but not processed; "
-        f"{summary['batch_seconds']} s of calibrate and publish work"
+        f"{len(summary['listed'])} files listed but not processed"
     ]
     lines += [
         f"  output {n} FAILED: {r} (traceback in logs/publish/)" for n, r in summary["failed_outputs"].items()
@@ -320,11 +318,16 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 def run_summary(
     manifest: Path, plan: Path, masters: Path, receipts: Sequence[Path], out_json: Path, out_text: Path
 ) -> dict:
-    """Write ``summary.json`` and ``summary.txt`` from the manifest, plan, masters and receipts."""
+    """Write ``summary.json`` and ``summary.txt`` from the manifest, plan, masters and receipts.
+
+    Both say what was done, never how long it took: two runs of the same night give the same
+    bytes. The batch jobs' time goes to the log.
+    """
     receipts_data = [read_json(p) or {} for p in receipts]
     summary = summarise(read_tsv(manifest), read_tsv(plan), receipts_data, read_tsv(masters))
     write_json(out_json, summary)
     text = format_summary(summary)
     out_text.write_text(text, encoding="utf-8")
-    log.info("%s", text.rstrip())
+    seconds = sum(float(r.get("seconds", 0.0)) for r in receipts_data)
+    log.info("%s\n%.1f s of calibrate and publish work", text.rstrip(), seconds)
     return summary

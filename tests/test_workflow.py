@@ -358,3 +358,11 @@ def test_relative_profile_path_is_made_absolute(tmp_path: Path, monkeypatch) -> 
     assert ours == ["lights", "-a"]
     assert extra == ["--profile", str(tmp_path / "profiles" / "mine"), "--dry-run"]
     assert split_passthrough(["lights", "--", "--profile", "slurm"])[1] == ["--profile", "slurm"]
+
+
+def test_summary_files_are_the_same_bytes_for_the_same_night(night, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        assert run_cli(night.root / "lights", tmp_path / name, *master_flags(night)) == EXIT_OK
+    for summary in ("summary.json", "summary.txt"):
+        assert (tmp_path / "a" / summary).read_bytes() == (tmp_path / "b" / summary).read_bytes()
+    assert "s of calibrate and publish work" in (tmp_path / "a" / "logs" / "summarize.log").read_text()
