@@ -29,7 +29,7 @@ import yaml
 
 from imgproc import __version__
 from imgproc.keywords import normalise
-from imgproc.manifest import FAILED, SKIPPED, list_fits, missing_filter, read_tsv
+from imgproc.manifest import FAILED, SKIPPED, list_fits, missing_filter, output_conflict, read_tsv
 from imgproc.naming import check_observer, default_output_dirname
 from imgproc.plan import MAX_BIN, calibration_gaps, format_plan
 from imgproc.progress import ProgressMonitor
@@ -181,8 +181,9 @@ def resolve_config(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[s
     masters = {role: None if path is None else check_folder(path, f"{role} folder") for role, path in given}
     output = args.output_dir or default_output_dir(input_dir, args.observer, config["keywords"])
     output = output.resolve()
-    if output == input_dir or input_dir in output.parents:
-        raise UsageError(f"output folder {output} is inside the input folder; choose another")
+    conflict = output_conflict(output, input_dir, {r: f for r, f in masters.items() if f is not None})
+    if conflict:
+        raise UsageError(conflict)
     for role, folder in masters.items():
         if folder is not None and not list_fits(folder, [output]):
             raise UsageError(f"the {role} folder {folder} holds no FITS files (its subfolders neither)")

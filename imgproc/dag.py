@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from imgproc.manifest import OK, list_fits, read_tsv
+from imgproc.manifest import OK, list_fits, output_conflict, read_tsv
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
 
@@ -35,6 +35,9 @@ class Layout:
         self.input_dir = Path(config["input_dir"])
         self.master_dirs = {r: Path(config[f"{r}_dir"]) for r in ROLES if config.get(f"{r}_dir")}
         self.exclude = [Path(config["output_dir"])] if config.get("output_dir") else []
+        conflict = output_conflict(self.exclude[0], self.input_dir, self.master_dirs) if self.exclude else ""
+        if conflict:  # plain Snakemake checks its config as the imgproc command does
+            raise ValueError(f"config output_dir: {conflict}")
 
     def input_files(self) -> list[str]:
         """Every FITS file of the input and master folders and their subfolders, the output

@@ -89,6 +89,19 @@ def list_fits(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
     return sorted(files)
 
 
+def output_conflict(output: Path, input_dir: Path, master_dirs: Mapping[str, Path]) -> str:
+    """Why ``output`` cannot be the output folder of these input folders, or ``""``: it may not
+    be the input folder or inside it (outputs would be read as lights), nor a master folder
+    (outputs would be read as calibration frames). Paths are compared resolved."""
+    output, light = output.resolve(), input_dir.resolve()
+    if output == light or light in output.parents:
+        return f"output folder {output} is inside the input folder; choose another"
+    for role, folder in sorted(master_dirs.items()):
+        if output == folder.resolve():
+            return f"output folder {output} is the {role} folder; choose another"
+    return ""
+
+
 def _identity(path: Path) -> tuple[int, int]:
     """(device, inode) of a file or folder, symlinks followed."""
     stat = path.stat()

@@ -233,6 +233,21 @@ def test_verbose_logs_per_frame_diagnostics(night, tmp_path: Path) -> None:
     assert "sky=" in logs and "noise=" in logs and "bias=bias_g120.fits" in logs
 
 
+@pytest.mark.parametrize("folder", ["lights", "bias"])
+def test_plain_snakemake_refuses_an_output_folder_that_is_an_input(night, folder: str) -> None:
+    root = night.root.resolve()
+    config = {"input_dir": root / "lights", "bias_dir": root / "bias", "output_dir": root / folder}
+    before = sorted(root.rglob("*"))
+    command = [sys.executable, "-m", "snakemake", "--cores", "1", "--config"]
+    result = subprocess.run(
+        [*command, *(f"{k}={v}" for k, v in config.items())], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    role = "inside the input folder" if folder == "lights" else "the bias folder"
+    assert f"config output_dir: output folder {root / folder} is {role}" in result.stdout + result.stderr
+    assert sorted(root.rglob("*")) == before
+
+
 def test_plain_snakemake_repeats_the_run_from_the_written_config(night, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert run_cli(night.root / "lights", out, *master_flags(night)) == EXIT_OK
@@ -284,14 +299,18 @@ def test_invalid_config_value_names_the_key(night, tmp_path: Path) -> None:
         (["empty"], "no FITS files"),
         (["lights", "lights/out"], "inside the input folder"),
         (["lights", "out", "-B", "empty"], "holds no FITS files"),
+        (["lights", "bias", "-B", "bias"], "output folder {root}/bias is the bias folder; choose another"),
     ],
 )
 def test_usage_errors_are_one_line_messages(night, args: list[str], message: str, capsys) -> None:
     (night.root / "empty").mkdir()
     resolved = [str(night.root / a) if not a.startswith("-") else a for a in args]
+    before = sorted(night.root.rglob("*"))
     assert run_cli(*resolved) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert message.format(root=night.root.resolve()) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(night.root.rglob("*")) == before  # nothing written anywhere
 
 
 @pytest.mark.parametrize(
