@@ -210,3 +210,14 @@ def test_sampling_note_counts_the_lone_frames_shown() -> None:
     assert "Thumbnails of 3 of the 9 calibrated single frames" in _sampling_note(plan, outputs)
     every = [dict(row, thumb=True) for row in plan]
     assert _sampling_note(every, outputs) == ""
+
+
+def test_a_light_in_the_bias_folder_is_reported_not_counted_as_a_master(night: Night, tmp_path: Path) -> None:
+    shutil.copy(night.lights[0], night.bias_dir / "stray_light.fits")  # a light saved among the biases
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night)) == 0
+    page = (out / "report.html").read_text()
+    masters = page[page.index('id="master-usage"') : page.index('id="problems"')]
+    assert "stray_light.fits" not in masters
+    problems = page[page.index('id="problems"') :]
+    assert "stray_light.fits" in problems and "in the bias folder" in problems
