@@ -291,24 +291,34 @@ def cached_thumbnail(
 
 # --- SVG plots --------------------------------------------------------------------------------
 
+#: Frames dated further than this from a night's median time (a clock at year 1 or 9999) are
+#: left out of the plots, with a note: the axes span the night, not millennia.
+PLOT_SPAN = timedelta(days=366)
+
+
+def _nice_step(raw: float) -> float:
+    """The smallest 1, 2, 2.5 or 5 times a power of ten that is at least ``raw`` (> 0)."""
+    magnitude = 10 ** math.floor(math.log10(raw))
+    return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+
 
 def nice_ticks(low: float, high: float, target: int = 5) -> list[float]:
     """Round tick values covering [low, high]."""
     span = high - low
     if not span > 0:
         return [low]
-    raw = span / target
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    step = _nice_step(span / target)
     first = math.ceil(low / step - 1e-9) * step
     count = math.floor((high - first) / step + 1e-9) + 1
     return [round(first + i * step, 10) for i in range(count)]
 
 
 def time_ticks(low: float, high: float, target: int = 8) -> list[float]:
-    """Tick values (minutes) on round clock times covering [low, high]."""
+    """Tick values (minutes) on round clock times covering [low, high]; beyond a day a tick, on
+    whole days (1, 2, 5, 10, 20... of them), so that any span gives about ``target`` ticks."""
     steps = (0.25, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720, 1440)
-    step = next((s for s in steps if s >= (high - low) / target), steps[-1])
+    rough = (high - low) / target
+    step = next((s for s in steps if s >= rough), None) or 1440 * _nice_step(rough / 1440)
     first = math.ceil(low / step - 1e-9) * step
     count = math.floor((high - first) / step + 1e-9) + 1
     return [first + i * step for i in range(max(count, 0))]
@@ -363,9 +373,12 @@ def svg_plot(
         y = py(tick)
         parts.append(f'<line x1="{left}" y1="{_fmt(y)}" x2="{left + plot_w}" y2="{_fmt(y)}" stroke="#eee"/>')
         parts.append(f'<text x="{left - 4}" y="{_fmt(y + 4)}" text-anchor="end">{tick:g}</text>')
-    for tick in time_ticks(x0, x1):
+    ticks = time_ticks(min(xs), max(xs))  # within the data: every label is a valid date
+    days = len(ticks) > 1 and ticks[1] - ticks[0] >= 1440
+    for tick in ticks:
         x = px(tick)
-        label = (origin + timedelta(minutes=tick)).strftime("%H:%M" if tick == round(tick) else "%H:%M:%S")
+        clock = "%Y-%m-%d" if days else "%H:%M" if tick == round(tick) else "%H:%M:%S"
+        label = (origin + timedelta(minutes=tick)).strftime(clock)
         parts.append(f'<line x1="{_fmt(x)}" y1="{top}" x2="{_fmt(x)}" y2="{top + plot_h}" stroke="#eee"/>')
         parts.append(f'<text x="{_fmt(x)}" y="{top + plot_h + 14}" text-anchor="middle">{label}</text>')
     parts.append(
@@ -610,6 +623,15 @@ def _plots_html(rows: Sequence[Mapping[str, Any]]) -> str:
     timed = [(row, when) for row, when in timed if when is not None]
     if not timed:
         return "<p>No frame to plot.</p>"
+    median = sorted(when for _, when in timed)[len(timed) // 2]
+    far = [row["name"] for row, when in timed if abs(when - median) > PLOT_SPAN]
+    timed = [(row, when) for row, when in timed if abs(when - median) <= PLOT_SPAN]
+    note = (
+        f'<p class="muted" id="not-plotted">{len(far)} frames dated more than {PLOT_SPAN.days} days from '
+        f"the night's median time are not plotted: {_e(', '.join(sorted(far)))}</p>"
+        if far
+        else ""
+    )
     origin = min(when for _, when in timed).replace(second=0, microsecond=0)
     by_filter: dict[str, list[tuple[Mapping[str, Any], float]]] = defaultdict(list)
     for row, when in timed:
@@ -639,7 +661,7 @@ def _plots_html(rows: Sequence[Mapping[str, Any]]) -> str:
         )
         sky_plot = svg_plot(f"Sky level, filter {filt}", [("sky", sky)], origin, "median (ADU)")
         blocks.append(f'<div class="plots" data-filter="{_e(filt)}">{shift_plot}{sky_plot}</div>')
-    return "".join(blocks)
+    return note + "".join(blocks)
 
 
 def _masters_html(masters: Sequence[Mapping[str, Any]], built: Iterable[str] = ()) -> str:

@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import zlib
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,17 @@ from conftest import REPO, master_flags, run_cli
 
 from imgproc.cli import EXIT_INCOMPLETE
 from imgproc.manifest import read_tsv
-from imgproc.report import NAN_RGB, THUMB_MAX, build_report, png_bytes, thumbnail, write_report
+from imgproc.report import (
+    NAN_RGB,
+    THUMB_MAX,
+    _plots_html,
+    build_report,
+    png_bytes,
+    svg_plot,
+    thumbnail,
+    time_ticks,
+    write_report,
+)
 from imgproc.stamps import read_json
 from imgproc.synth import Night
 
@@ -221,3 +232,37 @@ def test_a_light_in_the_bias_folder_is_reported_not_counted_as_a_master(night: N
     assert "stray_light.fits" not in masters
     problems = page[page.index('id="problems"') :]
     assert "stray_light.fits" in problems and "in the bias folder" in problems
+
+
+def test_time_ticks_stay_few_over_any_span() -> None:
+    minutes_per_day = 1440
+    for span_days in (0.01, 0.5, 3, 334, 9400 * 365.25):
+        ticks = time_ticks(0.0, span_days * minutes_per_day)
+        assert 1 <= len(ticks) <= 9
+        if span_days > 8:
+            assert all(t % minutes_per_day == 0 for t in ticks)  # whole days
+
+
+def _plot_row(name: str, mid: str) -> dict:
+    return {"name": name, "mid": mid, "filter": "V", "sequence": "s", "sky": 100.0,
+            "shift": {"dx": 0.1, "dy": -0.2}}  # fmt: skip
+
+
+def test_plots_leave_out_absurd_dates_with_a_note() -> None:
+    rows = [_plot_row(f"f{i}.fits", f"2025-05-01T21:0{i}:00") for i in range(5)]
+    rows += [
+        _plot_row("year1.fits", "0001-01-01T00:00:30"),
+        _plot_row("year9999.fits", "9999-12-31T23:59:00"),
+    ]
+    page = _plots_html(rows)
+    note = re.search(r'<p class="muted" id="not-plotted">(.*?)</p>', page).group(1)
+    assert note.startswith("2 frames dated more than 366 days") and note.endswith("year1.fits, year9999.fits")
+    assert len(page) < 30_000 and page.count("<circle") == 5 * 3  # dx, dy and sky of the five
+
+
+def test_a_plot_over_months_labels_its_ticks_with_dates() -> None:
+    origin = datetime(2024, 7, 31, 2, 44)
+    points = [(0.0, 1.0, "a", "s"), (334 * 1440.0, 2.0, "b", "s")]
+    svg = svg_plot("sky", [("sky", points)], origin, "ADU")
+    labels = re.findall(r'text-anchor="middle">(\d{4}-\d{2}-\d{2})</text>', svg)
+    assert 3 <= len(labels) <= 9 and labels[0] >= "2024-07-31" and labels[-1] <= "2025-06-30"
