@@ -340,9 +340,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"imgproc: warning: {gap}", file=sys.stderr)
         output = Path(config["output_dir"])
         prepare_output(output)
+        lock = hold_run_lock(output)  # before any write: a live run's files stay as they are
+        try:
+            clear_stale_locks(output)
+        except UsageError:
+            lock.close()
+            raise
         config_path = write_config(output, config)
-        lock = hold_run_lock(output)
-        clear_stale_locks(output)
         invalidate_missing(output)
     except UsageError as exc:
         print(f"imgproc: error: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -385,3 +386,14 @@ def test_summary_files_are_the_same_bytes_for_the_same_night(night, tmp_path: Pa
     for summary in ("summary.json", "summary.txt"):
         assert (tmp_path / "a" / summary).read_bytes() == (tmp_path / "b" / summary).read_bytes()
     assert "s of calibrate and publish work" in (tmp_path / "a" / "logs" / "summarize.log").read_text()
+
+
+def test_a_refused_second_run_leaves_the_live_runs_files_alone(night, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night)) == EXIT_OK
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with open(out / ".imgproc.lock", "a+") as live:  # a run at work in this folder
+        fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_cli(night.root / "lights", out, *master_flags(night), "-b", "2", "-s") == EXIT_USAGE
+    assert "another imgproc run is working in" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
