@@ -168,7 +168,7 @@ def stack_header(
     out.set("NCOMBINE", len(headers), "number of frames combined")
     exptimes = [float(h.get("EXPTIME", 0) or 0) for h in headers]
     frames = [(m.mid - timedelta(seconds=e / 2.0), e) for m, e in zip(members, exptimes, strict=True)]
-    apply_time_cards(out, frames, header_airmass(out, [m.mid for m in members]))
+    apply_time_cards(out, frames, header_airmass(out, [m.mid for m in members]), history=False)
     out.set("LIVETIME", float(sum(exptimes)), "[s] summed exposure")
     for key in _CAL:
         out.set(key, all(bool(h.get(key, False)) for h in headers))

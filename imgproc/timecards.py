@@ -201,18 +201,23 @@ def time_cards(frames: Sequence[tuple[datetime, float]]) -> dict[str, tuple[Any,
 
 
 def apply_time_cards(
-    header: fits.Header, frames: Sequence[tuple[datetime, float]], airmass_value: float | None
+    header: fits.Header,
+    frames: Sequence[tuple[datetime, float]],
+    airmass_value: float | None,
+    *,
+    history: bool = True,
 ) -> fits.Header:
     """Write :func:`time_cards` of ``frames`` and ``AIRMASS`` (when known) into ``header`` (in
     place, returned): conflicting camera time cards are removed and every replaced or removed
-    value is kept in HISTORY. EXPTIME is set to the first frame's exposure."""
+    value is kept in HISTORY (a replaced DATE-OBS, TIMESYS or AIRMASS only with ``history``:
+    not for a header imgproc already wrote them in). EXPTIME is set when it is missing."""
     cards = time_cards(frames)
     for key in CONFLICTING:
         if key in header:
             header.add_history(f"{_HISTORY} {key} = {header[key]!r}")
             header.remove(key, remove_all=True)
     for key in ("DATE-OBS", "TIMESYS"):
-        if key in header and str(header[key]).strip() != cards[key][0]:
+        if history and key in header and str(header[key]).strip() != cards[key][0]:
             header.add_history(f"{_HISTORY} {key} = {header[key]!r}")
     if "EXPTIME" not in header:
         header.set("EXPTIME", float(frames[0][1]), "[s] exposure time of one frame")
@@ -220,7 +225,7 @@ def apply_time_cards(
         header.set(key, value, comment)
     if airmass_value is not None:
         old = to_number(header.get("AIRMASS"))
-        if "AIRMASS" in header and (old is None or abs(old - airmass_value) > 5e-4):
+        if history and "AIRMASS" in header and (old is None or abs(old - airmass_value) > 5e-4):
             header.add_history(f"{_HISTORY} AIRMASS = {header['AIRMASS']!r}")
         what = "mean sec z of the frames" if len(frames) > 1 else "sec z at mid-exposure"
         header.set("AIRMASS", round(airmass_value, 6), f"{what}, no refraction")
