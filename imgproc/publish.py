@@ -30,7 +30,7 @@ from imgproc.report import cached_thumbnail
 from imgproc.stack import MEMORY, combine
 from imgproc.stages import problem_item
 from imgproc.stamps import digest, read_json, write_json
-from imgproc.timecards import apply_time_cards, header_airmass, kept_history
+from imgproc.timecards import apply_time_cards, header_airmass, kept_history, mean_card_airmass
 
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
 _FILES = ("BIASFILE", "DARKFILE", "FLATFILE")
@@ -168,7 +168,10 @@ def stack_header(
     out.set("NCOMBINE", len(headers), "number of frames combined")
     exptimes = [float(h.get("EXPTIME", 0) or 0) for h in headers]
     frames = [(m.mid - timedelta(seconds=e / 2.0), e) for m, e in zip(members, exptimes, strict=True)]
-    apply_time_cards(out, frames, header_airmass(out, [m.mid for m in members]), history=False)
+    computed = header_airmass(out, [m.mid for m in members])
+    apply_time_cards(out, frames, computed, history=False)
+    if computed is None and (cameras := mean_card_airmass(headers)) is not None:
+        out.set("AIRMASS", round(cameras, 6), "mean of the frames' AIRMASS cards")
     out.set("LIVETIME", float(sum(exptimes)), "[s] summed exposure")
     for key in _CAL:
         out.set(key, all(bool(h.get(key, False)) for h in headers))

@@ -118,7 +118,8 @@ def parse_target(header: Mapping[str, Any]) -> Target | None:
 
     The WCS reference point first (``CRVAL1/2`` with ``CTYPE1 = 'RA--...'``, a solved position),
     then ``RA``/``DEC`` (degrees as numbers, hours as sexagesimal strings), then
-    ``OBJCTRA``/``OBJCTDEC`` (MaxIm, INDI: sexagesimal hours and degrees). Taken as ICRS/J2000.
+    ``OBJCTRA``/``OBJCTDEC`` (MaxIm, INDI: sexagesimal hours and degrees), then PANOPTES's
+    ``RA-MNT``/``DEC-MNT`` (degrees). Taken as ICRS/J2000.
     """
     candidates = []
     if str(header.get("CTYPE1", "")).startswith("RA") and str(header.get("CTYPE2", "")).startswith("DEC"):
@@ -173,6 +174,15 @@ def header_airmass(header: Mapping[str, Any], mids: Sequence[datetime]) -> float
         return None
     value = float(np.mean(airmass(mids, site, target)))
     return value if math.isfinite(value) else None
+
+
+def mean_card_airmass(headers: Sequence[Mapping[str, Any]]) -> float | None:
+    """Mean of the frames' own AIRMASS cards when every frame has a plausible one (1 to 40),
+    else None: a stack's airmass when it cannot be computed."""
+    values = [to_number(header.get("AIRMASS")) for header in headers]
+    if any(v is None or not 1.0 <= v <= 40.0 for v in values):
+        return None
+    return float(np.mean(values))
 
 
 def _iso(when: datetime) -> str:

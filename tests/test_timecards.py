@@ -35,6 +35,7 @@ from imgproc.timecards import (
     Site,
     Target,
     airmass_problem,
+    mean_card_airmass,
     parse_angle,
     parse_site,
     parse_target,
@@ -280,7 +281,8 @@ def test_site_and_target_of_the_real_dialects() -> None:
                "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 315.44, "CRVAL2": 68.2}  # fmt: skip
     assert parse_site(seestar) == Site(32.8965, -79.7625, 0.0)
     assert parse_target(seestar) == Target(315.44, 68.2)  # the solved WCS first
-    panoptes = {"LAT-OBS": "", "LONG-OBS": "", "ELEV-OBS": ""}
+    assert parse_target({"RA-MNT": 301.56439, "DEC-MNT": 44.456875}) == Target(301.56439, 44.456875)
+    panoptes = {"LAT-OBS": "", "LONG-OBS": "", "ELEV-OBS": "", "RA-MNT": ""}
     assert parse_site(panoptes) is None
     assert airmass_problem(panoptes) == (
         "no target coordinates (RA/DEC, OBJCTRA/OBJCTDEC or a WCS) and no observing site "
@@ -288,6 +290,12 @@ def test_site_and_target_of_the_real_dialects() -> None:
     )
     assert airmass_problem(maxim) == ""
     assert parse_site({"SITELAT": 95.0, "SITELONG": 10.0}) is None
+
+
+def test_a_stack_without_site_averages_its_frames_airmass_cards() -> None:
+    assert mean_card_airmass([{"AIRMASS": 1.2}, {"AIRMASS": "1.4"}]) == pytest.approx(1.3)
+    assert mean_card_airmass([{"AIRMASS": 1.2}, {}]) is None
+    assert mean_card_airmass([{"AIRMASS": "99.99"}]) is None  # TIRCAM2's placeholder
 
 
 def test_summary_says_once_why_airmass_is_missing() -> None:
