@@ -126,6 +126,7 @@ def parse_target(header: Mapping[str, Any]) -> Target | None:
         candidates.append((to_number(header.get("CRVAL1")), to_number(header.get("CRVAL2"))))
     candidates.append((parse_angle(header.get("RA"), sexagesimal_hours=True), parse_angle(header.get("DEC"))))
     candidates.append((parse_angle(header.get("OBJCTRA"), True, True), parse_angle(header.get("OBJCTDEC"))))
+    candidates.append((to_number(header.get("RA-MNT")), to_number(header.get("DEC-MNT"))))
     for ra, dec in candidates:
         if ra is not None and dec is not None and -90.0 <= dec <= 90.0:
             return Target(ra % 360.0, dec)
