@@ -138,7 +138,7 @@ def airmass_problem(header: Mapping[str, Any]) -> str:
     missing = [
         what
         for what, known in (
-            ("target coordinates (RA/DEC, OBJCTRA/OBJCTDEC or a WCS)", parse_target(header)),
+            ("target coordinates (RA/DEC, OBJCTRA/OBJCTDEC, RA-MNT/DEC-MNT or a WCS)", parse_target(header)),
             ("observing site (SITELAT/SITELONG, LAT-OBS/LONG-OBS or OBSGEO-*)", parse_site(header)),
         )
         if known is None

@@ -285,7 +285,7 @@ def test_site_and_target_of_the_real_dialects() -> None:
     panoptes = {"LAT-OBS": "", "LONG-OBS": "", "ELEV-OBS": "", "RA-MNT": ""}
     assert parse_site(panoptes) is None
     assert airmass_problem(panoptes) == (
-        "no target coordinates (RA/DEC, OBJCTRA/OBJCTDEC or a WCS) and no observing site "
+        "no target coordinates (RA/DEC, OBJCTRA/OBJCTDEC, RA-MNT/DEC-MNT or a WCS) and no observing site "
         "(SITELAT/SITELONG, LAT-OBS/LONG-OBS or OBSGEO-*) in the header"
     )
     assert airmass_problem(maxim) == ""
