@@ -156,7 +156,7 @@ def airmass(mids: Sequence[datetime], site: Site, target: Target) -> np.ndarray:
 
     One vectorised call of ERFA's ``atco13`` (ICRS to observed: precession-nutation, annual
     aberration, light deflection, Earth rotation), without refraction and with UT1 = UTC (an
-    error below 1 s of time, < 0.0005 in airmass above 20° altitude); about 0.1 ms a time.
+    error below 1 s of time, < 0.001 in airmass above 20° altitude); about 0.1 ms a time.
     """
     times = np.array([mjd(t) for t in mids])
     zenith = erfa.atco13(
