@@ -221,7 +221,8 @@ def apply_time_cards(
     """Write :func:`time_cards` of ``frames`` and ``AIRMASS`` (when known) into ``header`` (in
     place, returned): conflicting camera time cards are removed and every replaced or removed
     value is kept in HISTORY (a replaced DATE-OBS, TIMESYS or AIRMASS only with ``history``:
-    not for a header imgproc already wrote them in). EXPTIME is set when it is missing."""
+    not for a header imgproc already wrote them in). EXPTIME is set, as a number, when it is
+    missing or a string."""
     cards = time_cards(frames)
     for key in CONFLICTING:
         if key in header:
@@ -230,8 +231,13 @@ def apply_time_cards(
     for key in ("DATE-OBS", "TIMESYS"):
         if history and key in header and str(header[key]).strip() != cards[key][0]:
             header.add_history(f"{_HISTORY} {key} = {header[key]!r}")
-    if "EXPTIME" not in header:
-        header.set("EXPTIME", float(frames[0][1]), "[s] exposure time of one frame")
+    exptime = header.get("EXPTIME")
+    if isinstance(exptime, bool) or not isinstance(exptime, int | float):  # missing, or TIRCAM2's '40'
+        if "EXPTIME" in header:
+            header.add_history(f"{_HISTORY} EXPTIME = {exptime!r}")
+        header.set(
+            "EXPTIME", float(frames[0][1]), header.comments["EXPTIME"] if "EXPTIME" in header else "[s]"
+        )
     for key, (value, comment) in cards.items():
         header.set(key, value, comment)
     if airmass_value is not None:

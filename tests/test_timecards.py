@@ -35,6 +35,7 @@ from imgproc.timecards import (
     Site,
     Target,
     airmass_problem,
+    apply_time_cards,
     mean_card_airmass,
     parse_angle,
     parse_site,
@@ -290,6 +291,15 @@ def test_site_and_target_of_the_real_dialects() -> None:
     )
     assert airmass_problem(maxim) == ""
     assert parse_site({"SITELAT": 95.0, "SITELONG": 10.0}) is None
+
+
+def test_exptime_becomes_a_number() -> None:
+    """TIRCAM2 writes EXPTIME = '40' (a string): AstroImageJ needs a number."""
+    header = fits.Header({"EXPTIME": "40", "DATE-OBS": "2022-10-23T08:33:25.000"})
+    apply_time_cards(header, [(datetime(2022, 10, 23, 8, 33, 25), 40.0)], None)
+    assert header["EXPTIME"] == 40.0 and "imgproc replaced EXPTIME = '40'" in str(header["HISTORY"])
+    assert header["DATE-OBS"] == "2022-10-23T08:33:25.000" and "HISTORY" in header
+    assert "AIRMASS" not in header and header["MJD-AVG"] == pytest.approx(59875.356771, abs=1e-6)
 
 
 def test_a_stack_without_site_averages_its_frames_airmass_cards() -> None:
