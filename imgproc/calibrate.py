@@ -9,7 +9,7 @@ A dark of another exposure is scaled by k = light / dark exposure (only with a b
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,8 @@ from imgproc import __version__
 from imgproc.binning import bin_header, bin_image, binned_shape
 from imgproc.cache import FileCache
 from imgproc.fitsio import FitsError, ImageWriter, read_image, read_image_blocks
+from imgproc.keywords import DEFAULT_KEYWORDS, lookup_key, to_number
+from imgproc.timecards import apply_time_cards, header_airmass
 
 ROLES = ("bias", "dark", "flat")
 _CAL_CARDS = {"bias": "BIASCAL", "dark": "DARKCAL", "flat": "FLATCAL"}
@@ -117,9 +119,10 @@ def calibrated_header(
     binning: int,
     dark_scale: float | None = None,
 ) -> fits.Header:
-    """The light's header with calibration flags, master file names, OBSERVER, DATE-AVG
-    (mid-exposure, UTC), binning and a HISTORY line; scaling and checksum cards removed.
-    A scaled dark gets DARKSCAL and a HISTORY line naming the dark and the ratio."""
+    """The light's header with calibration flags, master file names, OBSERVER, binning and a
+    HISTORY line; scaling and checksum cards removed; the UTC time cards of mid-exposure ``mid``
+    and AIRMASS (:func:`imgproc.timecards.apply_time_cards`). A scaled dark gets DARKSCAL and a
+    HISTORY line naming the dark and the ratio."""
     out = bin_header(header, binning)
     for key in _DROP:
         out.remove(key, ignore_missing=True, remove_all=True)
@@ -131,7 +134,8 @@ def calibrated_header(
         if path is not None:
             out.set(_FILE_CARDS[role], Path(path).name, f"master {role} used")
     out.set("OBSERVER", observer, "observer code")
-    out.set("DATE-AVG", mid.isoformat(timespec="milliseconds"), "[UTC] mid-exposure time")
+    exptime = to_number(lookup_key(header, DEFAULT_KEYWORDS["exptime"])[1]) or 0.0
+    apply_time_cards(out, [(mid - timedelta(seconds=exptime / 2.0), exptime)], header_airmass(header, [mid]))
     out.add_history(f"Calibrated by imgproc {__version__}")
     if masters.get("dark") is not None and dark_scale is not None:
         out.set("DARKSCAL", float(dark_scale), "dark scaled by the exposure ratio light/dark")

@@ -296,10 +296,14 @@ def colour_message(pattern: str, count: int) -> str:
 
 def calibration_notes(summary: Mapping[str, Any]) -> list[str]:
     """What a run's summary says was not done to its lights: calibration steps without a master
-    folder, and colour lights processed as mono (a line per CFA pattern)."""
+    folder, colour lights processed as mono (a line per CFA pattern), and AIRMASS not written
+    (a line per reason)."""
     colour = Counter(c["bayerpat"] for c in summary.get("colour_as_mono") or [])
     notes = list(summary.get("steps_not_done") or [])
-    return notes + [colour_message(pattern, n) for pattern, n in sorted(colour.items())]
+    notes += [colour_message(pattern, n) for pattern, n in sorted(colour.items())]
+    return notes + [
+        f"no AIRMASS in {n} lights: {why}" for why, n in (summary.get("no_airmass") or {}).items()
+    ]
 
 
 def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,12 @@ from imgproc.cache import FileCache
 from imgproc.fitsio import Float32Rows, link_atomic, read_header, read_image, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
-from imgproc.naming import mean_time
 from imgproc.progress import Progress
 from imgproc.report import cached_thumbnail
 from imgproc.stack import MEMORY, combine
 from imgproc.stages import problem_item
 from imgproc.stamps import digest, read_json, write_json
+from imgproc.timecards import apply_time_cards, header_airmass, kept_history, mean_card_airmass
 
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
 _FILES = ("BIASFILE", "DARKFILE", "FLATFILE")
@@ -156,18 +156,23 @@ def measure(
 def stack_header(
     headers: Sequence[fits.Header], members: Sequence[Member], shifts: Sequence[Shift | None]
 ) -> fits.Header:
-    """Header of a stack: its first frame's, plus NCOMBINE, DATE-AVG (mean mid-exposure),
-    LIVETIME (summed exposure), calibration flags true only if true for every frame, and
-    HISTORY cards listing every input with its masters and applied shift."""
+    """Header of a stack: its first frame's, plus NCOMBINE, LIVETIME (summed exposure), the UTC
+    time cards of the frames and their mean AIRMASS (:func:`imgproc.timecards.apply_time_cards`),
+    calibration flags true only if true for every frame, and HISTORY cards listing every input
+    with its masters and applied shift (and the camera's time cards the first frame replaced)."""
     out = headers[0].copy() if shifts[0] is None else aligned_header(headers[0], shifts[0])
+    replaced = kept_history(out)
     out.remove("HISTORY", ignore_missing=True, remove_all=True)
+    for line in replaced:
+        out.add_history(line)
     out.set("NCOMBINE", len(headers), "number of frames combined")
-    out.set(
-        "DATE-AVG",
-        mean_time([m.mid for m in members]).isoformat(timespec="milliseconds"),
-        "[UTC] mean mid-exposure time of the frames",
-    )
-    out.set("LIVETIME", float(sum(float(h.get("EXPTIME", 0) or 0) for h in headers)), "[s] summed exposure")
+    exptimes = [float(h.get("EXPTIME", 0) or 0) for h in headers]
+    frames = [(m.mid - timedelta(seconds=e / 2.0), e) for m, e in zip(members, exptimes, strict=True)]
+    computed = header_airmass(out, [m.mid for m in members])
+    apply_time_cards(out, frames, computed, history=False)
+    if computed is None and (cameras := mean_card_airmass(headers)) is not None:
+        out.set("AIRMASS", round(cameras, 6), "mean of the frames' AIRMASS cards")
+    out.set("LIVETIME", float(sum(exptimes)), "[s] summed exposure")
     for key in _CAL:
         out.set(key, all(bool(h.get(key, False)) for h in headers))
     for key in ("ALIGNDX", "ALIGNDY", "ALIGNFLP"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -41,6 +42,8 @@ from imgproc.progress import Progress
 from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail, robust_background
 from imgproc.scan import ScanRequest, scan
 from imgproc.stamps import digest, file_id, read_json, receipt_items, write_json
+from imgproc.timecards import VERSION as TIMECARDS_VERSION
+from imgproc.timecards import airmass_problem
 
 log = logging.getLogger("imgproc")
 _HANDLERS_LOCK = threading.Lock()
@@ -147,7 +150,8 @@ def calibration_stamp(entry: Mapping[str, Any], observer: str, binning: int) -> 
     so that the stamps of unscaled frames are those of earlier versions)."""
     masters = {role: file_id(entry[role]) for role in ROLES if entry.get(role)}
     scale = [entry["dark_scale"]] if entry.get("dark") and entry.get("dark_scale") is not None else []
-    return digest([file_id(entry["path"]), masters, observer, binning, entry["mid"], __version__, *scale])
+    cards = [entry["mid"], __version__, *scale, f"timecards {TIMECARDS_VERSION}"]
+    return digest([file_id(entry["path"]), masters, observer, binning, *cards])
 
 
 def frame_statistics(data: np.ndarray) -> dict[str, float]:
@@ -173,7 +177,11 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     stamp = calibration_stamp(entry, observer, binning)
     previous = read_json(stamp_path) or {}
     if previous.get("stamp") == stamp and target.exists():
-        return {"status": "reused", "stamp": stamp, **previous.get("stats", {})}
+        return {
+            "status": "reused",
+            "stamp": stamp,
+            "no_airmass": previous.get("no_airmass", ""),
+        } | previous.get("stats", {})
     data, header = calibrate_frame(
         Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target,
         observer=observer, mid=datetime.fromisoformat(entry["mid"]), binning=binning,
@@ -181,10 +189,12 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     )  # fmt: skip
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
-    stats = frame_statistics(data)
-    write_json(stamp_path, {"stamp": stamp, "source": entry["path"], "stats": stats})
+    stats, no_airmass = frame_statistics(data), airmass_problem(header)
+    write_json(
+        stamp_path, {"stamp": stamp, "source": entry["path"], "stats": stats, "no_airmass": no_airmass}
+    )
     log.debug("%s", frame_diagnostics(entry, stats))
-    return {"status": "calibrated", "stamp": stamp, **stats}
+    return {"status": "calibrated", "stamp": stamp, "no_airmass": no_airmass, **stats}
 
 
 def run_calibrate_batch(
@@ -315,6 +325,14 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def airmass_gaps(receipts: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Why AIRMASS could not be written (no target coordinates or no site in the header), with
+    the number of lights for each reason."""
+    calibrated, _ = receipt_items(receipts)
+    reasons = Counter(item["no_airmass"] for item in calibrated.values() if item.get("no_airmass"))
+    return dict(sorted(reasons.items()))
+
+
 def run_summary(
     manifest: Path, plan: Path, masters: Path, receipts: Sequence[Path], out_json: Path, out_text: Path
 ) -> dict:
@@ -325,6 +343,7 @@ def run_summary(
     """
     receipts_data = [read_json(p) or {} for p in receipts]
     summary = summarise(read_tsv(manifest), read_tsv(plan), receipts_data, read_tsv(masters))
+    summary["no_airmass"] = airmass_gaps(receipts_data)
     write_json(out_json, summary)
     text = format_summary(summary)
     out_text.write_text(text, encoding="utf-8")

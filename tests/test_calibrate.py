@@ -206,7 +206,10 @@ def test_calibrated_header_observer_date_avg_history():
     history = " ".join(str(line) for line in out["HISTORY"])
     assert "imgproc" in history
     assert out["OBJECT"] == "V1234 Cyg"
-    assert out["DATE-OBS"] == "2025-05-01T21:00:00.000"
+    # issue 19: DATE-OBS is mid-exposure - EXPTIME/2 (MID is 250 ms after the raw DATE-OBS's mid),
+    # the camera's value kept in HISTORY
+    assert out["DATE-OBS"] == "2025-05-01T21:00:00.250"
+    assert "imgproc replaced DATE-OBS = '2025-05-01T21:00:00.000'" in history
 
 
 def test_calibrated_header_removes_scaling_and_checksum_cards():

@@ -253,7 +253,8 @@ def test_colour_lights_and_no_masters_are_reported(tmp_path: Path, capsys: pytes
     assert manifest[0].split("\t")[-1] == "bayerpat" and manifest[1].endswith("\tRGGB")
     report = (out / "report.html").read_text()
     notes = report[report.index('<ul id="calibration-notes">') :].split("</ul>")[0]
-    assert notes.count("<li>") == 3 and "3 colour (CFA RGGB) lights processed as mono" in notes
+    assert notes.count("<li>") == 4 and "3 colour (CFA RGGB) lights processed as mono" in notes
+    assert "no AIRMASS in 5 lights: no target coordinates" in notes  # issue 19: no RA/DEC, no site
     assert "the outputs are uncalibrated" in notes
 
     assert run_cli(tmp_path / "lights", tmp_path / "plan", "--plan") == EXIT_OK

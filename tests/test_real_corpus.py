@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from conftest import real_set, run_cli
+from test_timecards import aij_mid_jd, exotic_mid_jd, name_jd
 
 from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
 from imgproc.manifest import read_tsv
@@ -212,3 +213,32 @@ def test_panoptes_crops_read_skip_and_report(run) -> None:
     start = datetime.fromisoformat("2016-09-09T08:14:34")
     name = output_name(None, "DGAH", "RGGB", start + timedelta(seconds=120.4 / 2))
     assert fits.getdata(result.out / name).shape == (700, 700)
+
+
+# --- every set: the times EXOTIC and AstroImageJ read (issue 19) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (UMD, "lights", *UMD_MASTERS),
+        (UMD, "lights", *UMD_MASTERS, "-s", "-S", "1", "-a"),
+        (TIRCAM, ".", "-B", ".", "-F", "."),
+        (TIRCAM, ".", "-s", "-S", "1", "-a"),
+        (SEESTAR, "."),
+        (SEESTAR, ".", "-s", "-S", "1", "-a"),
+        (INDI, "."),
+        (INDI, ".", "-s", "-S", "1", "-a"),
+        (PANOPTES, "."),
+    ],
+    ids=lambda args: " ".join(args[:1] + args[2:]),
+)
+def test_exotic_and_astroimagej_read_the_time_of_the_name(run, args: tuple[str, ...]) -> None:
+    """Both clients' reading rules give every output's name JD back (the runs of the tests above,
+    shared: no run of its own)."""
+    outputs = run(*args).outputs()
+    assert outputs
+    for path in outputs:
+        header = fits.getheader(path)
+        for rule in (exotic_mid_jd, aij_mid_jd):
+            assert abs(rule(header) - name_jd(path)) * 86400 < 0.010, (path.name, rule.__name__)
