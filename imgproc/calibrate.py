@@ -27,6 +27,9 @@ _CAL_CARDS = {"bias": "BIASCAL", "dark": "DARKCAL", "flat": "FLATCAL"}
 _FILE_CARDS = {"bias": "BIASFILE", "dark": "DARKFILE", "flat": "FLATFILE"}
 #: Cards dropped from the light's header: scaling and checksums no longer describe the data.
 _DROP = ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM")
+#: Cards the FITS standard requires to be numbers; a camera's non-number (PANOPTES writes
+#: ``EQUINOX = ''``) is removed, so the output passes fitsverify, and kept in HISTORY.
+_NUMBERS = ("EQUINOX", "EPOCH")
 
 
 def normalise_flat(flat: np.ndarray) -> np.ndarray:
@@ -120,12 +123,17 @@ def calibrated_header(
     dark_scale: float | None = None,
 ) -> fits.Header:
     """The light's header with calibration flags, master file names, OBSERVER, binning and a
-    HISTORY line; scaling and checksum cards removed; the UTC time cards of mid-exposure ``mid``
-    and AIRMASS (:func:`imgproc.timecards.apply_time_cards`). A scaled dark gets DARKSCAL and a
-    HISTORY line naming the dark and the ratio."""
+    HISTORY line; scaling and checksum cards removed, and EQUINOX or EPOCH if not a number; the
+    UTC time cards of mid-exposure ``mid`` and AIRMASS (:func:`imgproc.timecards.apply_time_cards`).
+    A scaled dark gets DARKSCAL and a HISTORY line naming the dark and the ratio."""
     out = bin_header(header, binning)
     for key in _DROP:
         out.remove(key, ignore_missing=True, remove_all=True)
+    for key in _NUMBERS:
+        value = out.get(key)
+        if key in out and (isinstance(value, bool) or not isinstance(value, int | float)):
+            out.add_history(f"imgproc removed {key} = {value!r}: not a number")
+            out.remove(key, remove_all=True)
     for role in ROLES:
         path = masters.get(role)
         out.set(

@@ -60,6 +60,17 @@ def real_set(name: str) -> Path:
     return folder
 
 
+def fitsverify_errors(path: Path) -> str:
+    """fitsverify's report of ``path`` when it finds an error, else ``""``. Skips the test where
+    fitsverify is not installed, except under CI=true (.ci/run installs it)."""
+    if shutil.which("fitsverify") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but fitsverify is not installed", pytrace=False)
+        pytest.skip("fitsverify is not installed (Debian: apt-get install -y fitsverify)")
+    result = subprocess.run(["fitsverify", "-q", "-e", str(path)], capture_output=True, text=True)
+    return "" if result.returncode == 0 else result.stdout + result.stderr
+
+
 def master_flags(night: Night) -> list[str]:
     """-B/-D/-F for a night's master folders."""
     return ["-B", str(night.bias_dir), "-D", str(night.dark_dir), "-F", str(night.flat_dir)]

@@ -220,6 +220,15 @@ def test_calibrated_header_removes_scaling_and_checksum_cards():
         assert key not in out
 
 
+def test_calibrated_header_removes_an_equinox_that_is_not_a_number():
+    header = _raw_header()
+    header["EQUINOX"] = ""  # PANOPTES rotation.fits: fitsverify rejects it
+    header["EPOCH"] = 2000.0
+    out = calibrated_header(header, {}, observer="DGAH", mid=MID, binning=1)
+    assert "EQUINOX" not in out and out["EPOCH"] == 2000.0
+    assert "imgproc removed EQUINOX = '': not a number" in [str(h) for h in out["HISTORY"]]
+
+
 def test_calibrated_header_does_not_modify_input():
     header = _raw_header()
     before = header.tostring()

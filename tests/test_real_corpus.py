@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import real_set, run_cli
+from conftest import fitsverify_errors, real_set, run_cli
 from test_timecards import aij_mid_jd, exotic_mid_jd, name_jd
 
 from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
@@ -234,11 +234,12 @@ def test_panoptes_crops_read_skip_and_report(run) -> None:
     ids=lambda args: " ".join(args[:1] + args[2:]),
 )
 def test_exotic_and_astroimagej_read_the_time_of_the_name(run, args: tuple[str, ...]) -> None:
-    """Both clients' reading rules give every output's name JD back (the runs of the tests above,
-    shared: no run of its own)."""
+    """Both clients' reading rules give every output's name JD back, and fitsverify finds no
+    error (the runs of the tests above, shared: no run of its own)."""
     outputs = run(*args).outputs()
     assert outputs
     for path in outputs:
+        assert fitsverify_errors(path) == ""  # PANOPTES's EQUINOX = '' is not carried over
         header = fits.getheader(path)
         for rule in (exotic_mid_jd, aij_mid_jd):
             assert abs(rule(header) - name_jd(path)) * 86400 < 0.010, (path.name, rule.__name__)
