@@ -18,7 +18,8 @@ from astropy.io import fits
 from imgproc import __version__
 from imgproc.binning import bin_header, bin_image, binned_shape
 from imgproc.cache import FileCache
-from imgproc.fitsio import FitsError, ImageWriter, read_image, read_image_blocks
+from imgproc.colour import colour_image, normalise_colour_flat, write_cube
+from imgproc.fitsio import FitsError, ImageWriter, read_image, read_image_blocks, write_atomic
 from imgproc.keywords import DEFAULT_KEYWORDS, lookup_key, to_number
 from imgproc.timecards import apply_time_cards, header_airmass
 
@@ -99,11 +100,21 @@ class MasterCache:
         """The master of ``role`` at ``path`` as read-only float32 (flats normalised)."""
         return self._files.get(role, path, lambda: _read_master(role, path))
 
+    def get_colour(self, role: str, path: str, pattern: str) -> np.ndarray:
+        """The master of ``role`` for colour lights of CFA ``pattern``: a flat is normalised per
+        colour (:func:`imgproc.colour.normalise_colour_flat`), other roles as :meth:`get`."""
+        if role != "flat":
+            return self.get(role, path)
+        return self._files.get(f"flat {pattern}", path, lambda: _read_master(role, path, pattern))
 
-def _read_master(role: str, path: str) -> np.ndarray:
+
+def _read_master(role: str, path: str, pattern: str | None = None) -> np.ndarray:
     try:
         data, _ = read_image(Path(path))
-        frame = normalise_flat(data) if role == "flat" else data
+        if role == "flat":
+            frame = normalise_flat(data) if pattern is None else normalise_colour_flat(data, pattern)
+        else:
+            frame = data
     except ValueError as exc:  # FitsError, or a flat without a usable pixel: the master is unusable
         raise FitsError(f"master {Path(path).name}: {exc}") from exc
     frame.flags.writeable = False
@@ -162,15 +173,24 @@ def calibrate_frame(
     mid: datetime,
     binning: int,
     dark_scale: float | None = None,
+    cfa: str | None = None,
+    channel: str | None = None,
 ) -> tuple[np.ndarray, fits.Header]:
     """Read, calibrate and bin one light into the float32 FITS file ``target``; returns its
-    pixels and header. ``dark_scale`` multiplies the dark (one of another exposure).
+    pixels and header. ``dark_scale`` multiplies the dark (one of another exposure). A colour
+    light (``cfa`` its pattern as stored) is calibrated in the mosaic and becomes its output
+    ``channel`` (:func:`calibrate_colour_frame`).
 
     The frame streams through in blocks of rows (a multiple of ``binning``) that stay in the
     CPU cache from the read through calibration and binning to the write, instead of a
     dozen passes over the whole frame. The pixels are the same as :func:`calibrate_image`
     and :func:`bin_image` of the whole frame give.
     """
+    if cfa:
+        return calibrate_colour_frame(
+            light_path, hdu, masters, cache, target, observer=observer, mid=mid, binning=binning,
+            dark_scale=dark_scale, cfa=cfa, channel=channel or "G",
+        )  # fmt: skip
     header, image, blocks = read_image_blocks(light_path, hdu, multiple=binning)
     frames = {role: cache.get(role, path) for role, path in masters.items() if path is not None}
     check_master_shapes(image.shape, frames)  # whole frames: each block's slices would agree
@@ -190,3 +210,36 @@ def calibrate_frame(
                 binned[first : first + len(part)] = part
             out.write(part)
     return binned, out_header
+
+
+def calibrate_colour_frame(
+    light_path: Path,
+    hdu: int,
+    masters: Mapping[str, str | None],
+    cache: MasterCache,
+    target: Path,
+    *,
+    observer: str,
+    mid: datetime,
+    binning: int,
+    cfa: str,
+    channel: str,
+    dark_scale: float | None = None,
+) -> tuple[np.ndarray, fits.Header]:
+    """Calibrate a colour light in its mosaic, pixel by pixel (the flat normalised per colour),
+    and write its ``channel`` (:func:`imgproc.colour.colour_image`) to ``target``."""
+    image, header = read_image(light_path, hdu)
+    frames = {role: cache.get_colour(role, path, cfa) for role, path in masters.items() if path is not None}
+    check_master_shapes(image.shape, frames)
+    mosaic = calibrate_image(
+        image, *(frames.get(role) for role in ROLES), dark_scale=dark_scale, in_place=True
+    )
+    out_header = calibrated_header(
+        header, masters, observer=observer, mid=mid, binning=1, dark_scale=dark_scale
+    )
+    data, out_header = colour_image(mosaic, out_header, cfa, channel, binning)
+    if data.ndim == 3:
+        write_cube(target, data, out_header)
+    else:
+        write_atomic(target, data, out_header)
+    return data, out_header

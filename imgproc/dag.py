@@ -81,6 +81,8 @@ class Layout:
             "dark_scaling": matching["dark_scaling"],
             "min_master_frames": self.config["masters"]["min_frames"],
             "prefer_finished": self.config["masters"]["prefer_finished"],
+            "colour_output": self.config.get("colour", {}).get("output", "channels"),
+            "cfa": self.config.get("colour", {}).get("pattern", "auto"),
         }
 
     def stack_params(self) -> dict[str, Any]:
@@ -197,10 +199,12 @@ class WorkflowInputs:
         return attempt * _runtime(self._members("pub_batch", wildcards.pub_batch), 0.5)
 
     def publish_inputs(self, wildcards: Any) -> list[str]:
-        """Receipts of the calibrate batches holding the batch's frames and their references."""
+        """Receipts of the calibrate batches holding the batch's frames, their references and the
+        green frames a colour channel frame is registered by."""
         plan = self.plan()
         members = self._members("pub_batch", wildcards.pub_batch)
-        refs = {row["reference"] for row in members if row.get("reference")}
+        aligned = [row for row in members if row.get("reference")]
+        refs = {row[key] for row in aligned for key in ("reference", "measure") if row.get(key)}
         batches = {row["cal_batch"] for row in members}
         batches |= {row["cal_batch"] for row in plan if row["frame_id"] in refs}
         return [f"work/calibrated/{batch}.json" for batch in sorted(batches)]

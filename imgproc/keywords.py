@@ -30,13 +30,22 @@ DEFAULT_KEYWORDS: dict[str, list[str]] = {
     "ybinning": ["YBINNING"],
     "pierside": ["PIERSIDE"],
     "bayerpat": ["BAYERPAT", "CFA-PAT", "COLORTYP"],
+    "xbayroff": ["XBAYROFF", "BAYOFFX"],
+    "ybayroff": ["YBAYROFF", "BAYOFFY"],
+    "roworder": ["ROWORDER"],
 }
 
 #: Canonical names whose values are numbers (strings such as '40' become floats).
-NUMERIC = frozenset({"exptime", "gain", "offset", "set_temp", "xbinning", "ybinning"})
+NUMERIC = frozenset({"exptime", "gain", "offset", "set_temp", "xbinning", "ybinning", "xbayroff", "ybayroff"})
 
 #: Colour filter array patterns (2×2 cells, row by row) a colour camera's frame may carry.
 CFA_PATTERNS = frozenset({"RGGB", "GRBG", "GBRG", "BGGR"})
+
+#: Filter part of the name and FILTER card of each colour channel frame (AAVSO's codes).
+CHANNEL_FILTERS = {"R": "TR", "G": "TG", "B": "TB"}
+#: Channels each colour output mode (config ``colour.output``) makes of a light: ``RGB`` is one
+#: cube, ``M`` the mosaic itself (see :mod:`imgproc.colour`).
+MODE_CHANNELS = {"channels": ("R", "G", "B"), "green": ("G",), "rgb": ("RGB",), "mosaic": ("M",)}
 
 #: Values that mean "not recorded" in real archives (e.g. OBJECT='None').
 PLACEHOLDERS = frozenset({"", "none", "null", "n/a", "unknown"})
@@ -119,16 +128,48 @@ def to_number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def cfa_pattern(bayerpat: object, filter_name: object) -> str | None:
-    """The colour filter array pattern of a frame (``'RGGB'``...), or None for a mono frame.
+def stored_pattern(
+    pattern: str, xoff: float = 0, yoff: float = 0, bottom_up: bool = False, ny: int = 0
+) -> str:
+    """The CFA pattern as stored (colours of stored pixels (0,0), (0,1), (1,0), (1,1)).
 
-    From BAYERPAT (or the keywords the table lists for it) when it names a pattern; a DSLR
-    program writes the pattern as FILTER (``FILTER='RGGB'``) and no BAYERPAT.
+    ``pattern`` starts at pixel (``xoff``, ``yoff``) of the camera's readout (XBAYROFF,
+    YBAYROFF). With ``bottom_up`` the readout's first row is the last stored row (of ``ny``
+    rows): a DSLR pattern in FILTER is read top-down while the rows are stored bottom-up, as
+    FITS wants them.
     """
-    for value in (bayerpat, filter_name):
+    if pattern not in CFA_PATTERNS:
+        raise ValueError(f"not a CFA pattern: {pattern!r}")
+    dy = (int(yoff) + (ny - 1 if bottom_up else 0)) % 2
+    dx = int(xoff) % 2
+    return "".join(pattern[((row + dy) % 2) * 2 + (col + dx) % 2] for row in (0, 1) for col in (0, 1))
+
+
+def cfa_pattern(
+    bayerpat: object,
+    filter_name: object,
+    xoff: float | None = None,
+    yoff: float | None = None,
+    roworder: object = None,
+    ny: int = 0,
+) -> str | None:
+    """The colour filter array pattern of a frame as stored (``'RGGB'``..., see
+    :func:`stored_pattern`), or None for a mono frame.
+
+    From BAYERPAT (or the keywords the table lists for it) when it names a pattern, started at
+    XBAYROFF/YBAYROFF; a DSLR program writes the pattern as FILTER (``FILTER='RGGB'``) and no
+    BAYERPAT. The pattern is read from the top of the image: ``ROWORDER = 'BOTTOM-UP'`` (rows
+    stored bottom first) starts it at the last of the ``ny`` stored rows. Without ROWORDER a
+    BAYERPAT holds for the rows as stored (INDI, ASIAIR, Seestar, N.I.N.A. with 'TOP-DOWN'), and
+    a FILTER pattern for the rows read top-down (DSLR converters store rows bottom-up: measured
+    on the PANOPTES frames, where FILTER='RGGB' and the stored greens sit on the diagonal).
+    """
+    for value, bottom_up_default in ((bayerpat, False), (filter_name, True)):
         text = "" if value is None else str(value).strip().upper()
         if text in CFA_PATTERNS:
-            return text
+            order = "" if roworder is None else str(roworder).strip().upper()
+            bottom_up = order == "BOTTOM-UP" or (order != "TOP-DOWN" and bottom_up_default)
+            return stored_pattern(text, xoff or 0, yoff or 0, bottom_up, ny)
     return None
 
 
@@ -193,7 +234,11 @@ def normalise(
             values[name] = None
         else:
             values[name] = str(raw).strip()
-    values["bayerpat"] = cfa_pattern(values.get("bayerpat"), values.get("filter"))
+    ny = int(to_number(header.get("ZNAXIS2", header.get("NAXIS2"))) or 0)
+    values["bayerpat"] = cfa_pattern(
+        values.get("bayerpat"), values.get("filter"), values.get("xbayroff"), values.get("ybayroff"),
+        values.get("roworder"), ny,
+    )  # fmt: skip
     values["imagetyp_raw"] = values.get("imagetyp")
     values["imagetyp"] = frame_type(values["imagetyp_raw"])
     values["type_source"] = used.get("imagetyp") if values["imagetyp"] else None

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from imgproc.keywords import CHANNEL_FILTERS, MODE_CHANNELS
 from imgproc.manifest import OK, SKIPPED
 from imgproc.masters import MasterSettings, plan_masters
 from imgproc.matching import DEFAULT_CRITERIA, DEFAULT_TOLERANCE, match_light
@@ -26,7 +27,7 @@ from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 COLUMNS = (
     "frame_id", "path", "size", "mtime_ns", "hdu", "status", "reason", "sequence", "reference", "output",
     "n_group", "mid", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch", "pub_kind", "thumb",
-    "pierside", "ny", "nx",
+    "pierside", "ny", "nx", "cfa", "channel", "measure",
 )  # fmt: skip
 #: Largest binning factor (``-b``; the config schema's ``bin`` maximum).
 MAX_BIN = 64
@@ -57,6 +58,8 @@ class PlanSettings:
     min_master_frames: int = 3  # raw calibration frames needed to build a master
     prefer_finished: bool = True  # a finished master covering a group wins over building one
     dark_scaling: bool = True  # no dark of a frame's exposure: a longer one scaled (needs a bias)
+    colour_output: str = "channels"  # what a colour light becomes: channels | green | rgb | mosaic
+    cfa: str = "auto"  # auto (the manifest's pattern) | none (all mono) | a pattern for every light
 
     def master_settings(self) -> MasterSettings:
         """How raw calibration frames become masters."""
@@ -150,7 +153,8 @@ def make_plan(
         if failed:
             entry.update(status=SKIPPED, reason="; ".join(failed))
         entry["_row"] = row
-        plan.append(entry)
+        cfa = light_cfa(row, settings.cfa)
+        plan += colour_entries(entry, cfa, settings) if cfa else [entry]
     _group(plan, settings)
     _assign_batches(plan, settings)
     _mark_thumbnails(plan)
@@ -158,6 +162,44 @@ def make_plan(
         entry.pop("_row")
         entry["mid"] = entry["mid"].isoformat(timespec="microseconds")
     return sorted(plan, key=lambda entry: (entry["status"] != OK, entry["mid"], entry["path"]))
+
+
+def light_cfa(row: Mapping[str, Any], forced: str = "auto") -> str | None:
+    """A light's CFA pattern as stored: the manifest's (``forced`` ``auto``), none (``none``) or
+    the ``forced`` pattern."""
+    if forced == "auto":
+        return row.get("bayerpat") or None
+    return None if forced == "none" else forced
+
+
+def colour_entries(entry: dict[str, Any], cfa: str, settings: PlanSettings) -> list[dict[str, Any]]:
+    """The plan entries of a colour light: one per channel of ``settings.colour_output``, each
+    with its own frame id, FILTER (``TR``, ``TG``, ``TB``, ``RGB``; the mosaic keeps its own) and
+    so its own sequence; ``measure`` names the entry whose image registration measures (the
+    light's green channel frame; an RGB cube measures its own green plane)."""
+    mode, base = settings.colour_output, entry["frame_id"]
+    channels = MODE_CHANNELS[mode]
+    factor = settings.binning
+    problem = ""
+    if mode == "mosaic" and factor > 1:
+        problem = f"a raw mosaic is not binned (-b {factor} would mix colours): use colour output channels"
+    elif mode in ("channels", "green") and factor > 1 and factor % 2:
+        problem = f"colour frames bin whole 2x2 CFA cells: -b {factor} is odd (use 1, 2, 4...)"
+    elif mode in ("channels", "green") and min(entry["ny"], entry["nx"]) < max(2, factor):
+        problem = f"the frame ({entry['nx']}x{entry['ny']} px) is smaller than one 2x2 CFA cell"
+    out = []
+    for channel in channels:
+        row = dict(entry["_row"])
+        if channel != "M":
+            row["filter"] = CHANNEL_FILTERS.get(channel, channel)
+        suffix = "" if channel == "M" else f"-{row['filter']}"
+        green = f"{base}-TG" if "G" in channels else ""
+        item = dict(entry, frame_id=base + suffix, cfa=cfa, channel=channel, measure=green, _row=row,
+                    sequence=sequence_key(row))  # fmt: skip
+        if problem and item["status"] == OK:
+            item.update(status=SKIPPED, reason=problem)
+        out.append(item)
+    return out
 
 
 def _split_by_shape(plan: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -185,6 +227,9 @@ def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
         frames = sorted(sequences[key], key=lambda entry: (entry["mid"], entry["path"]))
         ref = frames[len(frames) // 2 if settings.reference == "middle" else 0]
         threshold = settings.stack_threshold if settings.stack else len(frames)
+        mosaic = ref.get("channel") == "M"
+        if mosaic and settings.align:  # a mosaic is never resampled: each light its own output
+            threshold = 1
         groups = stack_groups(len(frames), threshold)
         for members in groups:
             group = [frames[i] for i in members]
@@ -196,9 +241,10 @@ def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
                 mean_time([entry["mid"] for entry in group]),
             )
             owner = claimed.setdefault(name, group[0]["path"])
-            kind = "stack" if len(group) > 1 else "align" if settings.align else "link"
+            kind = "stack" if len(group) > 1 else "align" if settings.align and not mosaic else "link"
             for entry in group:
-                reference = ref["frame_id"] if settings.align else ""
+                # a colour channel frame is registered by its light's green frame
+                reference = (ref.get("measure") or ref["frame_id"]) if settings.align and not mosaic else ""
                 entry.update(output=name, n_group=len(group), pub_kind=kind, reference=reference)
                 if owner != group[0]["path"]:
                     entry.update(
@@ -277,30 +323,44 @@ def calibration_gaps(roles: Collection[str]) -> list[str]:
     return [UNCALIBRATED] if len(missing) == len(STEPS_NOT_DONE) else [STEPS_NOT_DONE[r] for r in missing]
 
 
-def colour_lights(
-    plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]
-) -> dict[str, list[str]]:
-    """Planned lights with a colour filter array (manifest ``bayerpat``), by pattern: their paths."""
-    patterns = {row["path"]: row.get("bayerpat") for row in manifest if row["folder"] == "light"}
-    found: dict[str, list[str]] = defaultdict(list)
+def colour_lights(plan: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    """Planned colour lights (plan ``cfa``) by (CFA pattern as stored, their channels joined by
+    ``+``): their paths."""
+    channels: dict[str, set[str]] = defaultdict(set)
+    patterns: dict[str, str] = {}
     for entry in plan:
-        if entry["status"] == OK and patterns.get(entry["path"]):
-            found[str(patterns[entry["path"]])].append(str(entry["path"]))
+        if entry["status"] == OK and entry.get("cfa"):
+            channels[str(entry["path"])].add(str(entry["channel"]))
+            patterns[str(entry["path"])] = str(entry["cfa"])
+    found: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for path in sorted(channels):
+        found[(patterns[path], "+".join(sorted(channels[path])))].append(path)
     return dict(found)
 
 
-def colour_message(pattern: str, count: int) -> str:
-    """The report of ``count`` colour lights of CFA ``pattern`` processed as mono."""
-    return f"{count} colour (CFA {pattern}) lights processed as mono: colour handling is not implemented yet"
+#: What a colour light becomes, by its plan channels.
+COLOUR_OUTPUTS = {
+    "B+G+R": "TR, TG and TB channel frames of 2x2 CFA cells (super-pixels)",
+    "G": "TG (green) channel frames of 2x2 CFA cells (super-pixels)",
+    "RGB": "RGB cubes, bilinear debayered",
+    "M": "calibrated mosaics, not debayered, binned or resampled",
+}
+
+
+def colour_message(pattern: str, channels: str, count: int) -> str:
+    """The report of ``count`` colour lights of CFA ``pattern`` made into ``channels`` (plan
+    channels joined by ``+``)."""
+    made = COLOUR_OUTPUTS.get(channels, channels)
+    return f"{count} colour lights (CFA {pattern} as stored, flat normalised per colour) -> {made}"
 
 
 def calibration_notes(summary: Mapping[str, Any]) -> list[str]:
     """What a run's summary says was not done to its lights: calibration steps without a master
-    folder, colour lights processed as mono (a line per CFA pattern), and AIRMASS not written
-    (a line per reason)."""
-    colour = Counter(c["bayerpat"] for c in summary.get("colour_as_mono") or [])
+    folder, what colour lights became (a line per CFA pattern and output), and AIRMASS not
+    written (a line per reason)."""
+    colour = Counter((c["bayerpat"], c["channels"]) for c in summary.get("colour") or [])
     notes = list(summary.get("steps_not_done") or [])
-    notes += [colour_message(pattern, n) for pattern, n in sorted(colour.items())]
+    notes += [colour_message(pattern, channels, n) for (pattern, channels), n in sorted(colour.items())]
     return notes + [
         f"no AIRMASS in {n} lights: {why}" for why, n in (summary.get("no_airmass") or {}).items()
     ]
@@ -326,8 +386,5 @@ def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[st
     ok = sum(1 for e in plan if e["status"] == OK)
     outputs = len({e["output"] for e in plan if e["status"] == OK})
     lines.append(f"{ok} lights -> {outputs} outputs; {len(rows) - ok} files skipped or listed")
-    lines += [
-        colour_message(pattern, len(paths))
-        for pattern, paths in sorted(colour_lights(plan, manifest).items())
-    ]
+    lines += [colour_message(*key, len(paths)) for key, paths in sorted(colour_lights(plan).items())]
     return "\n".join(lines) + "\n"

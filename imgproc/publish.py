@@ -22,6 +22,7 @@ from astropy.io import fits
 from imgproc import __version__
 from imgproc.align import MosaicRegistrar, Registrar, Shift, apply_shift, pier_side_flip
 from imgproc.cache import FileCache
+from imgproc.colour import read_frame, write_cube
 from imgproc.fitsio import Float32Rows, link_atomic, read_header, read_image, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
@@ -59,6 +60,7 @@ class Member:
     source: str  # file name of the raw light
     mid: datetime
     pierside: str | None = None
+    measure: Path | None = None  # the intermediate registration measures instead (a green frame)
 
 
 class ArrayRows:
@@ -129,11 +131,18 @@ def registrar_for(reference: Path, settings: StackSettings) -> Registrar | Mosai
     :class:`MosaicRegistrar` for a colour sensor's frames (a CFA pattern in the header)."""
 
     def build() -> Registrar | MosaicRegistrar:
-        data, header = read_image(reference)
+        data, header = read_frame(reference)
+        data = green(data)
         kind = MosaicRegistrar if normalise(header)["bayerpat"] else Registrar  # colour sensors
         return kind(data, upsample=settings.upsample, min_significance=settings.min_significance)
 
     return REGISTRARS.get((settings.upsample, settings.min_significance), str(reference), build)
+
+
+def green(data: np.ndarray) -> np.ndarray:
+    """The image registration measures of a frame's pixels: the G plane of an RGB cube, else
+    the frame itself."""
+    return data[1] if data.ndim == 3 else data
 
 
 def measure(
@@ -210,15 +219,26 @@ def aligned_header(header: fits.Header, shift: Shift) -> fits.Header:
 
 
 def publish_single_aligned(member: Member, shift: Shift, target: Path, order: int) -> None:
-    """Resample one frame onto the reference grid and write it to ``target``."""
-    data, header = read_image(member.path)
-    if shift.flipped:
-        data = np.rot90(data, 2).copy()
-    write_atomic(
-        target,
-        apply_shift(data, Shift(shift.dy, shift.dx, False, shift.quality), order=order),
-        aligned_header(header, shift),
-    )
+    """Resample one frame (each plane of an RGB cube alike) onto the reference grid and write it
+    to ``target``."""
+    data, header = read_frame(member.path)
+    planes = data if data.ndim == 3 else data[None]
+    moved = np.stack(
+        [
+            apply_shift(np.rot90(plane, 2).copy() if shift.flipped else plane,
+                        Shift(shift.dy, shift.dx, False, shift.quality), order=order)
+            for plane in planes
+        ]
+    )  # fmt: skip
+    write_output(target, moved if data.ndim == 3 else moved[0], aligned_header(header, shift))
+
+
+def write_output(target: Path, data: np.ndarray, header: fits.Header) -> None:
+    """Write a frame, or an RGB cube, to ``target`` atomically."""
+    if data.ndim == 3:
+        write_cube(target, data, header)
+    else:
+        write_atomic(target, data, header)
 
 
 def publish_stack(
@@ -245,17 +265,23 @@ def publish_stack(
         rows = [ArrayRows(data) for data, _ in frames]
         budget = int(settings.memory_budget * (1 - KEEP_FRAMES_SHARE))
     no_shift = Shift(0.0, 0.0, False, 1.0)
-    sources = [ShiftedSource(r, s or no_shift, settings.order) for r, s in zip(rows, shifts, strict=True)]
-    data = combine(
-        sources,
-        method=settings.method,
-        sigma_low=settings.sigma_low,
-        sigma_high=settings.sigma_high,
-        memory_budget=budget,
-        threads=threads,
-    )
+    cube = frames is not None and frames[0][0].ndim == 3
+    # an RGB cube is combined plane by plane, each plane moved by its frame's shift
+    layers = [[ArrayRows(data[plane]) for data, _ in frames] for plane in range(3)] if cube else [rows]  # type: ignore[union-attr]
+    planes = [
+        combine(
+            [ShiftedSource(r, s or no_shift, settings.order) for r, s in zip(layer, shifts, strict=True)],
+            method=settings.method,
+            sigma_low=settings.sigma_low,
+            sigma_high=settings.sigma_high,
+            memory_budget=budget,
+            threads=threads,
+        )
+        for layer in layers
+    ]
+    data = np.stack(planes) if cube else planes[0]
     header = stack_header(headers, members, shifts)
-    write_atomic(target, data, header)
+    write_output(target, data, header)
     return data, header
 
 
@@ -283,6 +309,9 @@ def plan_members(entries: Sequence[Mapping[str, Any]], workdir: Path) -> list[Me
             source=Path(str(e["path"])).name,
             mid=datetime.fromisoformat(str(e["mid"])),
             pierside=e.get("pierside"),  # type: ignore[arg-type]
+            measure=workdir / "cal" / f"{e['measure']}.fits"
+            if e.get("measure") not in (None, "", e["frame_id"])
+            else None,
         )
         for e in entries
     ]
@@ -331,7 +360,7 @@ def publish_group(
     write_json(stamp_path, {"sources": sources, "stamp": None})
     shifts: list[Shift | None] = [None] * len(members)
     frames: list[tuple[np.ndarray, fits.Header]] | None = None
-    if settings.align:
+    if settings.align and entries[0].get("pub_kind") != "link":  # a mosaic is never resampled
         if reference is None or not (workdir / "cal" / f"{reference['frame_id']}.fits").exists():
             return {
                 "status": SKIPPED,
@@ -344,8 +373,10 @@ def publish_group(
         keep = len(members) > 1 and group_bytes <= MEMORY.budget(settings.memory_budget) * KEEP_FRAMES_SHARE
 
         def register(member: Member) -> tuple[Shift, tuple[np.ndarray, fits.Header] | None]:
-            data, header = read_image(member.path)
-            return measure(member, data, registrar, pierside), (data, header) if keep else None
+            data, header = read_frame(member.path)
+            probe = green(data) if member.measure is None else read_image(member.measure)[0]
+            held = (data, header) if keep or data.ndim == 3 else None  # cubes are combined in memory
+            return measure(member, probe, registrar, pierside), held
 
         with ThreadPoolExecutor(threads) as pool:
             measured = list(pool.map(register, members))
@@ -357,7 +388,9 @@ def publish_group(
         if not kept:
             return {"status": SKIPPED, "reason": "no frame could be aligned", "excluded": excluded}
         members, shifts = [m for m, _, _ in kept], [s for _, s, _ in kept]
-        frames = [f for _, _, f in kept] if keep else None
+        frames = [f for _, _, f in kept] if kept[0][2] is not None else None  # type: ignore[misc]
+    if frames is None and len(members) > 1 and entries[0].get("channel") == "RGB":  # cubes: in memory
+        frames = [read_frame(member.path) for member in members]
     single_shift = shifts[0]
     made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
     if len(members) > 1:

@@ -86,20 +86,22 @@ PALETTE = bytes(
 
 def png_bytes(indices: np.ndarray, palette: bytes = PALETTE) -> bytes:
     """An 8-bit palette PNG of a (height, width) uint8 array of indices into ``palette`` (RGB
-    triples), row 0 at the top: a third of the size of an RGB PNG, and faster to compress."""
+    triples), row 0 at the top: a third of the size of an RGB PNG, and faster to compress. A
+    (height, width, 3) array is an RGB PNG (no palette)."""
     indices = np.ascontiguousarray(indices, dtype=np.uint8)
-    height, width = indices.shape
-    raw = np.zeros((height, 1 + width), dtype=np.uint8)  # filter byte 0 (None) per row
-    raw[:, 1:] = indices
+    height, width = indices.shape[:2]
+    colour = indices.ndim == 3
+    raw = np.zeros((height, 1 + width * (3 if colour else 1)), dtype=np.uint8)  # filter byte 0 per row
+    raw[:, 1:] = indices.reshape(height, -1)
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2 if colour else 3, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
-        + chunk(b"PLTE", palette)
+        + (b"" if colour else chunk(b"PLTE", palette))
         + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1))  # level 1: fast, thumbnails are noisy anyway
         + chunk(b"IEND", b"")
     )
@@ -225,17 +227,27 @@ def open_output(path: Path) -> tuple[fits.HDUList, int]:
         warnings.simplefilter("ignore", AstropyWarning)
         hdul = fits.open(path, memmap=True)
     for index, hdu in enumerate(hdul):
-        if hdu.is_image and hdu.header.get("NAXIS", 0) == 2:
+        if hdu.is_image and hdu.header.get("NAXIS", 0) in (2, 3):  # 3: an RGB cube
             return hdul, index
     hdul.close()
-    raise ValueError("no 2-D image")
+    raise ValueError("no 2-D image or RGB cube")
 
 
 def thumbnail_of(data: np.ndarray, header: fits.Header, max_side: int = THUMB_MAX) -> dict[str, Any]:
     """Thumbnail (PNG bytes and size, long side at most ``max_side``), header facts and star
-    statistics of an image."""
+    statistics of an image. An RGB cube (3, ny, nx) gives a colour thumbnail, each plane stretched
+    alike from its own sky and noise (so the sky comes out neutral grey); its statistics are
+    those of the green plane."""
+    cube = data if data.ndim == 3 else None
+    if cube is not None:
+        data = cube[1]
     small, counts, factor = block_mean(data, max_side)
     indices, (low, high) = stretch(small)
+    if cube is not None:
+        levels = np.stack([stretch(block_mean(plane, max_side)[0])[0] for plane in cube], axis=-1)
+        rgb = np.round(levels.astype(np.float32) * (255.0 / (NAN_INDEX - 1))).astype(np.uint8)
+        rgb[(levels == NAN_INDEX).any(axis=-1)] = NAN_RGB
+        indices = rgb
     sky, noise = robust_background(regular_sample(small[counts == counts.max()]))
     # blocks with fewer pixels (edges, partly NaN) are noisier: their threshold is higher
     threshold = sky + 5 * noise * np.sqrt(counts.max() / np.maximum(counts, 1))

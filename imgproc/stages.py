@@ -130,8 +130,8 @@ def run_plan(manifest: Path, plan_path: Path, masters_path: Path, settings: Plan
     for entry in plan:
         if entry["status"] != OK:
             log.warning("skipped %s: %s", entry["path"], entry["reason"])
-    for pattern, paths in sorted(colour_lights(plan, rows).items()):
-        log.warning("%s", colour_message(pattern, len(paths)))
+    for key, paths in sorted(colour_lights(plan).items()):
+        log.info("%s", colour_message(*key, len(paths)))
     return plan
 
 
@@ -151,6 +151,8 @@ def calibration_stamp(entry: Mapping[str, Any], observer: str, binning: int) -> 
     masters = {role: file_id(entry[role]) for role in ROLES if entry.get(role)}
     scale = [entry["dark_scale"]] if entry.get("dark") and entry.get("dark_scale") is not None else []
     cards = [entry["mid"], __version__, *scale, f"timecards {TIMECARDS_VERSION}"]
+    if entry.get("cfa"):  # colour frames only, so that mono stamps are those of earlier versions
+        cards += [f"cfa {entry['cfa']} {entry['channel']}"]
     return digest([file_id(entry["path"]), masters, observer, binning, *cards])
 
 
@@ -186,10 +188,11 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
         Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target,
         observer=observer, mid=datetime.fromisoformat(entry["mid"]), binning=binning,
         dark_scale=entry.get("dark_scale") if entry.get("dark") else None,
+        cfa=entry.get("cfa") or None, channel=entry.get("channel") or None,
     )  # fmt: skip
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
-    stats, no_airmass = frame_statistics(data), airmass_problem(header)
+    stats, no_airmass = frame_statistics(data[1] if data.ndim == 3 else data), airmass_problem(header)
     write_json(
         stamp_path, {"stamp": stamp, "source": entry["path"], "stats": stats, "no_airmass": no_airmass}
     )
@@ -276,9 +279,9 @@ def summarise(
         ],
         "uncalibrated": not roles,
         "steps_not_done": calibration_gaps(roles),
-        "colour_as_mono": [
-            {"file": path, "bayerpat": pattern}
-            for pattern, paths in sorted(colour_lights(plan, manifest).items())
+        "colour": [
+            {"file": path, "bayerpat": pattern, "channels": channels}
+            for (pattern, channels), paths in sorted(colour_lights(plan).items())
             for path in paths
         ],
         "masters_built": [m["path"] for m in masters if m["status"] == OK],
