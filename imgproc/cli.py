@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("-c", "--concurrency", type=positive_int, default=os.cpu_count() or 1,
                         help="number of processes (default: CPU count)")  # fmt: skip
+    parser.add_argument(
+        "--colour", choices=("channels", "green", "rgb", "mosaic"),
+        help="what a colour (Bayer) light becomes: TR/TG/TB frames, TG only, an RGB cube or the "
+        "calibrated mosaic (default: config colour.output, channels)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cfa", choices=("auto", "none", "RGGB", "GRBG", "GBRG", "BGGR"),
+        help="CFA pattern of every light, as stored (none: all mono; default: config colour.pattern, "
+        "auto: from the header)",
+    )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="verbose diagnostic output")
     parser.add_argument(
         "--plan", action="store_true",
@@ -193,6 +203,8 @@ def resolve_config(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[s
         bin=args.bin_level, align=args.align, stack=args.stack, stack_threshold=args.stack_threshold,
         verbose=args.verbose,
     )  # fmt: skip
+    colour = config.setdefault("colour", {"output": "channels", "pattern": "auto"})
+    colour.update({k: v for k, v in (("output", args.colour), ("pattern", args.cfa)) if v is not None})
     return config
 
 

@@ -655,3 +655,93 @@ class _MasterWriter:
             "distractor",
             f"filter {unused}: no such lights",
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Colour (one-shot-colour, Bayer) nights
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColourSpec:
+    """A colour camera's night: a known RGB sky seen through a Bayer mosaic.
+
+    The pattern is written as the camera reads it (from its readout's first row and column):
+    ``BAYERPAT`` starting at (``xoff``, ``yoff``) (XBAYROFF/YBAYROFF, written when not 0), the
+    rows stored top-down (``ROWORDER = 'TOP-DOWN'`` when ``roworder`` says so) or bottom-up;
+    ``in_filter`` writes it as a DSLR program does, as FILTER, without BAYERPAT.
+    """
+
+    pattern: str = "RGGB"
+    xoff: int = 0
+    yoff: int = 0
+    roworder: str | None = None  # None (no card), "TOP-DOWN" or "BOTTOM-UP"
+    in_filter: bool = False
+    shape: tuple[int, int] = (90, 124)  # (ny, nx), stored
+    n_lights: int = 3
+    shifts: tuple[tuple[float, float], ...] = ()  # (dy, dx) of each light, in channel (cell) pixels
+    sky: tuple[float, float, float] = (300.0, 500.0, 200.0)  # R, G, B sky levels
+    noise: float = 3.0
+    flat_colour: tuple[float, float, float] = (0.6, 1.0, 0.4)  # the flat lamp's R, G, B levels
+    seed: int = 0
+
+
+def colour_map(spec: ColourSpec) -> np.ndarray:
+    """The colour letter of each stored pixel, built as the camera reads its rows (top first)
+    and then stored."""
+    ny, nx = spec.shape
+    rows = (np.arange(ny)[:, None] + spec.yoff) % 2
+    cols = (np.arange(nx)[None, :] + spec.xoff) % 2
+    letters = np.array(list(spec.pattern)).reshape(2, 2)[rows, cols]  # readout order
+    bottom_up = spec.roworder == "BOTTOM-UP" or (spec.in_filter and spec.roworder is None)
+    return letters[::-1] if bottom_up else letters
+
+
+def make_colour_night(root: Path, spec: ColourSpec = ColourSpec()) -> dict[str, Any]:
+    """Write the lights of a colour night (``root/lights``, uint16) and a colour flat
+    (``root/flats``); returns the truth: ``sky`` (light name -> the (3, ny, nx) RGB sky as
+    stored, before the pixels' ``response``, which the flat has too), ``colours``
+    (:func:`colour_map`) and ``lights``."""
+    rng = _rng(spec.seed, "colour", spec.pattern)
+    ny, nx = spec.shape
+    colours = colour_map(spec)
+    stars = random_stars((ny // 2, nx // 2), 30, rng, flux_range=(3e3, 3e4), margin=6)
+    tints = rng.uniform(0.5, 1.5, (3, len(stars)))
+    response = _vignetting(spec.shape, 0.2) * rng.uniform(0.97, 1.03, spec.shape)
+    cards: dict[str, Any] = {
+        "INSTRUME": "SynthCam OSC",
+        "FILTER": spec.pattern if spec.in_filter else "IRCUT",
+    }
+    if not spec.in_filter:
+        cards["BAYERPAT"] = spec.pattern
+    cards |= {key: value for key, value in (("XBAYROFF", spec.xoff), ("YBAYROFF", spec.yoff)) if value}
+    if spec.roworder:
+        cards["ROWORDER"] = spec.roworder
+    start = datetime(2025, 9, 1, 22, 0, 0)
+    truth: dict[str, Any] = {"sky": {}, "colours": colours, "lights": [], "response": response}
+    for index in range(spec.n_lights):
+        dy, dx = spec.shifts[index] if index < len(spec.shifts) else (0.0, 0.0)
+        # the sky on the cell grid, then on the mosaic's pixels (each cell's 4 pixels alike)
+        cells = [
+            star_field((ny // 2, nx // 2), np.column_stack([stars[:, :2], stars[:, 2] * tint]), fwhm=2.0,
+                       shift=(dy, dx)) + level
+            for tint, level in zip(tints, spec.sky, strict=True)
+        ]  # fmt: skip
+        sky = np.stack([np.kron(cell, np.ones((2, 2), np.float32))[:ny, :nx] for cell in cells])
+        mosaic = np.select([colours == c for c in "RGB"], list(sky)) * response
+        light = mosaic + rng.normal(0.0, spec.noise, spec.shape)
+        name = f"colour_{index:03d}.fits"
+        when = start + timedelta(seconds=60 * index)
+        header = cards | {
+            "IMAGETYP": "Light Frame",
+            "OBJECT": "M 57",
+            "EXPTIME": 30.0,
+            "DATE-OBS": _iso(when),
+        }
+        write_fits(root / "lights" / name, light, header, dtype="uint16")
+        truth["sky"][name] = sky
+        truth["lights"].append(root / "lights" / name)
+    lamp = np.select([colours == c for c in "RGB"], [np.float32(v) * 20000 for v in spec.flat_colour])
+    flat_cards = cards | {"IMAGETYP": "Master Flat", "EXPTIME": 1.0, "DATE-OBS": _iso(start)}
+    write_fits(root / "flats" / "master_flat.fits", lamp * response, flat_cards, dtype="float32")
+    return truth
