@@ -227,10 +227,10 @@ def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
         frames = sorted(sequences[key], key=lambda entry: (entry["mid"], entry["path"]))
         ref = frames[len(frames) // 2 if settings.reference == "middle" else 0]
         threshold = settings.stack_threshold if settings.stack else len(frames)
+        groups = stack_groups(len(frames), threshold)
         mosaic = ref.get("channel") == "M"
         if mosaic and settings.align:  # a mosaic is never resampled: each light its own output
-            threshold = 1
-        groups = stack_groups(len(frames), threshold)
+            groups = [[index] for index in range(len(frames))]
         for members in groups:
             group = [frames[i] for i in members]
             first = group[0]["_row"]
@@ -351,7 +351,7 @@ def colour_message(pattern: str, channels: str, count: int) -> str:
     """The report of ``count`` colour lights of CFA ``pattern`` made into ``channels`` (plan
     channels joined by ``+``)."""
     made = COLOUR_OUTPUTS.get(channels, channels)
-    return f"{count} colour lights (CFA {pattern} as stored, flat normalised per colour) -> {made}"
+    return f"{count} colour lights (CFA {pattern} as stored) -> {made}"
 
 
 def calibration_notes(summary: Mapping[str, Any]) -> list[str]:

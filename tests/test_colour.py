@@ -1,0 +1,357 @@
+"""Colour (one-shot-colour, Bayer) lights: CFA detection, calibration in the mosaic with a flat
+normalised per colour, channel frames, RGB cubes, colour-aware binning, registration on green,
+stacking per channel; the real colour sets in every output mode."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from conftest import SMALL, real_set, run_cli, sha256_tree
+
+from imgproc.binning import bin_image
+from imgproc.calibrate import MasterCache, calibrate_frame
+from imgproc.cli import EXIT_OK
+from imgproc.colour import debayer_bilinear, normalise_colour_flat, superpixel
+from imgproc.keywords import normalise, stored_pattern
+from imgproc.manifest import OK
+from imgproc.plan import PlanSettings
+from imgproc.publish import StackSettings, run_publish_batch
+from imgproc.scan import ScanRequest
+from imgproc.stages import run_calibrate_batch, run_plan, run_scan
+from imgproc.synth import ColourSpec, colour_map, make_colour_night, make_night
+
+PATTERNS = ("RGGB", "GRBG", "GBRG", "BGGR")
+MID = datetime(2025, 9, 1, 22, 0, 15)
+
+
+# --- detection -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cards", "expected"),
+    [
+        ({"BAYERPAT": "RGGB"}, "RGGB"),  # INDI, Seestar: the pattern holds for the rows as stored
+        ({"BAYERPAT": "RGGB", "ROWORDER": "TOP-DOWN"}, "RGGB"),  # N.I.N.A.
+        ({"BAYERPAT": "RGGB", "XBAYROFF": 1}, "GRBG"),
+        ({"BAYERPAT": "RGGB", "YBAYROFF": 1}, "GBRG"),
+        ({"BAYERPAT": "RGGB", "XBAYROFF": 1, "YBAYROFF": 1}, "BGGR"),
+        ({"BAYERPAT": "RGGB", "ROWORDER": "BOTTOM-UP", "NAXIS2": 700}, "GBRG"),
+        ({"BAYERPAT": "RGGB", "ROWORDER": "BOTTOM-UP", "NAXIS2": 701}, "RGGB"),  # odd rows
+        ({"FILTER": "RGGB", "NAXIS2": 700}, "GBRG"),  # DSLR: read top-down, stored bottom-up
+        ({"FILTER": "RGGB", "ROWORDER": "TOP-DOWN", "NAXIS2": 700}, "RGGB"),
+        ({"FILTER": "V"}, None),
+    ],
+)
+def test_the_pattern_as_stored_follows_offsets_row_order_and_the_dslr_habit(
+    cards: dict, expected: str
+) -> None:
+    assert normalise(cards)["bayerpat"] == expected
+
+
+def test_the_synthetic_camera_and_the_reader_agree_on_every_layout() -> None:
+    """The generator builds its mosaic in readout order and flips it; the reader computes the
+    pattern as stored from the cards: they agree for every pattern, offset and row order."""
+    for pattern in PATTERNS:
+        for xoff, yoff, order, ny in ((0, 0, None, 6), (1, 0, "TOP-DOWN", 6), (1, 1, "BOTTOM-UP", 7)):
+            spec = ColourSpec(pattern=pattern, xoff=xoff, yoff=yoff, roworder=order, shape=(ny, 8))
+            stored = "".join(colour_map(spec)[:2, :2].ravel())
+            assert stored == stored_pattern(pattern, xoff, yoff, order == "BOTTOM-UP", ny)
+
+
+# --- calibration and channel frames -----------------------------------------------------------
+
+
+def _calibrate(
+    path: Path, flat: Path, target: Path, channel: str, binning: int = 1
+) -> tuple[np.ndarray, fits.Header]:
+    cfa = normalise(fits.getheader(path))["bayerpat"]
+    return calibrate_frame(
+        path, 0, {"flat": str(flat)}, MasterCache(), target, observer="DGAH", mid=MID, binning=binning,
+        cfa=cfa, channel=channel,
+    )  # fmt: skip
+
+
+def _expected_cells(truth: dict, name: str, colour: str) -> np.ndarray:
+    """The true sky of ``colour`` on the 2×2 cells, times the mean response of that colour's
+    sites (what a flat normalised per colour leaves)."""
+    sky = truth["sky"][name]["RGB".index(colour)]
+    gain = truth["response"][truth["colours"] == colour].mean()
+    return sky[::2, ::2] * gain
+
+
+LAYOUTS = [
+    {},
+    {"xoff": 1, "yoff": 1},
+    {"roworder": "TOP-DOWN"},
+    {"xoff": 1, "roworder": "TOP-DOWN"},
+    {"yoff": 1, "roworder": "BOTTOM-UP"},
+    {"in_filter": True},
+]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize(
+    "layout", LAYOUTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "plain"
+)
+def test_each_channel_frame_is_the_true_channel_within_the_noise(
+    tmp_path: Path, pattern: str, layout: dict
+) -> None:
+    spec = ColourSpec(pattern=pattern, n_lights=1, shape=(66, 94), **layout)
+    truth = make_colour_night(tmp_path, spec)
+    light = truth["lights"][0]
+    for colour, name in (("R", "TR"), ("G", "TG"), ("B", "TB")):
+        data, header = _calibrate(
+            light, tmp_path / "flats" / "master_flat.fits", tmp_path / f"{name}.fits", colour
+        )
+        expected = _expected_cells(truth, light.name, colour)
+        assert data.shape == (33, 47) == expected.shape
+        residual = data - expected
+        noise = spec.noise / (np.sqrt(2) if colour == "G" else 1)  # green: the mean of two sites
+        assert abs(residual.mean()) < 0.3 * noise and residual.std() < 1.3 * noise
+        assert np.abs(residual).max() < 6 * noise, colour  # a wrong site would be off by ~100
+        assert (header["FILTER"], header["CFACHAN"], header["XBINNING"]) == (name, colour, 2)
+        assert "BAYERPAT" not in header and "XBAYROFF" not in header
+        on_disk = fits.getdata(tmp_path / f"{name}.fits")
+        np.testing.assert_array_equal(on_disk, data)
+
+
+def test_a_colour_flat_is_normalised_per_colour_and_keeps_the_balance() -> None:
+    colours = np.array(list("RGGB")).reshape(2, 2)[np.arange(6)[:, None] % 2, np.arange(8) % 2]
+    flat = np.select([colours == c for c in "RGB"], [1000.0, 4000.0, 500.0]).astype(np.float32)
+    flat[0, 0] = 2000.0  # one red pixel twice as sensitive as its colour's mean
+    flat[1, 1] = 0.0  # a dead blue pixel
+    out = normalise_colour_flat(flat, "RGGB")
+    for colour in "RGB":
+        assert np.nanmean(out[colours == colour]) == pytest.approx(1.0, rel=1e-6)
+    assert out[0, 0] / out[0, 2] == pytest.approx(2.0) and np.isnan(out[1, 1])
+
+
+def test_binning_keeps_colours_apart(tmp_path: Path) -> None:
+    truth = make_colour_night(tmp_path, ColourSpec(pattern="GBRG", n_lights=1, shape=(68, 96)))
+    light, flat = truth["lights"][0], tmp_path / "flats" / "master_flat.fits"
+    cells, _ = _calibrate(light, flat, tmp_path / "b1.fits", "R")
+    two, header2 = _calibrate(light, flat, tmp_path / "b2.fits", "R", binning=2)
+    four, header4 = _calibrate(light, flat, tmp_path / "b4.fits", "R", binning=4)
+    np.testing.assert_array_equal(two, cells)  # -b 2: the 2x2 cells themselves (super-pixels)
+    np.testing.assert_allclose(four, bin_image(cells, 2), rtol=1e-6)  # -b 4: 2x2 cells of red only
+    assert (header2["XBINNING"], header4["XBINNING"], four.shape) == (2, 4, (17, 24))
+    expected = bin_image(_expected_cells(truth, light.name, "R"), 2)
+    assert np.abs(four - expected).max() < 6 * 3.0 / 2  # red only: green (500) or blue (200) would show
+    cube, header = _calibrate(light, flat, tmp_path / "rgb2.fits", "RGB", binning=2)
+    assert cube.shape == (3, 34, 48) and header["XBINNING"] == 2 and header["FILTER"] == "RGB"
+    gains = [truth["response"][truth["colours"] == c].mean() for c in "RGB"]
+    for plane, (level, gain) in enumerate(zip(ColourSpec().sky, gains, strict=True)):
+        assert np.median(cube[plane]) == pytest.approx(level * gain, rel=0.02)
+
+
+def test_bilinear_debayer_keeps_own_sites_and_interpolates_the_others() -> None:
+    rng = np.random.default_rng(3)
+    mosaic = rng.uniform(0, 100, (6, 8)).astype(np.float32)
+    mosaic[2, 2] = np.nan  # a red site of RGGB without a value
+    cube = debayer_bilinear(mosaic, "RGGB")
+    assert cube.shape == (3, 6, 8) and cube.dtype == np.float32
+    assert cube[0, 0, 0] == mosaic[0, 0] and cube[1, 0, 1] == mosaic[0, 1] and cube[2, 1, 1] == mosaic[1, 1]
+    assert cube[1, 1, 1] == pytest.approx(np.mean([mosaic[0, 1], mosaic[1, 0], mosaic[1, 2], mosaic[2, 1]]))
+    assert cube[0, 1, 1] == pytest.approx(np.mean([mosaic[0, 0], mosaic[0, 2], mosaic[2, 0]]))  # NaN left out
+    assert cube[0, 0, 1] == pytest.approx(np.mean([mosaic[0, 0], mosaic[0, 2]]))
+    assert np.isnan(cube[0, 2, 2]) and np.isfinite(cube[1:, 2, 2]).all()
+    flat = np.full((6, 8), 7.0, np.float32)
+    np.testing.assert_allclose(debayer_bilinear(flat, "GRBG"), 7.0)  # edges need no special case
+    np.testing.assert_array_equal(superpixel(mosaic, "RGGB", "B"), mosaic[1::2, 1::2])
+
+
+# --- the workflow -----------------------------------------------------------------------------
+
+SHIFTS = ((0.0, 0.0), (1.5, -2.25), (-3.0, 1.0), (2.0, 2.5))
+
+
+@pytest.fixture(scope="module")
+def shifted_night(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, ColourSpec]:
+    root = tmp_path_factory.mktemp("colour")
+    spec = ColourSpec(
+        pattern="GRBG", xoff=1, roworder="TOP-DOWN", shape=(110, 148), n_lights=4, shifts=SHIFTS
+    )
+    return root, make_colour_night(root, spec), spec
+
+
+def test_an_aligned_stack_of_a_shifted_colour_night_matches_the_truth(shifted_night, tmp_path: Path) -> None:
+    root, truth, spec = shifted_night
+    out = tmp_path / "out"
+    assert run_cli(root / "lights", out, "-F", root / "flats", "-a", "-s", "-S", "1", "-c", "1") == EXIT_OK
+    names = sorted(p.name for p in out.glob("*.fits"))
+    assert [n.split("_")[3] for n in names] == ["TB", "TG", "TR"] and len(names) == 3
+    shifts = {}
+    for receipt in (out / "work" / "published").glob("*.json"):
+        for item in json.loads(receipt.read_text())["items"].values():
+            shifts |= {(fid[:10], fid[-2:]): (s["dy"], s["dx"]) for fid, s in item["shifts"].items()}
+    for index, (dy, dx) in enumerate(SHIFTS):  # measured on green, the same for every channel
+        moves = {shifts[(f"colour_{index:03d}", c)] for c in ("TR", "TG", "TB")}
+        assert len(moves) == 1
+        [(my, mx)] = moves
+        assert abs(my + dy) < 0.1 and abs(mx + dx) < 0.1
+    first = truth["lights"][0].name
+    for name in names:
+        data, header = fits.getdata(out / name), fits.getheader(out / name)
+        colour = header["CFACHAN"]
+        expected = _expected_cells(truth, first, colour)
+        inner = (slice(5, -5), slice(5, -5))  # where every frame overlaps
+        residual = (data - expected)[inner]
+        noise = spec.noise / (np.sqrt(2) if colour == "G" else 1)
+        assert header["NCOMBINE"] == 4 and header["FILTER"] == f"T{colour}"
+        truth_inner, data_inner = expected[inner], data[inner]
+        sky = truth_inner < np.median(truth_inner) + 1.0  # away from the stars
+        assert (
+            abs(np.median(residual[sky])) < 0.3 * noise
+            and np.percentile(np.abs(residual[sky]), 90) < 2 * noise
+        )
+        # the stars, resampled bilinearly: in place (a 1-px slip drops this to 0.7) and their flux kept
+        assert np.corrcoef(truth_inner.ravel(), data_inner.ravel())[0, 1] > 0.99
+        level = np.median(truth_inner)
+        assert np.sum(data_inner - level) == pytest.approx(np.sum(truth_inner - level), rel=0.03)
+    summary = (out / "summary.txt").read_text()
+    assert "4 colour lights (CFA RGGB as stored) -> TR, TG and TB channel frames" in summary
+
+
+def test_an_rgb_cube_stack_and_its_colour_thumbnail(shifted_night, tmp_path: Path) -> None:
+    root, truth, _ = shifted_night
+    out = tmp_path / "out"
+    args = ("-F", root / "flats", "-a", "-s", "-S", "1", "-c", "1", "--colour", "rgb")
+    assert run_cli(root / "lights", out, *args) == EXIT_OK
+    [stack] = out.glob("*_RGB_*.fits")
+    cube, header = fits.getdata(stack), fits.getheader(stack)
+    assert cube.shape == (3, 110, 148) and header["NCOMBINE"] == 4 and header["CFACHAN"] == "RGB"
+    gains = [truth["response"][truth["colours"] == c].mean() for c in "RGB"]
+    for plane, (level, gain) in enumerate(zip(ColourSpec().sky, gains, strict=True)):
+        assert np.nanmedian(cube[plane]) == pytest.approx(level * gain, rel=0.02)
+    thumb = json.loads((out / "work" / "thumbs" / f"{stack.name}.json").read_text())
+    png = base64.b64decode(thumb["png"])
+    assert png[25] == 2  # IHDR colour type 2: an RGB thumbnail
+
+
+def _pipeline(lights: Path, out: Path, colour: str, *, binning: int = 1, align: bool = False,
+              stack: bool = False) -> tuple[list[dict], dict]:  # fmt: skip
+    """The stages in this process (no Snakemake), every light in one calibrate and one publish
+    batch: scan, plan, calibrate, publish; returns the plan and the publish results."""
+    work = out / "work"
+    run_scan(ScanRequest(lights, exclude=[out]), work / "manifest.tsv", work / "cache.tsv")
+    settings = PlanSettings(
+        binning=binning, align=align, stack=stack, stack_threshold=1, colour_output=colour
+    )
+    plan = run_plan(work / "manifest.tsv", work / "plan.tsv", work / "masters.tsv", settings)
+    ok = [entry for entry in plan if entry["status"] == OK]
+    run_calibrate_batch(ok, work, work / "calibrated" / "c.json", observer="DGAH", binning=binning)
+    refs = {entry["frame_id"]: entry for entry in ok}
+    published = run_publish_batch(
+        ok, refs, work, out, work / "published" / "p.json", StackSettings(align=align)
+    )
+    return plan, published
+
+
+def _few(name: str, tmp_path: Path, files: list[str]) -> Path:
+    """A folder of links to a few frames of real set ``name`` (the data are not copied)."""
+    folder = tmp_path / f"{name}-lights"
+    folder.mkdir()
+    for file in files:
+        os.symlink(real_set(name) / "lights" / file, folder / file)
+    return folder
+
+
+def _outputs(out: Path) -> dict[str, tuple]:
+    found = {}
+    for path in sorted(out.glob("*.fits")):
+        header = fits.getheader(path)
+        found[path.name] = (fits.getdata(path).shape, header["FILTER"], header.get("NCOMBINE", 1))
+    return found
+
+
+SEESTAR = ["Light_NGC 7023_10.0s_IRCUT_20240730-224436.fit", "Light_NGC 7023_10.0s_IRCUT_20240730-224448.fit"]
+INDI = ["Light_1069.fits", "Light_1114.fits"]
+PANOPTES = ["solved.fits.fz", "tiny.fits", "pole.fits"]
+
+
+@pytest.mark.parametrize("mode", ["channels", "green", "rgb", "mosaic"])
+def test_seestar_frames_in_each_output_mode(tmp_path: Path, mode: str) -> None:
+    """Two Seestar S50 frames (GRBG, 1080x1920), aligned and stacked."""
+    out = tmp_path / "out"
+    plan, published = _pipeline(
+        _few("seestar-s50-ngc7023", tmp_path, SEESTAR), out, mode, align=True, stack=True
+    )
+    assert {entry["cfa"] for entry in plan} == {"GRBG"}
+    made = _outputs(out)
+    assert all(item["status"] == "written" for item in published.values())
+    if mode == "channels":  # a stack of each channel, of 2x2 cells
+        assert sorted(v for v in made.values()) == [((960, 540), f, 2) for f in ("TB", "TG", "TR")]
+    elif mode == "green":
+        assert list(made.values()) == [((960, 540), "TG", 2)]
+    elif mode == "rgb":
+        assert list(made.values()) == [((3, 1920, 1080), "RGB", 2)]
+    else:  # a mosaic is never resampled: each frame is an output of its own, not stacked
+        assert sorted(made.values()) == [((1920, 1080), "IRCUT", 1)] * 2
+        assert all(fits.getheader(out / name)["BAYERPAT"] == "GRBG" for name in made)
+    shifts = [s for item in published.values() for s in item.get("shifts", {}).values()]
+    assert all(s["significance"] > 30 for s in shifts) and (mode == "mosaic") == (not shifts)
+
+
+@pytest.mark.parametrize("mode", ["channels", "green", "rgb", "mosaic"])
+def test_indi_asi224mc_frames_in_each_output_mode_binned(tmp_path: Path, mode: str) -> None:
+    """Two ASI224MC frames (RGGB, 1304x976) with -b 2: colours never mixed; a mosaic refuses it."""
+    out = tmp_path / "out"
+    plan, _ = _pipeline(_few("indi-asi224mc-m27", tmp_path, INDI), out, mode, binning=2)
+    made = _outputs(out)
+    if mode == "mosaic":
+        assert made == {} and {e["status"] for e in plan} == {"skipped"}
+        assert "a raw mosaic is not binned" in plan[0]["reason"]
+        return
+    shapes = {"channels": (488, 652), "green": (488, 652), "rgb": (3, 488, 652)}
+    filters = {"channels": ["TB", "TG", "TR"], "green": ["TG"], "rgb": ["RGB"]}[mode]
+    assert sorted(made.values()) == sorted((shapes[mode], f, 1) for f in filters for _ in INDI)
+    levels = {}
+    for name, (_, filt, _) in made.items():
+        data = fits.getdata(out / name)
+        levels[filt] = np.median(data[2] if data.ndim == 3 else data)
+    if mode == "channels":  # the sky's colour as measured on the raw sites: R 232, G 240, B 96
+        assert levels["TB"] < 0.5 * levels["TG"] and 0.8 < levels["TR"] / levels["TG"] < 1.1
+
+
+@pytest.mark.parametrize("mode", ["channels", "green", "rgb", "mosaic"])
+def test_panoptes_dslr_crops_in_each_output_mode(tmp_path: Path, mode: str) -> None:
+    """The DSLR crops' pattern is FILTER='RGGB' (GBRG as stored); pole.fits says no pattern and
+    stays mono."""
+    out = tmp_path / "out"
+    plan, _ = _pipeline(_few("panoptes-dslr-testcrops", tmp_path, PANOPTES), out, mode)
+    cfa = {Path(e["path"]).name: e.get("cfa") for e in plan}
+    assert cfa == {"solved.fits.fz": "GBRG", "tiny.fits": "GBRG", "pole.fits": None}
+    made = _outputs(out)
+    mono = [v for v in made.values() if v[1] == ""]
+    assert mono == [((200, 200), "", 1)]  # pole.fits as before
+    colour = sorted(v for v in made.values() if v[1] != "")
+    expected = {
+        "channels": [((100, 100), f, 1) for f in ("TB", "TG", "TR")]
+        + [((350, 350), f, 1) for f in ("TB", "TG", "TR")],
+        "green": [((100, 100), "TG", 1), ((350, 350), "TG", 1)],
+        "rgb": [((3, 200, 200), "RGB", 1), ((3, 700, 700), "RGB", 1)],
+        "mosaic": [((200, 200), "RGGB", 1), ((700, 700), "RGGB", 1)],
+    }[mode]
+    assert colour == sorted(expected)
+    if mode == "channels":  # MEASRGGB='474 1024 1024 718': red lowest above the black level
+        tg = next(n for n, v in made.items() if v == ((350, 350), "TG", 1))
+        tr = tg.replace("_TG_", "_TR_")
+        assert np.median(fits.getdata(out / tr)) < np.median(fits.getdata(out / tg))
+
+
+def test_a_mono_night_is_the_same_whatever_the_colour_settings(tmp_path: Path) -> None:
+    """Colour settings leave a mono night's outputs byte for byte (aligned and stacked)."""
+    night = make_night(tmp_path / "night", SMALL)
+    outputs = []
+    for mode in ("channels", "green", "rgb", "mosaic"):
+        out = tmp_path / mode
+        _pipeline(night.lights[0].parent, out, mode, align=True, stack=True)
+        outputs.append(sha256_tree(out))
+    assert len(outputs[0]) == 2 and all(found == outputs[0] for found in outputs)
