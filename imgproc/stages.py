@@ -240,7 +240,11 @@ def summarise(
         for row in manifest
         if row["status"] == SKIPPED and row["folder"] == "light"
     ]
-    skipped += [{"file": e["path"], "reason": e["reason"]} for e in plan if e["status"] != OK]
+    reasons: dict[str, list[str]] = {}  # a colour light's channel frames: one line, their reasons
+    for entry in plan:
+        if entry["status"] != OK and entry["reason"] not in reasons.setdefault(entry["path"], []):
+            reasons[entry["path"]].append(entry["reason"])
+    skipped += [{"file": path, "reason": "; ".join(why)} for path, why in reasons.items() if why]
     skipped += [
         {"file": by_id[fid]["path"], "reason": item["reason"]}
         for fid, item in calibrated.items()
@@ -328,12 +332,20 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def airmass_gaps(receipts: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+def airmass_gaps(
+    receipts: Sequence[Mapping[str, Any]], plan: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, int]:
     """Why AIRMASS could not be written (no target coordinates or no site in the header), with
-    the number of lights for each reason."""
+    the number of lights for each reason (a colour light's channel frames, by the ``plan``,
+    count once)."""
     calibrated, _ = receipt_items(receipts)
-    reasons = Counter(item["no_airmass"] for item in calibrated.values() if item.get("no_airmass"))
-    return dict(sorted(reasons.items()))
+    light = {entry["frame_id"]: entry["path"] for entry in plan}
+    found = {
+        (light.get(fid, fid), item["no_airmass"])
+        for fid, item in calibrated.items()
+        if item.get("no_airmass")
+    }
+    return dict(sorted(Counter(reason for _, reason in found).items()))
 
 
 def run_summary(
@@ -345,8 +357,9 @@ def run_summary(
     bytes. The batch jobs' time goes to the log.
     """
     receipts_data = [read_json(p) or {} for p in receipts]
-    summary = summarise(read_tsv(manifest), read_tsv(plan), receipts_data, read_tsv(masters))
-    summary["no_airmass"] = airmass_gaps(receipts_data)
+    plan_rows = read_tsv(plan)
+    summary = summarise(read_tsv(manifest), plan_rows, receipts_data, read_tsv(masters))
+    summary["no_airmass"] = airmass_gaps(receipts_data, plan_rows)
     write_json(out_json, summary)
     text = format_summary(summary)
     out_text.write_text(text, encoding="utf-8")

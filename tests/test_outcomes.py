@@ -212,7 +212,8 @@ def test_the_summary_says_which_calibration_steps_were_not_done() -> None:
     [
         ({"BAYERPAT": "RGGB", "FILTER": "Luminance"}, "RGGB"),
         ({"BAYERPAT": " grbg "}, "GRBG"),
-        ({"FILTER": "GBRG"}, "GBRG"),  # a DSLR program's habit, no BAYERPAT
+        ({"FILTER": "GBRG", "NAXIS2": 53}, "GBRG"),  # a DSLR program's habit, no BAYERPAT
+        ({"FILTER": "GBRG", "NAXIS2": 54}, "RGGB"),  # ... read top-down, rows stored bottom-up
         ({"COLORTYP": "BGGR"}, "BGGR"),
         ({"FILTER": "R"}, None),
         ({"BAYERPAT": "NONE", "FILTER": "V"}, None),
@@ -239,30 +240,33 @@ def test_colour_lights_and_no_masters_are_reported(tmp_path: Path, capsys: pytes
     assert capsys.readouterr().err.count("imgproc: warning: no master folder given (-B/-D/-F)") == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["uncalibrated"] and len(summary["steps_not_done"]) == 1
-    colour = sorted((Path(c["file"]).name, c["bayerpat"]) for c in summary["colour_as_mono"])
-    assert colour == [(f"c{i}.fits", "RGGB" if i < 3 else "GBRG") for i in range(5)]
+    colour = sorted((Path(c["file"]).name, c["bayerpat"], c["channels"]) for c in summary["colour"])
+    # 53 rows: the DSLR's GBRG, read from the top, starts the stored rows alike
+    assert colour == [(f"c{i}.fits", "RGGB" if i < 3 else "GBRG", "B+G+R") for i in range(5)]
+    channels = "TR, TG and TB channel frames of 2x2 CFA cells (super-pixels)"
     text = (out / "summary.txt").read_text()
-    assert "  3 colour (CFA RGGB) lights processed as mono: colour handling is not implemented yet\n" in text
-    assert "  2 colour (CFA GBRG) lights processed as mono" in text
+    assert f"  3 colour lights (CFA RGGB as stored) -> {channels}\n" in text
+    assert f"  2 colour lights (CFA GBRG as stored) -> {channels}\n" in text
+    assert "5 lights, 15 outputs written" in text
     assert "the outputs are uncalibrated (bias, dark and flat not applied)" in text
     assert (
-        "WARNING imgproc: 3 colour (CFA RGGB) lights processed as mono"
-        in (out / "logs" / "plan_frames.log").read_text()
+        "INFO imgproc: 3 colour lights (CFA RGGB as stored)" in (out / "logs" / "plan_frames.log").read_text()
     )
     manifest = (out / "work" / "manifest.tsv").read_text().splitlines()
     assert manifest[0].split("\t")[-1] == "bayerpat" and manifest[1].endswith("\tRGGB")
     report = (out / "report.html").read_text()
     notes = report[report.index('<ul id="calibration-notes">') :].split("</ul>")[0]
-    assert notes.count("<li>") == 4 and "3 colour (CFA RGGB) lights processed as mono" in notes
+    assert notes.count("<li>") == 4 and "3 colour lights (CFA RGGB as stored) -&gt; TR, TG and TB" in notes
     assert "no AIRMASS in 5 lights: no target coordinates" in notes  # issue 19: no RA/DEC, no site
     assert "the outputs are uncalibrated" in notes
 
     assert run_cli(tmp_path / "lights", tmp_path / "plan", "--plan") == EXIT_OK
     plan_text = (tmp_path / "plan" / "plan.txt").read_text()
     assert plan_text.endswith(
-        "2 colour (CFA GBRG) lights processed as mono: colour handling is not implemented yet\n"
-        "3 colour (CFA RGGB) lights processed as mono: colour handling is not implemented yet\n"
+        f"2 colour lights (CFA GBRG as stored) -> {channels}\n"
+        f"3 colour lights (CFA RGGB as stored) -> {channels}\n"
     )
+    assert "M27_TG_6s_1x1" in plan_text and "M27_L_6s_1x1" not in plan_text
 
 
 def test_format_plan_leaves_mono_nights_alone() -> None:

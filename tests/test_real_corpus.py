@@ -155,23 +155,28 @@ def test_tircam2_stack_of_five(run) -> None:
 SEESTAR = "seestar-s50-ngc7023"
 
 
-def test_seestar_tree_is_searched_and_colour_reported(run) -> None:
+def test_seestar_tree_is_searched_and_colour_split_into_channels(run) -> None:
     result = run(SEESTAR, ".")
     assert result.status == EXIT_OK and result.summary["uncalibrated"]
-    assert len(result.outputs()) == 6 and all(
-        p.name.startswith("NGC_7023_DGAH_IRCUT_") for p in result.outputs()
-    )
-    assert {item["bayerpat"] for item in result.summary["colour_as_mono"]} == {"GRBG"}
-    assert len(result.summary["colour_as_mono"]) == 6
-    assert fits.getdata(result.outputs()[0]).shape == (1920, 1080)  # portrait
+    names = [p.name for p in result.outputs()]
+    assert len(names) == 18 and sorted({n.split("_")[3] for n in names}) == ["TB", "TG", "TR"]
+    assert all(n.startswith("NGC_7023_DGAH_T") for n in names)
+    assert {item["bayerpat"] for item in result.summary["colour"]} == {"GRBG"}
+    assert len(result.summary["colour"]) == 6
+    assert fits.getdata(result.outputs()[0]).shape == (960, 540)  # portrait, of 2x2 CFA cells
 
 
 def test_seestar_sequences_stack_aligned_on_superpixels(run) -> None:
     result = run(SEESTAR, ".", "-s", "-S", "1", "-a")
     assert result.status == EXIT_OK and result.summary["complete"]
-    assert sorted(fits.getheader(p)["NCOMBINE"] for p in result.outputs()) == [2, 4]  # 10 s and 20 s
+    # 10 s and 20 s, each channel stacked, registered on its green frame
+    assert sorted(fits.getheader(p)["NCOMBINE"] for p in result.outputs()) == [2, 2, 2, 4, 4, 4]
     shifts = result.shifts()
-    assert len(shifts) == 6 and min(s["significance"] for s in shifts.values()) > 50
+    assert len(shifts) == 18 and min(s["significance"] for s in shifts.values()) > 50
+    by_light = {}
+    for fid, shift in shifts.items():
+        by_light.setdefault(fid.rsplit("-", 1)[0], set()).add((shift["dy"], shift["dx"]))
+    assert len(by_light) == 6 and all(len(moves) == 1 for moves in by_light.values())
 
 
 # --- INDI ASI224MC: the type in FRAME, RGGB, 1304x976 ------------------------------------------
@@ -181,15 +186,14 @@ INDI = "indi-asi224mc-m27"
 
 def test_indi_frames_are_lights_by_frame_and_stack(run) -> None:
     single = run(INDI, ".")
-    assert single.status == EXIT_OK and len(single.outputs()) == 6
+    assert single.status == EXIT_OK and len(single.outputs()) == 18  # TR, TG, TB of each
     assert {(r["type_source"], r["role"]) for r in single.manifest} == {("FRAME", "light")}
-    assert {item["bayerpat"] for item in single.summary["colour_as_mono"]} == {"RGGB"}
+    assert {item["bayerpat"] for item in single.summary["colour"]} == {"RGGB"}
     stacked = run(INDI, ".", "-s", "-S", "1", "-a")
     assert stacked.status == EXIT_OK
-    [stack] = stacked.outputs()
-    assert fits.getheader(stack)["NCOMBINE"] == 6 and stack.name.startswith(
-        "UNKNOWN_DGAH_Luminance_20180907_"
-    )
+    stacks = stacked.outputs()
+    assert [fits.getheader(p)["NCOMBINE"] for p in stacks] == [6, 6, 6]
+    assert [p.name[:27] for p in stacks] == [f"UNKNOWN_DGAH_{f}_20180907_24" for f in ("TB", "TG", "TR")]
 
 
 # --- PANOPTES DSLR crops: .fz extension, pattern in FILTER, a header-stripped file ---------------
@@ -204,15 +208,19 @@ def test_panoptes_crops_read_skip_and_report(run) -> None:
     assert skipped == {
         "noheader.fits": "DATE-OBS is missing: the mid-exposure time cannot be computed",
         # a crop of the same exposure as tiny.fits: same object, filter and time, so same name
-        "unsolved.fits": "output name UNKNOWN_DGAH_RGGB_20160909_2457640.84266435.fits is already made "
-        "from tiny.fits",
+        "unsolved.fits": "; ".join(
+            f"output name UNKNOWN_DGAH_{f}_20160909_2457640.84266435.fits is already made from tiny.fits"
+            for f in ("TR", "TG", "TB")
+        ),
     }
-    assert len(result.outputs()) == 4
+    # solved and tiny: TR, TG and TB each; pole and rotation (no pattern in the header): mono
+    assert len(result.outputs()) == 8 and len(result.summary["skipped"]) == 2
     solved = next(r for r in result.manifest if r["path"].endswith("solved.fits.fz"))
-    assert (solved["hdu"], solved["ny"], solved["nx"], solved["bayerpat"]) == (1, 700, 700, "RGGB")
+    # FILTER='RGGB' read top-down; 700 rows stored bottom-up
+    assert (solved["hdu"], solved["ny"], solved["nx"], solved["bayerpat"]) == (1, 700, 700, "GBRG")
     start = datetime.fromisoformat("2016-09-09T08:14:34")
-    name = output_name(None, "DGAH", "RGGB", start + timedelta(seconds=120.4 / 2))
-    assert fits.getdata(result.out / name).shape == (700, 700)
+    name = output_name(None, "DGAH", "TG", start + timedelta(seconds=120.4 / 2))
+    assert fits.getdata(result.out / name).shape == (350, 350)
 
 
 # --- every set: the times EXOTIC and AstroImageJ read (issue 19) ---------------------------------
