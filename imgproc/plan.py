@@ -26,8 +26,8 @@ from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 #: Plan columns, in order.
 COLUMNS = (
     "frame_id", "path", "size", "mtime_ns", "hdu", "status", "reason", "sequence", "reference", "output",
-    "n_group", "mid", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch", "pub_kind", "thumb",
-    "pierside", "ny", "nx", "cfa", "channel", "measure",
+    "n_group", "mid", "exptime", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch", "pub_kind",
+    "thumb", "pierside", "ny", "nx", "cfa", "channel", "measure",
 )  # fmt: skip
 #: Largest binning factor (``-b``; the config schema's ``bin`` maximum).
 MAX_BIN = 64
@@ -139,6 +139,7 @@ def make_plan(
             "status": OK, "reason": "", "pierside": row.get("pierside"), "ny": row["ny"], "nx": row["nx"],
             "sequence": sequence_key(row),
             "mid": mid_exposure(datetime.fromisoformat(row["date_obs"]), row["exptime"]),
+            "exptime": row["exptime"],
         }  # fmt: skip
         matches = match_light(row, wanted, settings.criteria, settings.tolerance, settings.dark_scaling)
         for role, match in matches.items():

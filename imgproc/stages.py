@@ -186,7 +186,8 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
         } | previous.get("stats", {})
     data, header = calibrate_frame(
         Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target,
-        observer=observer, mid=datetime.fromisoformat(entry["mid"]), binning=binning,
+        observer=observer, mid=datetime.fromisoformat(entry["mid"]), exptime=float(entry["exptime"]),
+        binning=binning,
         dark_scale=entry.get("dark_scale") if entry.get("dark") else None,
         cfa=entry.get("cfa") or None, channel=entry.get("channel") or None,
     )  # fmt: skip
