@@ -189,8 +189,8 @@ def calibrate_frame(
     """
     if cfa:
         return calibrate_colour_frame(
-            light_path, hdu, masters, cache, target, observer=observer, mid=mid, binning=binning,
-            dark_scale=dark_scale, cfa=cfa, channel=channel or "G",
+            light_path, hdu, masters, cache, target, observer=observer, mid=mid, exptime=exptime,
+            binning=binning, dark_scale=dark_scale, cfa=cfa, channel=channel or "G",
         )  # fmt: skip
     header, image, blocks = read_image_blocks(light_path, hdu, multiple=binning)
     frames = {role: cache.get(role, path) for role, path in masters.items() if path is not None}
@@ -222,6 +222,7 @@ def calibrate_colour_frame(
     *,
     observer: str,
     mid: datetime,
+    exptime: float,
     binning: int,
     cfa: str,
     channel: str,
@@ -236,7 +237,7 @@ def calibrate_colour_frame(
         image, *(frames.get(role) for role in ROLES), dark_scale=dark_scale, in_place=True
     )
     out_header = calibrated_header(
-        header, masters, observer=observer, mid=mid, binning=1, dark_scale=dark_scale
+        header, masters, observer=observer, mid=mid, exptime=exptime, binning=1, dark_scale=dark_scale
     )
     data, out_header = colour_image(mosaic, out_header, cfa, channel, binning)
     if data.ndim == 3:

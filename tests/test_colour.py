@@ -73,8 +73,8 @@ def _calibrate(
 ) -> tuple[np.ndarray, fits.Header]:
     cfa = normalise(fits.getheader(path))["bayerpat"]
     return calibrate_frame(
-        path, 0, {"flat": str(flat)}, MasterCache(), target, observer="DGAH", mid=MID, binning=binning,
-        cfa=cfa, channel=channel,
+        path, 0, {"flat": str(flat)}, MasterCache(), target, observer="DGAH", mid=MID, exptime=30.0,
+        binning=binning, cfa=cfa, channel=channel,
     )  # fmt: skip
 
 
@@ -222,8 +222,7 @@ def test_an_aligned_stack_of_a_shifted_colour_night_matches_the_truth(shifted_ni
 def test_an_rgb_cube_stack_and_its_colour_thumbnail(shifted_night, tmp_path: Path) -> None:
     root, truth, _ = shifted_night
     out = tmp_path / "out"
-    args = ("-F", root / "flats", "-a", "-s", "-S", "1", "-c", "1", "--colour", "rgb")
-    assert run_cli(root / "lights", out, *args) == EXIT_OK
+    _pipeline(root / "lights", out, "rgb", align=True, stack=True, flats=root / "flats")
     [stack] = out.glob("*_RGB_*.fits")
     cube, header = fits.getdata(stack), fits.getheader(stack)
     assert cube.shape == (3, 110, 148) and header["NCOMBINE"] == 4 and header["CFACHAN"] == "RGB"
@@ -236,11 +235,12 @@ def test_an_rgb_cube_stack_and_its_colour_thumbnail(shifted_night, tmp_path: Pat
 
 
 def _pipeline(lights: Path, out: Path, colour: str, *, binning: int = 1, align: bool = False,
-              stack: bool = False) -> tuple[list[dict], dict]:  # fmt: skip
+              stack: bool = False, flats: Path | None = None) -> tuple[list[dict], dict]:  # fmt: skip
     """The stages in this process (no Snakemake), every light in one calibrate and one publish
     batch: scan, plan, calibrate, publish; returns the plan and the publish results."""
     work = out / "work"
-    run_scan(ScanRequest(lights, exclude=[out]), work / "manifest.tsv", work / "cache.tsv")
+    masters = {"flat": flats} if flats else {}
+    run_scan(ScanRequest(lights, masters, exclude=[out]), work / "manifest.tsv", work / "cache.tsv")
     settings = PlanSettings(
         binning=binning, align=align, stack=stack, stack_threshold=1, colour_output=colour
     )
