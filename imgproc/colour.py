@@ -125,7 +125,7 @@ def colour_image(
     original = header.get("FILTER")
     if channel == "M":
         out = header.copy()
-        out.set("CFAPAT", pattern, "CFA colours of stored px (0,0) (0,1) (1,0) (1,1)")
+        out.set("CFAPAT", pattern, "CFA colours of stored (0,0),(0,1),(1,0),(1,1)")
         out.add_history(
             f"colour mosaic CFA {pattern} (as stored) calibrated, not debayered, binned or resampled"
         )
@@ -150,7 +150,7 @@ def colour_image(
     name = CHANNEL_FILTERS.get(channel, channel)
     out.set("FILTER", name, "colour channel of a one-shot-colour camera")
     out.set("CFACHAN", channel, "channel(s) of the CFA mosaic this frame holds")
-    out.set("CFAPAT", pattern, "CFA colours of stored px (0,0) (0,1) (1,0) (1,1)")
+    out.set("CFAPAT", pattern, "CFA colours of stored (0,0),(0,1),(1,0),(1,1)")
     out.add_history(f"colour CFA {pattern} (as stored), FILTER was {original!r}: {how}")
     if factor > 1:
         out.add_history(f"binned {factor}x{factor} mosaic pixels, colours kept apart")
