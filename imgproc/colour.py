@@ -157,6 +157,20 @@ def colour_image(
     return cube, out
 
 
+def flipped_channel_shift(dy: float, dx: float, pattern: str, channel: str) -> tuple[float, float]:
+    """The shift of a channel frame rotated by 180° (meridian flip), from the shift (``dy``,
+    ``dx``, cell pixels) measured on the light's green frame.
+
+    A channel frame's pixel samples the sky at its colour's site in the cell (red at, say, the
+    top-left pixel), the green frame at the cell's centre (the mean of two diagonal sites). A
+    shift moves every site alike, but a 180° rotation turns a site's offset from the centre
+    around: the red and blue frames then need ``0.5 - site`` cell more on each axis than the
+    green one (``site`` 0 or 1, the colour's row and column in the cell).
+    """
+    site_y, site_x = np.mean(sites(pattern, channel), axis=0)
+    return dy + 0.5 - float(site_y), dx + 0.5 - float(site_x)
+
+
 def write_cube(target: Path, cube: np.ndarray, header: fits.Header) -> None:
     """Write a float32 cube to ``target`` atomically (a temporary file renamed into place)."""
     target.parent.mkdir(parents=True, exist_ok=True)

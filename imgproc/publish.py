@@ -22,7 +22,7 @@ from astropy.io import fits
 from imgproc import __version__
 from imgproc.align import MosaicRegistrar, Registrar, Shift, apply_shift, pier_side_flip
 from imgproc.cache import FileCache
-from imgproc.colour import read_frame, write_cube
+from imgproc.colour import flipped_channel_shift, read_frame, write_cube
 from imgproc.fitsio import Float32Rows, link_atomic, read_header, read_image, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
@@ -61,6 +61,8 @@ class Member:
     mid: datetime
     pierside: str | None = None
     measure: Path | None = None  # the intermediate registration measures instead (a green frame)
+    cfa: str | None = None  # a colour channel frame: the CFA pattern (as stored) of its light
+    channel: str | None = None  # ... and its channel (R, G, B)
 
 
 class ArrayRows:
@@ -152,14 +154,20 @@ def measure(
 
     A frame whose PIERSIDE differs from the reference's is rotated by 180° (meridian flip)
     before measuring; when either pier side is unknown, the registrar also tries the rotation
-    and keeps it if its peak is clearly stronger.
+    and keeps it if its peak is clearly stronger. A rotated red or blue channel frame, measured
+    on its light's green frame, gets its site's correction (:func:`imgproc.colour.flipped_channel_shift`).
     """
     if pier_side_flip(reference_pierside, member.pierside):
         shift = registrar.measure(np.rot90(data, 2))
-        return Shift(shift.dy, shift.dx, True, shift.quality, shift.significance)
-    # the rotation is worth trying only when the pier sides do not say it is the same
-    known = bool(reference_pierside) and bool(member.pierside)
-    return registrar.measure(data, try_flip=not known)
+        shift = Shift(shift.dy, shift.dx, True, shift.quality, shift.significance)
+    else:
+        # the rotation is worth trying only when the pier sides do not say it is the same
+        known = bool(reference_pierside) and bool(member.pierside)
+        shift = registrar.measure(data, try_flip=not known)
+    if shift.flipped and member.cfa and member.channel in ("R", "B"):  # measured on green
+        dy, dx = flipped_channel_shift(shift.dy, shift.dx, member.cfa, member.channel)
+        shift = Shift(dy, dx, True, shift.quality, shift.significance)
+    return shift
 
 
 def stack_header(
@@ -312,6 +320,8 @@ def plan_members(entries: Sequence[Mapping[str, Any]], workdir: Path) -> list[Me
             measure=workdir / "cal" / f"{e['measure']}.fits"
             if e.get("measure") not in (None, "", e["frame_id"])
             else None,
+            cfa=e.get("cfa") or None,  # type: ignore[arg-type]
+            channel=e.get("channel") or None,  # type: ignore[arg-type]
         )
         for e in entries
     ]

@@ -679,7 +679,8 @@ class ColourSpec:
     in_filter: bool = False
     shape: tuple[int, int] = (90, 124)  # (ny, nx), stored
     n_lights: int = 3
-    shifts: tuple[tuple[float, float], ...] = ()  # (dy, dx) of each light, in channel (cell) pixels
+    shifts: tuple[tuple[float, float], ...] = ()  # (dy, dx) of the sky in each light, mosaic pixels
+    flipped: tuple[bool, ...] = ()  # lights after a meridian flip: sky rotated 180°, PIERSIDE='WEST'
     sky: tuple[float, float, float] = (300.0, 500.0, 200.0)  # R, G, B sky levels
     noise: float = 3.0
     flat_colour: tuple[float, float, float] = (0.6, 1.0, 0.4)  # the flat lamp's R, G, B levels
@@ -699,13 +700,12 @@ def colour_map(spec: ColourSpec) -> np.ndarray:
 
 def make_colour_night(root: Path, spec: ColourSpec = ColourSpec()) -> dict[str, Any]:
     """Write the lights of a colour night (``root/lights``, uint16) and a colour flat
-    (``root/flats``); returns the truth: ``sky`` (light name -> the (3, ny, nx) RGB sky as
-    stored, before the pixels' ``response``, which the flat has too), ``colours``
-    (:func:`colour_map`) and ``lights``."""
+    (``root/flats``); returns the truth: ``sky`` (light name -> the (3, ny, nx) RGB sky at every
+    stored pixel, of which each pixel sees its own colour, before the pixels' ``response``, which
+    the flat has too), ``colours`` (:func:`colour_map`) and ``lights``."""
     rng = _rng(spec.seed, "colour", spec.pattern)
-    ny, nx = spec.shape
     colours = colour_map(spec)
-    stars = random_stars((ny // 2, nx // 2), 30, rng, flux_range=(3e3, 3e4), margin=6)
+    stars = random_stars(spec.shape, 30, rng, flux_range=(1e4, 1e5), margin=12)
     tints = rng.uniform(0.5, 1.5, (3, len(stars)))
     response = _vignetting(spec.shape, 0.2) * rng.uniform(0.97, 1.03, spec.shape)
     cards: dict[str, Any] = {
@@ -721,13 +721,12 @@ def make_colour_night(root: Path, spec: ColourSpec = ColourSpec()) -> dict[str, 
     truth: dict[str, Any] = {"sky": {}, "colours": colours, "lights": [], "response": response}
     for index in range(spec.n_lights):
         dy, dx = spec.shifts[index] if index < len(spec.shifts) else (0.0, 0.0)
-        # the sky on the cell grid, then on the mosaic's pixels (each cell's 4 pixels alike)
-        cells = [
-            star_field((ny // 2, nx // 2), np.column_stack([stars[:, :2], stars[:, 2] * tint]), fwhm=2.0,
-                       shift=(dy, dx)) + level
+        flipped = index < len(spec.flipped) and spec.flipped[index]
+        sky = np.stack([
+            star_field(spec.shape, np.column_stack([stars[:, :2], stars[:, 2] * tint]), fwhm=4.0,
+                       shift=(dy, dx), rotate180=flipped) + level
             for tint, level in zip(tints, spec.sky, strict=True)
-        ]  # fmt: skip
-        sky = np.stack([np.kron(cell, np.ones((2, 2), np.float32))[:ny, :nx] for cell in cells])
+        ])  # fmt: skip
         mosaic = np.select([colours == c for c in "RGB"], list(sky)) * response
         light = mosaic + rng.normal(0.0, spec.noise, spec.shape)
         name = f"colour_{index:03d}.fits"
@@ -737,6 +736,7 @@ def make_colour_night(root: Path, spec: ColourSpec = ColourSpec()) -> dict[str, 
             "OBJECT": "M 57",
             "EXPTIME": 30.0,
             "DATE-OBS": _iso(when),
+            "PIERSIDE": "WEST" if flipped else "EAST",
         }
         write_fits(root / "lights" / name, light, header, dtype="uint16")
         truth["sky"][name] = sky

@@ -15,6 +15,7 @@ import pytest
 from astropy.io import fits
 from conftest import SMALL, real_set, run_cli, sha256_tree
 
+from imgproc.align import Registrar
 from imgproc.binning import bin_image
 from imgproc.calibrate import MasterCache, calibrate_frame
 from imgproc.cli import EXIT_OK
@@ -79,11 +80,17 @@ def _calibrate(
 
 
 def _expected_cells(truth: dict, name: str, colour: str) -> np.ndarray:
-    """The true sky of ``colour`` on the 2×2 cells, times the mean response of that colour's
-    sites (what a flat normalised per colour leaves)."""
+    """The true sky of ``colour`` on the 2×2 cells, at that colour's own sites (the mean of the
+    two greens), times the mean response of those sites (what a flat normalised per colour
+    leaves)."""
     sky = truth["sky"][name]["RGB".index(colour)]
-    gain = truth["response"][truth["colours"] == colour].mean()
-    return sky[::2, ::2] * gain
+    mask = truth["colours"] == colour
+    ny, nx = (n // 2 * 2 for n in sky.shape)
+
+    def cells(a: np.ndarray) -> np.ndarray:
+        return a[:ny, :nx].reshape(ny // 2, 2, nx // 2, 2).sum(axis=(1, 3))
+
+    return cells(np.where(mask, sky, 0.0)) / cells(mask) * truth["response"][mask].mean()
 
 
 LAYOUTS = [
@@ -169,15 +176,17 @@ def test_bilinear_debayer_keeps_own_sites_and_interpolates_the_others() -> None:
 
 # --- the workflow -----------------------------------------------------------------------------
 
-SHIFTS = ((0.0, 0.0), (1.5, -2.25), (-3.0, 1.0), (2.0, 2.5))
+SHIFTS = ((0.0, 0.0), (3.0, -4.5), (-6.0, 2.0), (4.0, 5.0))  # of the sky, in mosaic pixels
+FLIPPED = (False, False, False, True)  # the last light after a meridian flip
 
 
 @pytest.fixture(scope="module")
 def shifted_night(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, ColourSpec]:
     root = tmp_path_factory.mktemp("colour")
     spec = ColourSpec(
-        pattern="GRBG", xoff=1, roworder="TOP-DOWN", shape=(110, 148), n_lights=4, shifts=SHIFTS
-    )
+        pattern="GRBG", xoff=1, roworder="TOP-DOWN", shape=(110, 148), n_lights=4, shifts=SHIFTS,
+        flipped=FLIPPED,
+    )  # fmt: skip
     return root, make_colour_night(root, spec), spec
 
 
@@ -191,11 +200,16 @@ def test_an_aligned_stack_of_a_shifted_colour_night_matches_the_truth(shifted_ni
     for receipt in (out / "work" / "published").glob("*.json"):
         for item in json.loads(receipt.read_text())["items"].values():
             shifts |= {(fid[:10], fid[-2:]): (s["dy"], s["dx"]) for fid, s in item["shifts"].items()}
-    for index, (dy, dx) in enumerate(SHIFTS):  # measured on green, the same for every channel
+    for index, (dy, dx) in enumerate(SHIFTS[:3]):  # measured on green, the same for every channel
         moves = {shifts[(f"colour_{index:03d}", c)] for c in ("TR", "TG", "TB")}
         assert len(moves) == 1
         [(my, mx)] = moves
-        assert abs(my + dy) < 0.1 and abs(mx + dx) < 0.1
+        assert abs(my + dy / 2) < 0.05 and abs(mx + dx / 2) < 0.05  # in cells: half the mosaic's
+    # after the flip, red (stored pixel (0,0) of each RGGB cell) and blue ((1,1)) differ from
+    # green by half a cell: a site's offset from the cell centre turns around
+    green, red, blue = (np.array(shifts[("colour_003", c)]) for c in ("TG", "TR", "TB"))
+    np.testing.assert_allclose(red - green, [0.5, 0.5], atol=1e-3)
+    np.testing.assert_allclose(blue - green, [-0.5, -0.5], atol=1e-3)
     first = truth["lights"][0].name
     for name in names:
         data, header = fits.getdata(out / name), fits.getheader(out / name)
@@ -217,6 +231,26 @@ def test_an_aligned_stack_of_a_shifted_colour_night_matches_the_truth(shifted_ni
         assert np.sum(data_inner - level) == pytest.approx(np.sum(truth_inner - level), rel=0.03)
     summary = (out / "summary.txt").read_text()
     assert "4 colour lights (CFA RGGB as stored) -> TR, TG and TB channel frames" in summary
+
+
+def test_every_channel_frame_lands_on_the_reference_even_after_a_flip(shifted_night, tmp_path: Path) -> None:
+    """Each aligned channel frame, measured against the reference light's true channel, is off
+    by less than 0.05 cell (the flipped light's red and blue were 0.5 cell off without their
+    site correction)."""
+    root, truth, _ = shifted_night
+    out = tmp_path / "out"
+    _pipeline(root / "lights", out, "channels", align=True, flats=root / "flats")
+    first = truth["lights"][0].name
+    rng = np.random.default_rng(1)  # the registrar needs the reference's noise to scale its clipping
+    truths = {c: _expected_cells(truth, first, c) for c in "RGB"}
+    registrars = {c: Registrar(t + rng.normal(0, 3.0, t.shape)) for c, t in truths.items()}
+    outputs = sorted(out.glob("*.fits"))
+    assert len(outputs) == 12
+    for path in outputs:
+        header = fits.getheader(path)
+        left = registrars[header["CFACHAN"]].measure(fits.getdata(path))
+        assert abs(left.dy) < 0.05 and abs(left.dx) < 0.05 and not left.flipped, (path.name, left)
+        assert header.get("ALIGNFLP") == (header["DATE-OBS"] > "2025-09-01T22:03")  # the last light
 
 
 def test_an_rgb_cube_stack_and_its_colour_thumbnail(shifted_night, tmp_path: Path) -> None:
