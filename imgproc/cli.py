@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,11 @@ import yaml
 
 from imgproc import __version__
 from imgproc.keywords import normalise
-from imgproc.manifest import FAILED, SKIPPED, list_fits, missing_filter, output_conflict, read_tsv
+from imgproc.manifest import list_fits, missing_filter, output_conflict, read_tsv
 from imgproc.naming import check_observer, default_output_dirname
 from imgproc.plan import MAX_BIN, calibration_gaps, format_plan
 from imgproc.progress import ProgressMonitor
+from imgproc.verify import invalidate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 CONFIG_NAME = "imgproc.yaml"
@@ -255,40 +256,12 @@ def clear_stale_locks(output: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-def invalidate_missing(output: Path) -> None:
-    """Drop batch receipts whose files were deleted, so Snakemake redoes those batches.
-
-    The summary goes too: Snakemake does not revisit the jobs behind an up-to-date plan
-    checkpoint, but a missing summary makes it rebuild everything the summary needs.
-    """
-    dropped = False
-    for folder, present in (("calibrated", _intermediates_present), ("published", _outputs_present)):
-        for receipt in sorted((output / "work" / folder).glob("*.json")):
-            try:
-                items = json.loads(receipt.read_text(encoding="utf-8")).get("items", {})
-            except (OSError, ValueError, AttributeError):
-                items = None
-            if items is None or not present(output, items):
-                receipt.unlink(missing_ok=True)
-                dropped = True
-    if dropped:
-        (output / "summary.json").unlink(missing_ok=True)
-
-
-def _intermediates_present(output: Path, items: dict[str, dict]) -> bool:
-    return _present(items, lambda fid: output / "work" / "cal" / f"{fid}.fits")
-
-
-def _outputs_present(output: Path, items: dict[str, dict]) -> bool:
-    return _present(items, lambda name: output / name)
-
-
-def _present(items: dict[str, dict], path: Callable[[str], Path]) -> bool:
-    """Whether a batch's receipt still holds: every file it made exists and nothing failed (an
-    item that failed with an internal error is tried again)."""
-    return all(
-        i["status"] == SKIPPED or (i["status"] != FAILED and path(key).exists()) for key, i in items.items()
-    )
+def report_redone(notes: Sequence[str], shown: int = 5) -> None:
+    """Say what earlier work is redone because it no longer holds (:func:`imgproc.verify.invalidate`)."""
+    for note in notes[:shown]:
+        print(f"imgproc: {note}", file=sys.stderr)
+    if len(notes) > shown:
+        print(f"imgproc: ... and {len(notes) - shown} more", file=sys.stderr)
 
 
 def snakemake_command(config_path: Path, cores: int, extra: Sequence[str]) -> list[str]:
@@ -347,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lock.close()
             raise
         config_path = write_config(output, config)
-        invalidate_missing(output)
+        report_redone(invalidate(output))
     except UsageError as exc:
         print(f"imgproc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -25,13 +25,15 @@ FOLDER_ROLES = ("light", "bias", "dark", "flat")
 
 #: Manifest columns, in order; numbers parse back as float (or int for the INT set).
 COLUMNS = (
-    "path", "folder", "role", "status", "reason", "error", "size", "mtime_ns", "hdu", "ny", "nx",
+    "path", "folder", "role", "status", "reason", "error", "size", "mtime_ns", "ctime_ns", "hdu", "ny", "nx",
     "imagetyp_raw", "type_source", "is_master", "object", "filter", "exptime", "date_obs", "instrume", "gain",
     "offset", "readoutm", "set_temp", "xbinning", "ybinning", "pierside", "header_sha1", "table_sha1",
     "bayerpat",
 )  # fmt: skip
 _FLOAT = frozenset({"exptime", "gain", "offset", "set_temp", "dark_scale"})
-_INT = frozenset({"size", "mtime_ns", "hdu", "ny", "nx", "xbinning", "ybinning", "n_group", "n_frames"})
+_INT = frozenset(
+    {"size", "mtime_ns", "ctime_ns", "hdu", "ny", "nx", "xbinning", "ybinning", "n_group", "n_frames"}
+)
 _BOOL = frozenset({"is_master", "thumb"})
 
 #: Status values: ``ok`` (used), ``listed`` (left out on purpose), ``skipped`` (bad input);

@@ -24,9 +24,9 @@ from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 
 #: Plan columns, in order.
 COLUMNS = (
-    "frame_id", "path", "size", "mtime_ns", "hdu", "status", "reason", "sequence", "reference", "output",
-    "n_group", "mid", "exptime", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch", "pub_kind",
-    "thumb", "pierside", "ny", "nx",
+    "frame_id", "path", "size", "mtime_ns", "ctime_ns", "hdu", "status", "reason", "sequence", "reference",
+    "output", "n_group", "mid", "exptime", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch",
+    "pub_kind", "thumb", "pierside", "ny", "nx",
 )  # fmt: skip
 #: Largest binning factor (``-b``; the config schema's ``bin`` maximum).
 MAX_BIN = 64
@@ -132,7 +132,7 @@ def make_plan(
             continue
         entry = {
             "frame_id": frame_id(row["path"]), "path": row["path"], "size": row["size"],
-            "mtime_ns": row["mtime_ns"], "hdu": row["hdu"],
+            "mtime_ns": row["mtime_ns"], "ctime_ns": row.get("ctime_ns"), "hdu": row["hdu"],
             "status": OK, "reason": "", "pierside": row.get("pierside"), "ny": row["ny"], "nx": row["nx"],
             "sequence": sequence_key(row),
             "mid": mid_exposure(datetime.fromisoformat(row["date_obs"]), row["exptime"]),

@@ -1,8 +1,8 @@
 """The scan: every input header read once into manifest rows.
 
 The scan is the only step that opens raw headers; everything later reads the manifest TSV.
-Rows of files whose path, size and modification time are unchanged are reused from the
-previous manifest, so rescanning a night after adding frames reads only the new files.
+Rows of files whose path, size, modification and inode change times are unchanged are
+reused from the previous manifest, so rescanning a night after adding frames reads only the new files.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def scan_file(path: Path, folder: str, keywords: Mapping[str, list[str]]) -> dic
     stat = path.stat()
     row: dict[str, Any] = {
         "path": str(path), "folder": folder, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
         "table_sha1": table_digest(keywords), "error": "",
     }  # fmt: skip
     try:
@@ -90,7 +91,7 @@ def scan(request: ScanRequest, previous: Sequence[Mapping[str, Any]] = (), worke
     """Scan every file of ``request``; rows of unchanged files are taken from ``previous``."""
     digest = table_digest(request.keywords)
     cache = {
-        (row["path"], row["folder"], row["size"], row["mtime_ns"]): row
+        (row["path"], row["folder"], row["size"], row["mtime_ns"], row.get("ctime_ns")): row
         for row in previous
         if row.get("table_sha1") == digest
     }
@@ -98,7 +99,7 @@ def scan(request: ScanRequest, previous: Sequence[Mapping[str, Any]] = (), worke
     rows: dict[tuple[str, str], dict] = {}
     for path, folder in request.files():
         stat = path.stat()
-        cached = cache.get((str(path), folder, stat.st_size, stat.st_mtime_ns))
+        cached = cache.get((str(path), folder, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
         if cached is None:
             todo.append((path, folder))
         else:
