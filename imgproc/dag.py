@@ -60,6 +60,7 @@ class Layout:
             "keywords": dict(self.config["keywords"]),
             "filter": self.config.get("filter"),
             "exclude": [str(path) for path in self.exclude],
+            "max_frame_bytes": self.config["limits"]["max_frame_mb"] * 1024**2,
         }
 
     def plan_params(self) -> dict[str, Any]:

@@ -432,9 +432,9 @@ def _counting_read_header(monkeypatch) -> list[Path]:
     calls: list[Path] = []
     real = imgproc.scan.read_header
 
-    def counting(path):
+    def counting(path, *args):
         calls.append(Path(path))
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(imgproc.scan, "read_header", counting)
     return calls
