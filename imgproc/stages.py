@@ -24,7 +24,7 @@ import numpy as np
 from imgproc import __version__
 from imgproc.calibrate import MASTERS, ROLES, MasterCache, calibrate_frame
 from imgproc.fitsio import FitsError, checksum_problem, write_atomic
-from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, write_tsv
+from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, shown, write_tsv
 from imgproc.masterbuild import build_master
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.masters import plan_masters
@@ -101,9 +101,9 @@ def problem_item(exc: Exception, subject: str, what: str, inputs: Iterable[str |
         return {"status": SKIPPED, "retry": True, "reason": f"{what}: {exc} (tried again on the next run)"}
     about_input = isinstance(exc, OSError) and str(exc.filename) in {str(path) for path in inputs}
     if isinstance(exc, FitsError) or about_input:
-        log.error("%s: %s: %s", subject, what, exc)
+        log.error("%s: %s: %s", shown(subject), what, exc)
         return {"status": SKIPPED, "reason": f"{what}: {exc}"}
-    log.error("%s: %s: internal error", subject, what, exc_info=exc)
+    log.error("%s: %s: internal error", shown(subject), what, exc_info=exc)
     return {"status": FAILED, "reason": f"{what}: internal error {type(exc).__name__}: {exc}"}
 
 
@@ -119,7 +119,7 @@ def run_scan(request: ScanRequest, manifest: Path, cache: Path, workers: int = 1
     write_tsv(cache, rows)
     for row in rows:
         if row["status"] == SKIPPED:
-            log.warning("skipped %s: %s", row["path"], row["reason"])
+            log.warning("skipped %s: %s", shown(row["path"]), row["reason"])
     return rows
 
 
@@ -136,7 +136,7 @@ def run_plan(manifest: Path, plan_path: Path, masters_path: Path, settings: Plan
             log.warning("raw %s frames not combined: %s", master["role"], master["reason"])
     for entry in plan:
         if entry["status"] != OK:
-            log.warning("skipped %s: %s", entry["path"], entry["reason"])
+            log.warning("skipped %s: %s", shown(entry["path"]), entry["reason"])
     for pattern, paths in sorted(colour_lights(plan, rows).items()):
         log.warning("%s", colour_message(pattern, len(paths)))
     return plan
@@ -317,18 +317,17 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines += [
         f"  output {n} FAILED: {r} (traceback in logs/publish/)" for n, r in summary["failed_outputs"].items()
     ]
-    lines += [f"  light {s['file']} FAILED: {s['reason']} (traceback in logs/calibrate/)"
+    lines += [f"  light {shown(s['file'])} FAILED: {s['reason']} (traceback in logs/calibrate/)"
               for s in summary["failed_frames"]]  # fmt: skip
-    lines += [f"  skipped {s['file']}: {s['reason']}" for s in summary["skipped"]]
+    lines += [f"  skipped {shown(s['file'])}: {s['reason']}" for s in summary["skipped"]]
     lines += [f"  output {n} not written: {r}" for n, r in summary["skipped_outputs"].items()]
     lines += [f"  {note}" for note in calibration_notes(summary)]
-    lines += [f"  master {s['file']} not used: {s['reason']}" for s in summary["masters_skipped"]]
+    lines += [f"  master {shown(s['file'])} not used: {s['reason']}" for s in summary["masters_skipped"]]
     lines += [f"  built master {path}" for path in summary["masters_built"]]
-    lines += [
-        f"  raw {m['role']} frames {', '.join(Path(f).name for f in m['frames'])} not combined: {m['reason']}"
-        for m in summary["masters_not_built"]
-    ]
-    lines += [f"  listed {s['file']}: {s['reason']}" for s in summary["listed"]]
+    for m in summary["masters_not_built"]:
+        frames = ", ".join(shown(Path(f).name) for f in m["frames"])
+        lines.append(f"  raw {m['role']} frames {frames} not combined: {m['reason']}")
+    lines += [f"  listed {shown(s['file'])}: {s['reason']}" for s in summary["listed"]]
     if summary["outputs_failed"] or frames_failed:
         lines.append("FAILED: internal errors (see above and the tracebacks in logs/)")
     else:
