@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan", action="store_true",
         help="only show (and write to OUTPUT_DIR/plan.txt) what every light will become; calibrate nothing",
     )  # fmt: skip
+    parser.add_argument(
+        "--verify", action="store_true",
+        help="before the run, read every intermediate and output of earlier runs and redo any whose "
+        "pixels do not match their DATASUM (sizes are always checked)",
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"imgproc {__version__}")
     return parser
 
@@ -320,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lock.close()
             raise
         config_path = write_config(output, config)
-        report_redone(invalidate(output))
+        report_redone(invalidate(output, checksums=args.verify))
     except UsageError as exc:
         print(f"imgproc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -49,8 +49,9 @@ class Layout:
         if missing:
             raise FileNotFoundError(f"not a folder: {', '.join(missing)}")
         found = [path for folder in folders for path in list_fits(folder, self.exclude)]
-        watched = set(trackable(str(path) for path in found if watchable(path)))
-        return sorted(watched), [shown(path) for path in found if str(path) not in watched]
+        watched = trackable(str(path) for path in found if watchable(path))
+        kept = set(watched)
+        return watched, [shown(path) for path in found if str(path) not in kept]
 
     def input_files(self) -> list[str]:
         """Every FITS file of the input and master folders and their subfolders, the output

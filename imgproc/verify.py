@@ -13,7 +13,9 @@ longer holds, so Snakemake redoes that batch (and the batch then rebuilds only w
   change time differ: the kernel sets the change time on every write and no program can set it
   back, so a file rewritten with its old size and modification time is caught too).
 
-A file that a batch reuses is also checked against its own DATASUM
+Reading every file to check its DATASUM before each run would cost as much as reading the whole
+night again, so it is asked for (``imgproc --verify``); a file that a batch reuses is always
+checked against its own DATASUM
 (:func:`imgproc.fitsio.checksum_problem`). This module reads no FITS file: the command imports it.
 """
 
@@ -58,8 +60,9 @@ def size_problem(path: Path, item: Mapping[str, Any]) -> str:
     return ""
 
 
-def stale_receipts(output: Path) -> dict[Path, str]:
-    """Receipts under ``output/work`` that no longer hold, with the first reason of each."""
+def stale_receipts(output: Path, checksums: bool = False) -> dict[Path, str]:
+    """Receipts under ``output/work`` that no longer hold, with the first reason of each; with
+    ``checksums``, every file they name is also read and checked against its DATASUM."""
     stale: dict[Path, str] = {}
 
     def intermediate(frame_id: str) -> Path:
@@ -73,21 +76,26 @@ def stale_receipts(output: Path) -> dict[Path, str]:
                 stale[receipt] = "unreadable receipt"
                 continue
             for key, item in sorted(items.items()):
-                reason = _item_problem(target(key), item)
+                reason = _item_problem(target(key), item, checksums)
                 if reason:
                     stale[receipt] = reason
                     break
     return stale
 
 
-def _item_problem(path: Path, item: Mapping[str, Any]) -> str:
+def _item_problem(path: Path, item: Mapping[str, Any], checksums: bool) -> str:
     if item.get("retry"):
         return f"{path.name}: {item.get('reason', 'a passing fault')}"
     if item.get("status") == FAILED:
         return f"{path.name} failed: tried again"
     if item.get("status") == SKIPPED:
         return ""
-    return size_problem(path, item)
+    problem = size_problem(path, item)
+    if not problem and checksums:
+        from imgproc.fitsio import checksum_problem  # astropy: only when asked (--verify)
+
+        problem = checksum_problem(path)
+    return problem
 
 
 def changed_sources(manifest: Path) -> list[str]:
@@ -105,8 +113,9 @@ def changed_sources(manifest: Path) -> list[str]:
     return changed
 
 
-def invalidate(output: Path) -> list[str]:
-    """Drop every receipt that no longer holds (:func:`stale_receipts`), and the manifest when a
+def invalidate(output: Path, checksums: bool = False) -> list[str]:
+    """Drop every receipt that no longer holds (:func:`stale_receipts`, which reads every file
+    with ``checksums``), and the manifest when a
     file was rewritten behind Snakemake's back (:func:`changed_sources`), so the run redoes
     exactly that work; returns one line per reason. The summary goes too whenever anything is
     dropped: Snakemake does not revisit the jobs behind an up-to-date plan checkpoint, but a
@@ -116,7 +125,7 @@ def invalidate(output: Path) -> list[str]:
     if rewritten:
         (output / "work" / "manifest.tsv").unlink()
         notes += [f"{path} was rewritten since it was read: read again" for path in rewritten]
-    for receipt, reason in stale_receipts(output).items():
+    for receipt, reason in stale_receipts(output, checksums).items():
         receipt.unlink(missing_ok=True)
         notes.append(f"{receipt.parent.name}/{receipt.stem}: {reason}: redone")
     if notes:
