@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -52,3 +53,28 @@ def test_a_run_writes_nothing_in_the_home_folder(night, tmp_path: Path) -> None:
     assert result.returncode == EXIT_OK, result.stderr[-2000:]
     assert list(home.rglob("*")) == []
     assert not (tmp_path / "out" / ".snakemake" / "cache").exists()
+
+
+def test_outputs_of_an_earlier_stack_threshold_are_moved_aside(night, tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    assert run_cli(night.root / "lights", fresh, *master_flags(night), "-s", "-S", "4") == EXIT_OK
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "2") == EXIT_OK
+    earlier = sha256_tree(out)
+    assert set(earlier).isdisjoint(sha256_tree(fresh))  # other groups, other names
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "4") == EXIT_OK
+    assert sha256_tree(out) == sha256_tree(fresh)
+    assert sha256_tree(out / "superseded") == earlier
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["superseded"] == sorted(earlier) and summary["complete"]
+    text = (out / "summary.txt").read_text(encoding="utf-8")
+    assert f"  {len(earlier)} outputs of earlier settings are in superseded/" in text
+
+
+def test_outputs_of_lights_left_out_by_a_filter_stay(night, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night)) == EXIT_OK
+    every = sha256_tree(out)
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-f", "V") == EXIT_OK
+    assert sha256_tree(out) == every
+    assert not (out / "superseded").exists()
