@@ -172,12 +172,14 @@ def flipped_channel_shift(dy: float, dx: float, pattern: str, channel: str) -> t
 
 
 def write_cube(target: Path, cube: np.ndarray, header: fits.Header) -> None:
-    """Write a float32 cube to ``target`` atomically (a temporary file renamed into place)."""
+    """Write a float32 cube to ``target`` atomically (a temporary file renamed into place), with
+    CHECKSUM and DATASUM (:func:`imgproc.fitsio.checksum_problem` checks it before reuse)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        fits.PrimaryHDU(cube.astype(np.float32, copy=False), header=header).writeto(temporary, overwrite=True)
+        hdu = fits.PrimaryHDU(cube.astype(np.float32, copy=False), header=header)
+        hdu.writeto(temporary, overwrite=True, checksum=True)  # DATASUM: reruns verify the cube
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):

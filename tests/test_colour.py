@@ -257,6 +257,8 @@ def test_an_rgb_cube_stack_and_its_colour_thumbnail(shifted_night, tmp_path: Pat
     root, truth, _ = shifted_night
     out = tmp_path / "out"
     _pipeline(root / "lights", out, "rgb", align=True, stack=True, flats=root / "flats")
+    _, again = _pipeline(root / "lights", out, "rgb", align=True, stack=True, flats=root / "flats")
+    assert [item["status"] for item in again.values()] == ["reused"]  # the cubes' DATASUM verified
     [stack] = out.glob("*_RGB_*.fits")
     cube, header = fits.getdata(stack), fits.getheader(stack)
     assert cube.shape == (3, 110, 148) and header["NCOMBINE"] == 4 and header["CFACHAN"] == "RGB"
