@@ -14,7 +14,6 @@ no matching master, a frame that could not be aligned, a foreign file at an outp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import json
 import os
@@ -307,38 +306,35 @@ class Stopped(Exception):
 def run_workflow(command: Sequence[str], output: Path, grace: float = STOP_SECONDS) -> int:
     """Run Snakemake in ``output`` (environment: :func:`workflow_env`); its exit status.
 
-    Snakemake runs in a session of its own, so a signal reaches it only through this process:
-    Ctrl-C (SIGINT) or SIGTERM is passed on as one SIGINT, on which Snakemake stops its jobs
-    and worker processes (it ignores SIGTERM while it waits for jobs). Whatever is still running
-    ``grace`` seconds later is killed. Then :class:`Stopped` is raised with 128 + the signal's
-    number as the exit status (130, 143), and the caller releases the run lock.
+    Snakemake stays in this process's group, so Ctrl-C at the terminal (and ``kill -9`` of the
+    group) reaches it directly: on SIGINT it stops its jobs. SIGTERM or SIGHUP sent to this
+    process alone (a service manager, ``kill PID``, a closed terminal) is passed on as a SIGINT
+    (Snakemake only waits for its running jobs on SIGTERM). Whatever still runs ``grace``
+    seconds after a signal is killed. Then :class:`Stopped` is raised with 128 + the signal's
+    number as the exit status (130, 143, 129), and the caller releases the run lock.
     """
-    proc = subprocess.Popen(command, cwd=output, env=workflow_env(output), start_new_session=True)
+    proc = subprocess.Popen(command, cwd=output, env=workflow_env(output))
     received: list[int] = []
-
-    def kill_all() -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    deadline = threading.Timer(grace, kill_all)
+    deadline = threading.Timer(grace, proc.kill)
     deadline.daemon = True
 
     def stop(signum: int, _frame: object) -> None:
         if not received:
-            proc.send_signal(signal.SIGINT)
+            if signum != signal.SIGINT:  # a Ctrl-C reached Snakemake itself
+                proc.send_signal(signal.SIGINT)
             deadline.start()
         received.append(signum)
 
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, stop) for signum in handled}
     try:
         status = proc.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        deadline.cancel()
         shutil.rmtree(output / ".snakemake" / "cache", ignore_errors=True)
     if received:
-        deadline.cancel()
-        kill_all()  # worker processes or jobs that outlived Snakemake
         raise Stopped(received[0])
     return status
 
