@@ -17,7 +17,6 @@ import argparse
 import fcntl
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 import yaml
 
 from imgproc import __version__
+from imgproc.console import SNAKEMAKE_LOG, run_logged, start_line, summary_lines
 from imgproc.keywords import normalise
 from imgproc.manifest import FAILED, SKIPPED, list_fits, missing_filter, output_conflict, read_tsv
 from imgproc.naming import check_observer, default_output_dirname
@@ -36,6 +36,8 @@ from imgproc.progress import ProgressMonitor
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 CONFIG_NAME = "imgproc.yaml"
+#: Snakemake arguments of a run that does not make the outputs (its log is shown in full).
+PARTIAL_RUNS = ("-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--until", "--omit-from", "--list-rules")
 #: Seconds between whole-run progress lines.
 PROGRESS_SECONDS = 10.0
 #: Thread pools of the numeric libraries: one thread each. The jobs run as threads of the
@@ -314,14 +316,18 @@ def show_plan(output: Path) -> int:
     return EXIT_OK if complete else EXIT_INCOMPLETE
 
 
-def report(output: Path) -> int:
-    """Exit status from ``summary.json``: failed when an output or light failed with an internal
-    error, else complete or not."""
+def report(output: Path, elapsed: float) -> int:
+    """Print the first lines of ``summary.txt`` and where the outputs are; the exit status from
+    ``summary.json``: failed when an output or light failed with an internal error, else
+    complete or not."""
     try:
         summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return EXIT_FAILED
-    print(f"imgproc: outputs in {output}", file=sys.stderr)
+    for line in summary_lines(output / "summary.txt"):
+        print(line, file=sys.stderr)
+    print(f"imgproc: finished in {elapsed:.1f} s; outputs in {output} (summary.txt, report.html)",
+          file=sys.stderr)  # fmt: skip
     if summary.get("outputs_failed") or summary.get("failed_frames"):
         print(f"imgproc: internal errors; see {output / 'summary.txt'} and the tracebacks in {output}/logs",
               file=sys.stderr)  # fmt: skip
@@ -352,25 +358,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imgproc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     targets = ["work/plan.tsv"] if args.plan else []
+    dry = any(flag in extra for flag in PARTIAL_RUNS)
     started = time.monotonic()
     monitor = ProgressMonitor(output, interval=PROGRESS_SECONDS)
-    monitor.start()
+    watch = not (dry or args.plan)
+    if watch:
+        monitor.say(start_line(config, len(list_fits(Path(config["input_dir"]), [output]))))
+        monitor.start()
     with lock:
         try:
-            status = subprocess.call(
+            status = run_logged(
                 snakemake_command(config_path, args.concurrency, [*extra, *targets]),
                 cwd=output,
                 env={**{key: "1" for key in ONE_THREAD_ENV}, **os.environ},
+                say=monitor.say,
+                verbose=args.verbose or dry,
             )
         except KeyboardInterrupt:
             print(f"imgproc: interrupted; run the same command again to finish {output}", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:
-            monitor.stop()
-    partial = ("-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--until", "--omit-from", "--list-rules")
-    dry = any(flag in extra for flag in partial)
+            if watch:
+                monitor.stop()
     if status != 0:
-        print(f"imgproc: the workflow failed (Snakemake exit {status}); see {output}/logs", file=sys.stderr)
+        print(f"imgproc: the workflow failed (Snakemake exit {status}); see {output / SNAKEMAKE_LOG}",
+              file=sys.stderr)  # fmt: skip
         return EXIT_FAILED
     if dry:
         return EXIT_OK
@@ -380,8 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.plan:
         return show_plan(output)
-    print(f"imgproc: finished in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    return report(output)
+    return report(output, time.monotonic() - started)
 
 
 if __name__ == "__main__":
