@@ -24,6 +24,9 @@ from imgproc.timecards import apply_time_cards, header_airmass
 ROLES = ("bias", "dark", "flat")
 _CAL_CARDS = {"bias": "BIASCAL", "dark": "DARKCAL", "flat": "FLATCAL"}
 _FILE_CARDS = {"bias": "BIASFILE", "dark": "DARKFILE", "flat": "FLATFILE"}
+#: Version of the cards an intermediate's header gets besides the camera's (ORIGOBS, an OBJECT
+#: from --object), in its stamp: intermediates made before them are made again.
+HEADER_CARDS = "header cards 1"
 #: Cards dropped from the light's header: scaling and checksums no longer describe the data.
 _DROP = ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM")
 #: Cards the FITS standard requires to be numbers; a camera's non-number (PANOPTES writes
@@ -121,12 +124,15 @@ def calibrated_header(
     exptime: float,
     binning: int,
     dark_scale: float | None = None,
+    object_name: str | None = None,
 ) -> fits.Header:
     """The light's header with calibration flags, master file names, OBSERVER, binning and a
     HISTORY line; scaling and checksum cards removed, and EQUINOX or EPOCH if not a number; the
     UTC time cards of mid-exposure ``mid`` and exposure ``exptime`` (s, as the plan read it) and
     AIRMASS (:func:`imgproc.timecards.apply_time_cards`). A scaled dark gets DARKSCAL and a HISTORY
-    line naming the dark and the ratio."""
+    line naming the dark and the ratio. The light's own OBSERVER, when it differs from
+    ``observer``, is kept as ORIGOBS; ``object_name`` (``--object``, for a light without OBJECT)
+    becomes OBJECT."""
     out = bin_header(header, binning)
     for key in _DROP:
         out.remove(key, ignore_missing=True, remove_all=True)
@@ -142,7 +148,12 @@ def calibrated_header(
         )
         if path is not None:
             out.set(_FILE_CARDS[role], Path(path).name, f"master {role} used")
+    original = out.get("OBSERVER")
+    if isinstance(original, str) and original.strip() and original != observer:
+        out.set("ORIGOBS", original, "OBSERVER of the camera file")
     out.set("OBSERVER", observer, "observer code")
+    if object_name:
+        out.set("OBJECT", object_name, "from imgproc --object: none in the header")
     apply_time_cards(out, [(mid - timedelta(seconds=exptime / 2.0), exptime)], header_airmass(header, [mid]))
     out.add_history(f"Calibrated by imgproc {__version__}")
     if masters.get("dark") is not None and dark_scale is not None:
@@ -163,6 +174,7 @@ def calibrate_frame(
     exptime: float,
     binning: int,
     dark_scale: float | None = None,
+    object_name: str | None = None,
 ) -> tuple[np.ndarray, fits.Header]:
     """Read, calibrate and bin one light into the float32 FITS file ``target``; returns its
     pixels and header. ``dark_scale`` multiplies the dark (one of another exposure).
@@ -176,8 +188,9 @@ def calibrate_frame(
     frames = {role: cache.get(role, path) for role, path in masters.items() if path is not None}
     check_master_shapes(image.shape, frames)  # whole frames: each block's slices would agree
     out_header = calibrated_header(
-        header, masters, observer=observer, mid=mid, exptime=exptime, binning=binning, dark_scale=dark_scale
-    )
+        header, masters, observer=observer, mid=mid, exptime=exptime, binning=binning,
+        dark_scale=dark_scale, object_name=object_name,
+    )  # fmt: skip
     binned = image if binning == 1 else np.empty(binned_shape(image.shape, binning), np.float32)
     with ImageWriter(target, out_header, binned.shape) as out:
         for rows in blocks:

@@ -31,6 +31,7 @@ from imgproc.console import SNAKEMAKE_LOG, run_logged, start_line, summary_lines
 from imgproc.keywords import normalise
 from imgproc.manifest import FAILED, SKIPPED, list_fits, missing_filter, output_conflict, read_tsv
 from imgproc.naming import check_observer, default_output_dirname
+from imgproc.overrides import OverrideError, apply_overrides, check_config, take_snakemake_config
 from imgproc.plan import MAX_BIN, calibration_gaps, format_plan
 from imgproc.progress import ProgressMonitor
 
@@ -86,6 +87,13 @@ def observer_code(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def object_name(text: str) -> str:
+    """argparse type: an OBJECT value (printable ASCII, as a FITS card holds)."""
+    if not text.strip() or not text.isascii() or not text.isprintable() or len(text) > 68:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1-68 printable ASCII characters")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the original tool, plus pass-through of Snakemake arguments."""
     parser = argparse.ArgumentParser(
@@ -107,8 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"binning factor, 1 to {MAX_BIN} (default 1)")  # fmt: skip
     parser.add_argument("-a", "--align", action="store_true", help="align frames (sub-pixel)")
     parser.add_argument("-s", "--stack", action="store_true", help="stack groups of frames")
-    parser.add_argument("-S", "--stack-threshold", type=positive_int, default=150,
-                        help="frames in a sequence before stacking is triggered (default 150)")  # fmt: skip
+    parser.add_argument(
+        "-S", "--stack-threshold", type=positive_int, default=150, metavar="N",
+        help="with -s: a sequence of more than N frames is stacked into about N outputs, in "
+        "consecutive groups of round(frames/N); a shorter one stays single frames. Example: -s -S 20 "
+        "makes a 300-frame sequence 20 stacks of 15 frames, and leaves a 12-frame one as 12 frames "
+        "(default 150)",
+    )  # fmt: skip
     parser.add_argument("-o", "--observer", type=observer_code, default="DGAH",
                         help="observer code: letters, digits, . _ + - (default DGAH)")  # fmt: skip
     parser.add_argument(
@@ -117,7 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("-c", "--concurrency", type=positive_int, default=os.cpu_count() or 1,
                         help="number of processes (default: CPU count)")  # fmt: skip
-    parser.add_argument("-v", "--verbose", action="store_true", help="verbose diagnostic output")
+    parser.add_argument(
+        "--object", metavar="NAME", type=object_name,
+        help="OBJECT of lights whose header has none (TIRCAM2), for their names and OBJECT card; a "
+        "header's own OBJECT wins (--plan says which lights got NAME)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="set a config.yaml key, dotted for a nested one, the value read as YAML and checked "
+        "against the schema; repeatable; written into OUTPUT_DIR/imgproc.yaml. Example: "
+        "--set stacking.method=median --set alignment.reference=middle",
+    )  # fmt: skip
+    parser.add_argument(
+        "--clean", action="store_true",
+        help="delete the intermediates (OUTPUT_DIR/work/cal) once the outputs are written; a rerun "
+        "recognises the outputs by their headers",
+    )  # fmt: skip
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="show Snakemake's log (always in OUTPUT_DIR/logs/snakemake.log) and per-frame diagnostics",
+    )  # fmt: skip
     parser.add_argument(
         "--plan", action="store_true",
         help="only show (and write to OUTPUT_DIR/plan.txt) what every light will become; calibrate nothing",
@@ -173,8 +205,12 @@ def default_output_dir(input_dir: Path, observer: str, keywords: dict[str, list[
     return input_dir.parent / name
 
 
-def resolve_config(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The workflow config for these arguments (folders resolved and checked)."""
+def resolve_config(
+    args: argparse.Namespace, defaults: dict[str, Any], snakemake_config: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The workflow config for these arguments (folders resolved and checked), with ``--set``'s
+    and then Snakemake's ``--config`` overrides (:mod:`imgproc.overrides`), checked against the
+    schema."""
     config = dict(defaults)
     input_dir = check_folder(args.input_dir, "input folder")
     if not list_fits(input_dir):
@@ -193,8 +229,13 @@ def resolve_config(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[s
     config.update(
         input_dir=str(input_dir), output_dir=str(output), observer=args.observer, filter=args.filter,
         bin=args.bin_level, align=args.align, stack=args.stack, stack_threshold=args.stack_threshold,
-        verbose=args.verbose,
+        verbose=args.verbose, object=args.object, clean=args.clean,
     )  # fmt: skip
+    try:
+        config = apply_overrides(config, [*args.overrides, *snakemake_config])
+        check_config(config, workflow_dir() / "schemas" / "config.schema.yaml")
+    except OverrideError as exc:
+        raise UsageError(str(exc)) from None
     return config
 
 
@@ -338,10 +379,11 @@ def report(output: Path, elapsed: float) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     ours, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(ours)
+    args = build_parser().parse_intermixed_args(ours)
     try:
         defaults = yaml.safe_load((workflow_dir() / "config.yaml").read_text(encoding="utf-8"))
-        config = resolve_config(args, defaults)
+        snakemake_config, extra = take_snakemake_config(extra)
+        config = resolve_config(args, defaults, snakemake_config)
         for gap in calibration_gaps([role for role in ("bias", "dark", "flat") if config[f"{role}_dir"]]):
             print(f"imgproc: warning: {gap}", file=sys.stderr)
         output = Path(config["output_dir"])

@@ -36,6 +36,11 @@ _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
 _FILES = ("BIASFILE", "DARKFILE", "FLATFILE")
 
 
+#: Version of the cards a stack's header gets besides its frames' (in the stamp: stacks made
+#: before the combine cards are made again).
+STACK_CARDS = "combine cards 1"
+
+
 @dataclass(frozen=True)
 class StackSettings:
     """How frames are registered and combined."""
@@ -153,19 +158,38 @@ def measure(
     return registrar.measure(data, try_flip=not known)
 
 
+def combine_cards(settings: StackSettings) -> list[tuple[str, str, str]]:
+    """How a stack was combined: STACKMTH (method), STACKREJ (rejection) and STACKNRM
+    (normalisation), as (keyword, value, comment)."""
+    rejection = "none"
+    if settings.method == "sigclip":
+        rejection = f"{settings.sigma_low:g} low {settings.sigma_high:g} high sigma about median, std, 1 pass"
+    return [
+        ("STACKMTH", settings.method, "combine method (sigclip: mean after rejection)"),
+        ("STACKREJ", rejection, "pixel rejection"),
+        ("STACKNRM", "none", "frames combined as calibrated, not scaled"),
+    ]
+
+
 def stack_header(
-    headers: Sequence[fits.Header], members: Sequence[Member], shifts: Sequence[Shift | None]
+    headers: Sequence[fits.Header],
+    members: Sequence[Member],
+    shifts: Sequence[Shift | None],
+    settings: StackSettings | None = None,
 ) -> fits.Header:
-    """Header of a stack: its first frame's, plus NCOMBINE, LIVETIME (summed exposure), the UTC
-    time cards of the frames and their mean AIRMASS (:func:`imgproc.timecards.apply_time_cards`),
-    calibration flags true only if true for every frame, and HISTORY cards listing every input
-    with its masters and applied shift (and the camera's time cards the first frame replaced)."""
+    """Header of a stack: its first frame's, plus NCOMBINE, LIVETIME (summed exposure), how it
+    was combined (:func:`combine_cards`), the UTC time cards of the frames and their mean
+    AIRMASS (:func:`imgproc.timecards.apply_time_cards`), calibration flags true only if true
+    for every frame, and HISTORY cards listing every input with its masters and applied shift
+    (and the camera's time cards the first frame replaced)."""
     out = headers[0].copy() if shifts[0] is None else aligned_header(headers[0], shifts[0])
     replaced = kept_history(out)
     out.remove("HISTORY", ignore_missing=True, remove_all=True)
     for line in replaced:
         out.add_history(line)
     out.set("NCOMBINE", len(headers), "number of frames combined")
+    for key, value, comment in combine_cards(settings or StackSettings()):
+        out.set(key, value, comment)
     exptimes = [float(h.get("EXPTIME", 0) or 0) for h in headers]
     frames = [(m.mid - timedelta(seconds=e / 2.0), e) for m, e in zip(members, exptimes, strict=True)]
     computed = header_airmass(out, [m.mid for m in members])
@@ -254,7 +278,7 @@ def publish_stack(
         memory_budget=budget,
         threads=threads,
     )
-    header = stack_header(headers, members, shifts)
+    header = stack_header(headers, members, shifts, settings)
     write_atomic(target, data, header)
     return data, header
 
@@ -325,7 +349,9 @@ def publish_group(
     ref_stamp = None
     if settings.align and reference is not None:
         ref_stamp = (read_json(workdir / "cal" / f"{reference['frame_id']}.json") or {}).get("stamp")
-    stamp = digest([name, [stamps[m.frame_id] for m in members], ref_stamp, asdict(settings), __version__])
+    stamp = digest(
+        [name, [stamps[m.frame_id] for m in members], ref_stamp, asdict(settings), __version__, STACK_CARDS]
+    )
     if target.exists() and previous.get("stamp") == stamp:
         return {key: previous[key] for key in ("ncombine", "excluded", "shifts")} | {"status": "reused"}
     write_json(stamp_path, {"sources": sources, "stamp": None})

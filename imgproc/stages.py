@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from imgproc import __version__
-from imgproc.calibrate import MASTERS, ROLES, MasterCache, calibrate_frame
+from imgproc.calibrate import HEADER_CARDS, MASTERS, ROLES, MasterCache, calibrate_frame
 from imgproc.fitsio import FitsError, write_atomic
 from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, write_tsv
 from imgproc.masterbuild import build_master
@@ -150,7 +150,8 @@ def calibration_stamp(entry: Mapping[str, Any], observer: str, binning: int) -> 
     so that the stamps of unscaled frames are those of earlier versions)."""
     masters = {role: file_id(entry[role]) for role in ROLES if entry.get(role)}
     scale = [entry["dark_scale"]] if entry.get("dark") and entry.get("dark_scale") is not None else []
-    cards = [entry["mid"], __version__, *scale, f"timecards {TIMECARDS_VERSION}"]
+    named = [f"object {entry['object_set']}"] if entry.get("object_set") else []
+    cards = [entry["mid"], __version__, *scale, f"timecards {TIMECARDS_VERSION}", *named, HEADER_CARDS]
     return digest([file_id(entry["path"]), masters, observer, binning, *cards])
 
 
@@ -187,6 +188,7 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
         observer=observer, mid=datetime.fromisoformat(entry["mid"]), exptime=float(entry["exptime"]),
         binning=binning,
         dark_scale=entry.get("dark_scale") if entry.get("dark") else None,
+        object_name=entry.get("object_set") or None,
     )  # fmt: skip
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
