@@ -8,7 +8,7 @@ A dark of another exposure is scaled by k = light / dark exposure (only with a b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -125,6 +125,7 @@ def calibrated_header(
     binning: int,
     dark_scale: float | None = None,
     object_name: str | None = None,
+    cards: Sequence[tuple[str, str, str]] = (),
 ) -> fits.Header:
     """The light's header with calibration flags, master file names, OBSERVER, binning and a
     HISTORY line; scaling and checksum cards removed, and EQUINOX or EPOCH if not a number; the
@@ -132,7 +133,7 @@ def calibrated_header(
     AIRMASS (:func:`imgproc.timecards.apply_time_cards`). A scaled dark gets DARKSCAL and a HISTORY
     line naming the dark and the ratio. The light's own OBSERVER, when it differs from
     ``observer``, is kept as ORIGOBS; ``object_name`` (``--object``, for a light without OBJECT)
-    becomes OBJECT."""
+    becomes OBJECT. ``cards`` (keyword, value, comment) are set last."""
     out = bin_header(header, binning)
     for key in _DROP:
         out.remove(key, ignore_missing=True, remove_all=True)
@@ -159,6 +160,8 @@ def calibrated_header(
     if masters.get("dark") is not None and dark_scale is not None:
         out.set("DARKSCAL", float(dark_scale), "dark scaled by the exposure ratio light/dark")
         out.add_history(f"dark {Path(masters['dark']).name} scaled by {dark_scale:.6g} (exposure ratio)")
+    for key, value, comment in cards:
+        out.set(key, value, comment)
     return out
 
 
@@ -175,6 +178,7 @@ def calibrate_frame(
     binning: int,
     dark_scale: float | None = None,
     object_name: str | None = None,
+    cards: Sequence[tuple[str, str, str]] = (),
 ) -> tuple[np.ndarray, fits.Header]:
     """Read, calibrate and bin one light into the float32 FITS file ``target``; returns its
     pixels and header. ``dark_scale`` multiplies the dark (one of another exposure).
@@ -189,7 +193,7 @@ def calibrate_frame(
     check_master_shapes(image.shape, frames)  # whole frames: each block's slices would agree
     out_header = calibrated_header(
         header, masters, observer=observer, mid=mid, exptime=exptime, binning=binning,
-        dark_scale=dark_scale, object_name=object_name,
+        dark_scale=dark_scale, object_name=object_name, cards=cards,
     )  # fmt: skip
     binned = image if binning == 1 else np.empty(binned_shape(image.shape, binning), np.float32)
     with ImageWriter(target, out_header, binned.shape) as out:

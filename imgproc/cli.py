@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,12 @@ from imgproc.naming import check_observer, default_output_dirname
 from imgproc.overrides import OverrideError, apply_overrides, check_config, take_snakemake_config
 from imgproc.plan import MAX_BIN, calibration_gaps, format_plan
 from imgproc.progress import ProgressMonitor
+from imgproc.stamps import digest, read_json, write_json
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 CONFIG_NAME = "imgproc.yaml"
+#: The record of the intermediates ``--clean`` deleted (in ``work/``).
+CLEANED_NAME = "cleaned.json"
 #: Snakemake arguments of a run that does not make the outputs (its log is shown in full).
 PARTIAL_RUNS = ("-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--until", "--omit-from", "--list-rules")
 #: Seconds between whole-run progress lines.
@@ -301,37 +304,75 @@ def clear_stale_locks(output: Path) -> None:
 def invalidate_missing(output: Path) -> None:
     """Drop batch receipts whose files were deleted, so Snakemake redoes those batches.
 
-    The summary goes too: Snakemake does not revisit the jobs behind an up-to-date plan
-    checkpoint, but a missing summary makes it rebuild everything the summary needs.
+    A ``work/`` deleted by hand makes every job run again (the outputs are then recognised by
+    their headers: :mod:`imgproc.provenance`). An output to make again may need intermediates
+    that ``--clean`` deleted: then the record of them goes too, and so do their calibration
+    receipts. The summary goes too: Snakemake does not revisit the jobs behind an up-to-date
+    plan checkpoint, but a missing summary makes it rebuild everything the summary needs.
     """
-    dropped = False
-    for folder, present in (("calibrated", _intermediates_present), ("published", _outputs_present)):
-        for receipt in sorted((output / "work" / folder).glob("*.json")):
-            try:
-                items = json.loads(receipt.read_text(encoding="utf-8")).get("items", {})
-            except (OSError, ValueError, AttributeError):
-                items = None
-            if items is None or not present(output, items):
-                receipt.unlink(missing_ok=True)
-                dropped = True
-    if dropped:
+    published = _drop_receipts(output / "work" / "published", lambda name: output / name)
+    if published:
+        (output / "work" / CLEANED_NAME).unlink(missing_ok=True)
+    cleaned = cleaned_frames(output)
+    calibrated = _drop_receipts(
+        output / "work" / "calibrated", lambda fid: output / "work" / "cal" / f"{fid}.fits", cleaned
+    )
+    lost = not (output / "work" / "plan.tsv").exists()  # work/ deleted: every job to be judged again
+    if published or calibrated or lost:
         (output / "summary.json").unlink(missing_ok=True)
 
 
-def _intermediates_present(output: Path, items: dict[str, dict]) -> bool:
-    return _present(items, lambda fid: output / "work" / "cal" / f"{fid}.fits")
+def _drop_receipts(folder: Path, path: Callable[[str], Path], cleaned: Collection[str] = ()) -> bool:
+    """Drop the receipts of ``folder`` that no longer hold (:func:`_present`); whether any was."""
+    dropped = False
+    for receipt in sorted(folder.glob("*.json")):
+        try:
+            items = json.loads(receipt.read_text(encoding="utf-8")).get("items", {})
+        except (OSError, ValueError, AttributeError):
+            items = None
+        if items is None or not _present(items, path, cleaned):
+            receipt.unlink(missing_ok=True)
+            dropped = True
+    return dropped
 
 
-def _outputs_present(output: Path, items: dict[str, dict]) -> bool:
-    return _present(items, lambda name: output / name)
-
-
-def _present(items: dict[str, dict], path: Callable[[str], Path]) -> bool:
-    """Whether a batch's receipt still holds: every file it made exists and nothing failed (an
-    item that failed with an internal error is tried again)."""
+def _present(items: dict[str, dict], path: Callable[[str], Path], cleaned: Collection[str] = ()) -> bool:
+    """Whether a batch's receipt still holds: every file it made exists (or was deleted by
+    ``--clean`` under the same config) and nothing failed (an item that failed with an internal
+    error is tried again)."""
     return all(
-        i["status"] == SKIPPED or (i["status"] != FAILED and path(key).exists()) for key, i in items.items()
+        i["status"] == SKIPPED or (i["status"] != FAILED and (key in cleaned or path(key).exists()))
+        for key, i in items.items()
     )
+
+
+def _config_digest(output: Path) -> str:
+    return digest((output / CONFIG_NAME).read_text(encoding="utf-8"))
+
+
+def cleaned_frames(output: Path) -> set[str]:
+    """Frames whose intermediates ``--clean`` deleted under the config the run has now; none (and
+    the record goes) when the config changed since: then what needs them makes them again."""
+    record = output / "work" / CLEANED_NAME
+    data = read_json(record) or {}
+    if data.get("config") == _config_digest(output):
+        return set(data.get("frames", []))
+    record.unlink(missing_ok=True)
+    return set()
+
+
+def clean_intermediates(output: Path) -> tuple[int, int]:
+    """Delete the intermediates (``work/cal/*.fits``; an output hard-linked to one keeps its
+    data), recording them for :func:`cleaned_frames`; (files deleted, bytes freed)."""
+    files = sorted((output / "work" / "cal").glob("*.fits"))
+    frames = cleaned_frames(output) | {path.stem for path in files}
+    write_json(output / "work" / CLEANED_NAME, {"config": _config_digest(output), "frames": sorted(frames)})
+    freed = 0
+    for path in files:
+        stat = path.stat()
+        freed += stat.st_size if stat.st_nlink == 1 else 0
+        path.unlink()
+    return len(files), freed
 
 
 def snakemake_command(config_path: Path, cores: int, extra: Sequence[str]) -> list[str]:
@@ -434,7 +475,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.plan:
         return show_plan(output)
-    return report(output, time.monotonic() - started)
+    outcome = report(output, time.monotonic() - started)
+    if config["clean"] and outcome in (EXIT_OK, EXIT_INCOMPLETE):
+        count, freed = clean_intermediates(output)
+        print(f"imgproc: --clean: deleted {count} intermediates in work/cal ({freed / 2**20:.0f} MiB freed)",
+              file=sys.stderr)  # fmt: skip
+    return outcome
 
 
 if __name__ == "__main__":

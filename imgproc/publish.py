@@ -26,6 +26,7 @@ from imgproc.fitsio import Float32Rows, link_atomic, read_header, read_image, wr
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
 from imgproc.progress import Progress
+from imgproc.provenance import provenance_cards, recognised_stamp
 from imgproc.report import cached_thumbnail
 from imgproc.stack import MEMORY, combine
 from imgproc.stages import problem_item
@@ -163,10 +164,10 @@ def combine_cards(settings: StackSettings) -> list[tuple[str, str, str]]:
     (normalisation), as (keyword, value, comment)."""
     rejection = "none"
     if settings.method == "sigclip":
-        rejection = f"{settings.sigma_low:g} low {settings.sigma_high:g} high sigma about median, std, 1 pass"
+        rejection = f"sigma {settings.sigma_low:g} low {settings.sigma_high:g} high"
     return [
         ("STACKMTH", settings.method, "combine method (sigclip: mean after rejection)"),
-        ("STACKREJ", rejection, "pixel rejection"),
+        ("STACKREJ", rejection, "rejection about the median, std width, 1 pass"),
         ("STACKNRM", "none", "frames combined as calibrated, not scaled"),
     ]
 
@@ -233,15 +234,21 @@ def aligned_header(header: fits.Header, shift: Shift) -> fits.Header:
     return out
 
 
-def publish_single_aligned(member: Member, shift: Shift, target: Path, order: int) -> None:
-    """Resample one frame onto the reference grid and write it to ``target``."""
+def publish_single_aligned(
+    member: Member, shift: Shift, target: Path, order: int, cards: Sequence[tuple[str, str, str]] = ()
+) -> None:
+    """Resample one frame onto the reference grid and write it to ``target``, with ``cards``
+    (keyword, value, comment) set in its header."""
     data, header = read_image(member.path)
+    header = aligned_header(header, shift)
+    for key, value, comment in cards:
+        header.set(key, value, comment)
     if shift.flipped:
         data = np.rot90(data, 2).copy()
     write_atomic(
         target,
         apply_shift(data, Shift(shift.dy, shift.dx, False, shift.quality), order=order),
-        aligned_header(header, shift),
+        header,
     )
 
 
@@ -252,9 +259,10 @@ def publish_stack(
     settings: StackSettings,
     threads: int = 1,
     frames: Sequence[tuple[np.ndarray, fits.Header]] | None = None,
+    cards: Sequence[tuple[str, str, str]] = (),
 ) -> tuple[np.ndarray, fits.Header]:
-    """Combine ``members`` (each resampled by its shift, if any) into ``target``; returns the
-    stack and its header.
+    """Combine ``members`` (each resampled by its shift, if any) into ``target``, with ``cards``
+    (keyword, value, comment) set in its header; returns the stack and its header.
 
     ``frames`` are the members' pixels and headers when the caller holds them (it read them to
     register them): the combine then gets :data:`KEEP_FRAMES_SHARE` less of the budget. Without
@@ -279,6 +287,8 @@ def publish_stack(
         threads=threads,
     )
     header = stack_header(headers, members, shifts, settings)
+    for key, value, comment in cards:
+        header.set(key, value, comment)
     write_atomic(target, data, header)
     return data, header
 
@@ -326,8 +336,10 @@ def publish_group(
     With ``threads`` > 1 the frames are registered, and the stack combined, on that many
     threads at once.
 
-    An existing output is replaced only when it was made by imgproc from the same lights;
-    anything else at that name is left untouched and reported.
+    An existing output is replaced only when it was made by imgproc from the same lights (its
+    stamp file in ``work/pub`` says so, or without one its own header,
+    :func:`imgproc.provenance.recognised_stamp`); anything else at that name is left untouched
+    and reported. One recognised by its header whose stamp is current is kept as it is.
     """
     members = plan_members(entries, workdir)
     stamps = {m.frame_id: (read_json(m.path.with_suffix(".json")) or {}).get("stamp") for m in members}
@@ -338,6 +350,9 @@ def publish_group(
     sources = sorted(str(e["path"]) for e in entries)
     target, stamp_path = outdir / name, workdir / "pub" / f"{name}.json"
     previous = read_json(stamp_path)
+    recognised = recognised_stamp(target, sources) if previous is None and target.exists() else None
+    if recognised is not None:
+        previous = {"sources": sources, "stamp": None}
     if target.exists() and (previous is None or previous.get("sources") != sources):
         return {
             "status": SKIPPED,
@@ -354,6 +369,12 @@ def publish_group(
     )
     if target.exists() and previous.get("stamp") == stamp:
         return {key: previous[key] for key in ("ncombine", "excluded", "shifts")} | {"status": "reused"}
+    linked = len(members) == 1 and not settings.align  # the output is the intermediate: its stamp
+    if recognised is not None and recognised == (stamps[members[0].frame_id] if linked else stamp):
+        ncombine = int(fits.getheader(target).get("NCOMBINE", 1))
+        item = {"status": "reused", "ncombine": ncombine, "excluded": excluded, "shifts": {}}
+        write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})
+        return item
     write_json(stamp_path, {"sources": sources, "stamp": None})
     shifts: list[Shift | None] = [None] * len(members)
     frames: list[tuple[np.ndarray, fits.Header]] | None = None
@@ -385,13 +406,14 @@ def publish_group(
         members, shifts = [m for m, _, _ in kept], [s for _, s, _ in kept]
         frames = [f for _, _, f in kept] if keep else None
     single_shift = shifts[0]
+    cards = provenance_cards(stamp, sources)
     made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
     if len(members) > 1:
-        made = publish_stack(members, shifts, target, settings, threads, frames)
+        made = publish_stack(members, shifts, target, settings, threads, frames, cards)
     elif single_shift is None:
         link_atomic(members[0].path, target)
     else:
-        publish_single_aligned(members[0], single_shift, target, settings.order)
+        publish_single_aligned(members[0], single_shift, target, settings.order, cards)
     if any(entry.get("thumb") for entry in entries):  # here, in parallel jobs, not in the report
         cached_thumbnail(target, workdir / "thumbs", data=made[0], header=made[1])
     records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}

@@ -39,6 +39,7 @@ from imgproc.plan import (
     master_label,
 )
 from imgproc.progress import Progress
+from imgproc.provenance import provenance_cards
 from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail, robust_background
 from imgproc.scan import ScanRequest, scan
 from imgproc.stamps import digest, file_id, read_json, receipt_items, write_json
@@ -188,7 +189,7 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
         observer=observer, mid=datetime.fromisoformat(entry["mid"]), exptime=float(entry["exptime"]),
         binning=binning,
         dark_scale=entry.get("dark_scale") if entry.get("dark") else None,
-        object_name=entry.get("object_set") or None,
+        object_name=entry.get("object_set") or None, cards=provenance_cards(stamp, [entry["path"]]),
     )  # fmt: skip
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
