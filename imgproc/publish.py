@@ -364,9 +364,8 @@ def publish_group(
     ref_stamp = None
     if settings.align and reference is not None:
         ref_stamp = (read_json(workdir / "cal" / f"{reference['frame_id']}.json") or {}).get("stamp")
-    stamp = digest(
-        [name, [stamps[m.frame_id] for m in members], ref_stamp, asdict(settings), __version__, STACK_CARDS]
-    )
+    how = {key: value for key, value in asdict(settings).items() if key != "memory_budget"}  # same bytes
+    stamp = digest([name, [stamps[m.frame_id] for m in members], ref_stamp, how, __version__, STACK_CARDS])
     if target.exists() and previous.get("stamp") == stamp:
         return {key: previous[key] for key in ("ncombine", "excluded", "shifts")} | {"status": "reused"}
     linked = len(members) == 1 and not settings.align  # the output is the intermediate: its stamp
