@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from imgproc.manifest import COLUMNS as MANIFEST_COLUMNS
 from imgproc.manifest import OK, list_fits, output_conflict, read_tsv
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
@@ -51,6 +52,14 @@ class Layout:
         if missing:
             raise FileNotFoundError(f"not a folder: {', '.join(missing)}")
         return trackable(str(path) for folder in folders for path in list_fits(folder, self.exclude))
+
+    @staticmethod
+    def table_columns(*tables: str) -> dict[str, list[str]]:
+        """The columns of the named work tables (``manifest``, ``plan``, ``masters``): a param of
+        the rule that writes them, so that a table written by a version of imgproc with other
+        columns is made again (Snakemake reruns a job whose params changed)."""
+        columns = {"manifest": MANIFEST_COLUMNS, "plan": PLAN_COLUMNS, "masters": MASTER_COLUMNS}
+        return {table: list(columns[table]) for table in tables}
 
     def scan_params(self) -> dict[str, Any]:
         """What the scan depends on besides the files themselves."""
