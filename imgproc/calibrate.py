@@ -115,6 +115,13 @@ def _read_master(role: str, path: str) -> np.ndarray:
 MASTERS = MasterCache()
 
 
+def _set_fitting(header: fits.Header, key: str, value: str, comment: str) -> None:
+    """Set a string card, with ``comment`` only where the card has room for it (a long value
+    would get it cut, with a warning)."""
+    room = 80 - 10 - len(value.replace("'", "''")) - 2 - 3
+    header.set(key, value, comment if len(comment) <= room else "")
+
+
 def calibrated_header(
     header: fits.Header,
     masters: Mapping[str, str | None],
@@ -151,10 +158,10 @@ def calibrated_header(
             out.set(_FILE_CARDS[role], Path(path).name, f"master {role} used")
     original = out.get("OBSERVER")
     if isinstance(original, str) and original.strip() and original != observer:
-        out.set("ORIGOBS", original, "OBSERVER of the camera file")
+        _set_fitting(out, "ORIGOBS", original, "camera's OBSERVER")
     out.set("OBSERVER", observer, "observer code")
     if object_name:
-        out.set("OBJECT", object_name, "from imgproc --object: none in the header")
+        _set_fitting(out, "OBJECT", object_name, "from imgproc --object: none in the header")
     apply_time_cards(out, [(mid - timedelta(seconds=exptime / 2.0), exptime)], header_airmass(header, [mid]))
     out.add_history(f"Calibrated by imgproc {__version__}")
     if masters.get("dark") is not None and dark_scale is not None:

@@ -27,8 +27,8 @@ def sources_digest(sources: Iterable[str]) -> str:
 def provenance_cards(stamp: str, sources: Iterable[str]) -> list[tuple[str, str, str]]:
     """The IMGSTAMP and IMGSRC cards, as (keyword, value, comment)."""
     return [
-        ("IMGSTAMP", stamp, "imgproc stamp of inputs and settings"),
-        ("IMGSRC", sources_digest(sources), "imgproc digest of the raw lights used"),
+        ("IMGSTAMP", stamp, "imgproc inputs+settings"),
+        ("IMGSRC", sources_digest(sources), "imgproc: the raw lights"),
     ]
 
 

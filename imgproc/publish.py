@@ -167,7 +167,7 @@ def combine_cards(settings: StackSettings) -> list[tuple[str, str, str]]:
         rejection = f"sigma {settings.sigma_low:g} low {settings.sigma_high:g} high"
     return [
         ("STACKMTH", settings.method, "combine method (sigclip: mean after rejection)"),
-        ("STACKREJ", rejection, "rejection about the median, std width, 1 pass"),
+        ("STACKREJ", rejection, "about the median, std, 1 pass"),
         ("STACKNRM", "none", "frames combined as calibrated, not scaled"),
     ]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -9,8 +11,11 @@ import yaml
 from astropy.io import fits
 from conftest import master_flags, run_cli
 
+from imgproc.calibrate import calibrated_header
 from imgproc.cli import EXIT_OK, EXIT_USAGE, build_parser
 from imgproc.overrides import OverrideError, apply_overrides, take_snakemake_config
+from imgproc.provenance import provenance_cards
+from imgproc.publish import StackSettings, combine_cards
 from imgproc.synth import NightSpec, make_night
 
 
@@ -74,6 +79,23 @@ def test_set_and_config_overrides_are_written_into_imgproc_yaml_and_the_stack_he
     assert run_cli(*args, "--set", "stacking.method=medain") == EXIT_USAGE
     err = capsys.readouterr().err
     assert "config stacking.method: 'medain' is not one of" in err and len(err.strip().splitlines()) == 1
+
+
+def test_new_cards_fit_without_truncation() -> None:
+    """The cards imgproc adds keep their comments whole (astropy would warn, and the console show it)."""
+    settings = StackSettings(sigma_low=2.5, sigma_high=12.25)
+    header = fits.Header([("OBSERVER", "O" * 68)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = calibrated_header(
+            header, {}, observer="X", mid=datetime(2025, 5, 1), exptime=1.0, binning=1,
+            object_name="N" * 68, cards=provenance_cards("f" * 40, ["/a.fits"]),
+        )  # fmt: skip
+        for key, value, comment in combine_cards(settings):
+            out.set(key, value, comment)
+        text = out.tostring()
+    assert out["ORIGOBS"] == "O" * 68 and out["STACKREJ"] == "sigma 2.5 low 12.25 high"
+    assert "imgproc inputs+settings" in text and "about the median, std, 1 pass" in text
 
 
 def test_object_names_lights_without_one_and_the_cameras_observer_is_kept(tmp_path: Path, capsys) -> None:
