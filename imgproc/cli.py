@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,17 +29,15 @@ import yaml
 from imgproc import __version__
 from imgproc.console import SNAKEMAKE_LOG, run_logged, start_line, summary_lines
 from imgproc.keywords import normalise
-from imgproc.manifest import FAILED, SKIPPED, list_fits, missing_filter, output_conflict, read_tsv
+from imgproc.manifest import list_fits, missing_filter, output_conflict, read_tsv
 from imgproc.naming import check_observer, default_output_dirname
 from imgproc.overrides import OverrideError, apply_overrides, check_config, take_snakemake_config
 from imgproc.plan import MAX_BIN, calibration_gaps, format_plan
 from imgproc.progress import ProgressMonitor
-from imgproc.stamps import digest, read_json, write_json
+from imgproc.verify import clean_intermediates, invalidate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 CONFIG_NAME = "imgproc.yaml"
-#: The record of the intermediates ``--clean`` deleted (in ``work/``).
-CLEANED_NAME = "cleaned.json"
 #: Snakemake arguments of a run that does not make the outputs (its log is shown in full).
 PARTIAL_RUNS = ("-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--until", "--omit-from", "--list-rules")
 #: Seconds between whole-run progress lines.
@@ -156,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--plan", action="store_true",
         help="only show (and write to OUTPUT_DIR/plan.txt) what every light will become; calibrate nothing",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify", action="store_true",
+        help="before the run, read every intermediate and output of earlier runs and redo any whose "
+        "pixels do not match their DATASUM (sizes are always checked)",
     )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"imgproc {__version__}")
     return parser
@@ -301,78 +304,12 @@ def clear_stale_locks(output: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-def invalidate_missing(output: Path) -> None:
-    """Drop batch receipts whose files were deleted, so Snakemake redoes those batches.
-
-    A ``work/`` deleted by hand makes every job run again (the outputs are then recognised by
-    their headers: :mod:`imgproc.provenance`). An output to make again may need intermediates
-    that ``--clean`` deleted: then the record of them goes too, and so do their calibration
-    receipts. The summary goes too: Snakemake does not revisit the jobs behind an up-to-date
-    plan checkpoint, but a missing summary makes it rebuild everything the summary needs.
-    """
-    published = _drop_receipts(output / "work" / "published", lambda name: output / name)
-    if published:
-        (output / "work" / CLEANED_NAME).unlink(missing_ok=True)
-    cleaned = cleaned_frames(output)
-    calibrated = _drop_receipts(
-        output / "work" / "calibrated", lambda fid: output / "work" / "cal" / f"{fid}.fits", cleaned
-    )
-    lost = not (output / "work" / "plan.tsv").exists()  # work/ deleted: every job to be judged again
-    if published or calibrated or lost:
-        (output / "summary.json").unlink(missing_ok=True)
-
-
-def _drop_receipts(folder: Path, path: Callable[[str], Path], cleaned: Collection[str] = ()) -> bool:
-    """Drop the receipts of ``folder`` that no longer hold (:func:`_present`); whether any was."""
-    dropped = False
-    for receipt in sorted(folder.glob("*.json")):
-        try:
-            items = json.loads(receipt.read_text(encoding="utf-8")).get("items", {})
-        except (OSError, ValueError, AttributeError):
-            items = None
-        if items is None or not _present(items, path, cleaned):
-            receipt.unlink(missing_ok=True)
-            dropped = True
-    return dropped
-
-
-def _present(items: dict[str, dict], path: Callable[[str], Path], cleaned: Collection[str] = ()) -> bool:
-    """Whether a batch's receipt still holds: every file it made exists (or was deleted by
-    ``--clean`` under the same config) and nothing failed (an item that failed with an internal
-    error is tried again)."""
-    return all(
-        i["status"] == SKIPPED or (i["status"] != FAILED and (key in cleaned or path(key).exists()))
-        for key, i in items.items()
-    )
-
-
-def _config_digest(output: Path) -> str:
-    return digest((output / CONFIG_NAME).read_text(encoding="utf-8"))
-
-
-def cleaned_frames(output: Path) -> set[str]:
-    """Frames whose intermediates ``--clean`` deleted under the config the run has now; none (and
-    the record goes) when the config changed since: then what needs them makes them again."""
-    record = output / "work" / CLEANED_NAME
-    data = read_json(record) or {}
-    if data.get("config") == _config_digest(output):
-        return set(data.get("frames", []))
-    record.unlink(missing_ok=True)
-    return set()
-
-
-def clean_intermediates(output: Path) -> tuple[int, int]:
-    """Delete the intermediates (``work/cal/*.fits``; an output hard-linked to one keeps its
-    data), recording them for :func:`cleaned_frames`; (files deleted, bytes freed)."""
-    files = sorted((output / "work" / "cal").glob("*.fits"))
-    frames = cleaned_frames(output) | {path.stem for path in files}
-    write_json(output / "work" / CLEANED_NAME, {"config": _config_digest(output), "frames": sorted(frames)})
-    freed = 0
-    for path in files:
-        stat = path.stat()
-        freed += stat.st_size if stat.st_nlink == 1 else 0
-        path.unlink()
-    return len(files), freed
+def report_redone(notes: Sequence[str], shown: int = 5) -> None:
+    """Say what earlier work is redone because it no longer holds (:func:`imgproc.verify.invalidate`)."""
+    for note in notes[:shown]:
+        print(f"imgproc: {note}", file=sys.stderr)
+    if len(notes) > shown:
+        print(f"imgproc: ... and {len(notes) - shown} more", file=sys.stderr)
 
 
 def snakemake_command(config_path: Path, cores: int, extra: Sequence[str]) -> list[str]:
@@ -436,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lock.close()
             raise
         config_path = write_config(output, config)
-        invalidate_missing(output)
+        report_redone(invalidate(output, checksums=args.verify))
     except UsageError as exc:
         print(f"imgproc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -17,16 +17,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from imgproc.manifest import OK, SKIPPED
+from imgproc.manifest import OK, SKIPPED, shown
 from imgproc.masters import MasterSettings, plan_masters
 from imgproc.matching import DEFAULT_CRITERIA, DEFAULT_TOLERANCE, match_light
 from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 
 #: Plan columns, in order.
 COLUMNS = (
-    "frame_id", "path", "size", "mtime_ns", "hdu", "status", "reason", "sequence", "reference", "output",
-    "n_group", "mid", "exptime", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch", "pub_kind",
-    "thumb", "pierside", "ny", "nx", "object_set",
+    "frame_id", "path", "size", "mtime_ns", "ctime_ns", "hdu", "status", "reason", "sequence", "reference",
+    "output", "n_group", "mid", "exptime", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch",
+    "pub_kind", "thumb", "pierside", "ny", "nx", "object_set",
 )  # fmt: skip
 #: Largest binning factor (``-b``; the config schema's ``bin`` maximum).
 MAX_BIN = 64
@@ -69,7 +69,7 @@ class PlanSettings:
 def frame_id(path: str) -> str:
     """Stable, file-name-safe id of a light: its name stem plus a digest of its full path."""
     stem = Path(path).name.split(".")[0]
-    return f"{safe_part(stem, 'frame')[:40]}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+    return f"{safe_part(stem, 'frame')[:40]}-{hashlib.sha1(os.fsencode(path)).hexdigest()[:8]}"
 
 
 def intermediate(fid: str) -> Path:
@@ -136,7 +136,7 @@ def make_plan(
             row = {**row, "object": object_set}
         entry = {
             "frame_id": frame_id(row["path"]), "path": row["path"], "size": row["size"],
-            "mtime_ns": row["mtime_ns"], "hdu": row["hdu"],
+            "mtime_ns": row["mtime_ns"], "ctime_ns": row.get("ctime_ns"), "hdu": row["hdu"],
             "status": OK, "reason": "", "pierside": row.get("pierside"), "ny": row["ny"], "nx": row["nx"],
             "sequence": sequence_key(row),
             "mid": mid_exposure(datetime.fromisoformat(row["date_obs"]), row["exptime"]),
@@ -257,11 +257,12 @@ def master_label(entry: Mapping[str, Any], role: str) -> str:
 
 
 def _short_names(paths: Sequence[str]) -> dict[str, str]:
-    """Each path below the folder that holds them all (the file name in a flat folder)."""
+    """Each path below the folder that holds them all (the file name in a flat folder), as
+    messages show it (:func:`imgproc.manifest.shown`)."""
     if not paths:
         return {}
     common = os.path.commonpath([os.path.dirname(path) for path in paths]) or "."
-    return {path: os.path.relpath(path, common) for path in paths}
+    return {path: shown(os.path.relpath(path, common)) for path in paths}
 
 
 #: What is not done to the lights when a master folder is not given, by role.
@@ -331,14 +332,14 @@ def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[st
     other filters) or skipped. Files are named by their path below the light folder."""
     header = ("light", "sequence", "group", "bias", "dark", "flat", "output / reason")
     others = [row for row in manifest if row["folder"] == "light" and row["status"] != OK]
-    shown = _short_names([entry["path"] for entry in plan] + [row["path"] for row in others])
+    names = _short_names([entry["path"] for entry in plan] + [row["path"] for row in others])
     rows = []
     for entry in sorted(plan, key=lambda e: (e["sequence"] or "", e["mid"] or "", e["path"])):
         masters = [master_label(entry, role) for role in ("bias", "dark", "flat")]
         outcome = entry["output"] if entry["status"] == OK else f"SKIPPED: {entry['reason']}"
         group = f"{entry['n_group']} frames" if (entry.get("n_group") or 1) > 1 else "single"
-        rows.append((shown[entry["path"]], entry["sequence"] or "-", group, *masters, outcome))
-    rows += [(shown[r["path"]], *["-"] * 5, f"{r['status'].upper()}: {r['reason']}") for r in others]
+        rows.append((names[entry["path"]], entry["sequence"] or "-", group, *masters, outcome))
+    rows += [(names[r["path"]], *["-"] * 5, f"{r['status'].upper()}: {r['reason']}") for r in others]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + str(r[-1])
              for r in [header, *rows]]  # fmt: skip

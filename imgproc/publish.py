@@ -1,12 +1,15 @@
 """Publishing: final named outputs from calibrated intermediates.
 
-A group of one unaligned frame is published as a hard link of its intermediate (no copy); an
+A group of one unaligned frame is published as a hard link of its intermediate (no copy; the
+intermediate is only ever replaced, never changed in place, and a reused output is checked
+against its recorded size and DATASUM, so a damaged link is made again); an
 aligned single is resampled onto its sequence's reference grid; a group of several frames is
 registered (with ``-a``) and combined in row strips, so memory stays within the budget.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -22,7 +25,7 @@ from astropy.io import fits
 from imgproc import __version__
 from imgproc.align import MosaicRegistrar, Registrar, Shift, apply_shift, pier_side_flip
 from imgproc.cache import FileCache
-from imgproc.fitsio import Float32Rows, link_atomic, read_header, read_image, write_atomic
+from imgproc.fitsio import Float32Rows, checksum_problem, link_atomic, read_header, read_image, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
 from imgproc.progress import Progress
@@ -32,7 +35,9 @@ from imgproc.stack import MEMORY, combine
 from imgproc.stages import problem_item
 from imgproc.stamps import digest, read_json, write_json
 from imgproc.timecards import apply_time_cards, header_airmass, kept_history, mean_card_airmass
+from imgproc.verify import file_record, size_problem
 
+log = logging.getLogger("imgproc")
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
 _FILES = ("BIASFILE", "DARKFILE", "FLATFILE")
 
@@ -367,11 +372,16 @@ def publish_group(
     how = {key: value for key, value in asdict(settings).items() if key != "memory_budget"}  # same bytes
     stamp = digest([name, [stamps[m.frame_id] for m in members], ref_stamp, how, __version__, STACK_CARDS])
     if target.exists() and previous.get("stamp") == stamp:
-        return {key: previous[key] for key in ("ncombine", "excluded", "shifts")} | {"status": "reused"}
+        problem = size_problem(target, previous) or checksum_problem(target)
+        if not problem:
+            kept = ("ncombine", "excluded", "shifts", "size")
+            return {key: previous.get(key) for key in kept} | {"status": "reused"}
+        log.warning("%s: made again", problem)
     linked = len(members) == 1 and not settings.align  # the output is the intermediate: its stamp
     if recognised is not None and recognised == (stamps[members[0].frame_id] if linked else stamp):
         ncombine = int(fits.getheader(target).get("NCOMBINE", 1))
         item = {"status": "reused", "ncombine": ncombine, "excluded": excluded, "shifts": {}}
+        item |= file_record(target)
         write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})
         return item
     write_json(stamp_path, {"sources": sources, "stamp": None})
@@ -417,6 +427,7 @@ def publish_group(
         cached_thumbnail(target, workdir / "thumbs", data=made[0], header=made[1])
     records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}
     item = {"status": "written", "ncombine": len(members), "excluded": excluded, "shifts": records}
+    item |= file_record(target)
     write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})
     return item
 

@@ -2,7 +2,8 @@
 
 Each stage reads and writes files under the output folder and is what one workflow rule runs.
 Calibrate and publish skip work whose inputs are unchanged: every intermediate and output has a
-stamp (a digest of its inputs' paths, sizes and modification times and of the settings), so a
+stamp (a digest of its inputs' paths, sizes, modification and change times and of the settings),
+and is checked against its recorded size and its DATASUM before it is reused (:mod:`imgproc.verify`), so a
 rerun after a crash, or after adding frames, redoes only what changed.
 """
 
@@ -22,8 +23,8 @@ import numpy as np
 
 from imgproc import __version__
 from imgproc.calibrate import HEADER_CARDS, MASTERS, ROLES, MasterCache, calibrate_frame
-from imgproc.fitsio import FitsError, write_atomic
-from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, write_tsv
+from imgproc.fitsio import FitsError, checksum_problem, write_atomic
+from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, shown, write_tsv
 from imgproc.masterbuild import build_master
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.masters import plan_masters
@@ -45,6 +46,7 @@ from imgproc.scan import ScanRequest, scan
 from imgproc.stamps import digest, file_id, read_json, receipt_items, write_json
 from imgproc.timecards import VERSION as TIMECARDS_VERSION
 from imgproc.timecards import airmass_problem
+from imgproc.verify import file_record, is_transient, size_problem
 
 log = logging.getLogger("imgproc")
 _HANDLERS_LOCK = threading.Lock()
@@ -90,14 +92,19 @@ def problem_item(exc: Exception, subject: str, what: str, inputs: Iterable[str |
     logged, with ``what`` failed (``calibration failed``) as the reason.
 
     A problem of its input files (a :class:`~imgproc.fitsio.FitsError`, which also covers an
-    unusable master, or an OSError about one of ``inputs``) is ``skipped``; anything else is an
-    internal error: ``failed``, its traceback in the job log and its type in the reason.
+    unusable master, or an OSError about one of ``inputs``) is ``skipped``; so is a passing fault
+    of the machine (a full disk: :func:`imgproc.verify.is_transient`), marked ``retry`` so that the
+    next run tries it again; anything else is an internal error: ``failed``, its traceback in the
+    job log and its type in the reason.
     """
+    if is_transient(exc):
+        log.error("%s: %s: %s (tried again on the next run)", subject, what, exc)
+        return {"status": SKIPPED, "retry": True, "reason": f"{what}: {exc} (tried again on the next run)"}
     about_input = isinstance(exc, OSError) and str(exc.filename) in {str(path) for path in inputs}
     if isinstance(exc, FitsError) or about_input:
-        log.error("%s: %s: %s", subject, what, exc)
+        log.error("%s: %s: %s", shown(subject), what, exc)
         return {"status": SKIPPED, "reason": f"{what}: {exc}"}
-    log.error("%s: %s: internal error", subject, what, exc_info=exc)
+    log.error("%s: %s: internal error", shown(subject), what, exc_info=exc)
     return {"status": FAILED, "reason": f"{what}: internal error {type(exc).__name__}: {exc}"}
 
 
@@ -113,7 +120,7 @@ def run_scan(request: ScanRequest, manifest: Path, cache: Path, workers: int = 1
     write_tsv(cache, rows)
     for row in rows:
         if row["status"] == SKIPPED:
-            log.warning("skipped %s: %s", row["path"], row["reason"])
+            log.warning("skipped %s: %s", shown(row["path"]), row["reason"])
     return rows
 
 
@@ -130,7 +137,7 @@ def run_plan(manifest: Path, plan_path: Path, masters_path: Path, settings: Plan
             log.warning("raw %s frames not combined: %s", master["role"], master["reason"])
     for entry in plan:
         if entry["status"] != OK:
-            log.warning("skipped %s: %s", entry["path"], entry["reason"])
+            log.warning("skipped %s: %s", shown(entry["path"]), entry["reason"])
     for pattern, paths in sorted(colour_lights(plan, rows).items()):
         log.warning("%s", colour_message(pattern, len(paths)))
     return plan
@@ -178,12 +185,16 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     stamp_path = target.with_suffix(".json")
     stamp = calibration_stamp(entry, observer, binning)
     previous = read_json(stamp_path) or {}
-    if previous.get("stamp") == stamp and target.exists():
-        return {
-            "status": "reused",
-            "stamp": stamp,
-            "no_airmass": previous.get("no_airmass", ""),
-        } | previous.get("stats", {})
+    if previous.get("stamp") == stamp:
+        problem = size_problem(target, previous) or checksum_problem(target)
+        if not problem:
+            return {
+                "status": "reused",
+                "stamp": stamp,
+                "no_airmass": previous.get("no_airmass", ""),
+                "size": previous.get("size"),
+            } | previous.get("stats", {})
+        log.warning("%s: %s: calibrated again", entry["path"], problem)
     data, header = calibrate_frame(
         Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target,
         observer=observer, mid=datetime.fromisoformat(entry["mid"]), exptime=float(entry["exptime"]),
@@ -193,12 +204,13 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     )  # fmt: skip
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
-    stats, no_airmass = frame_statistics(data), airmass_problem(header)
+    stats, no_airmass, size = frame_statistics(data), airmass_problem(header), file_record(target)
     write_json(
-        stamp_path, {"stamp": stamp, "source": entry["path"], "stats": stats, "no_airmass": no_airmass}
+        stamp_path,
+        {"stamp": stamp, "source": entry["path"], "stats": stats, "no_airmass": no_airmass, **size},
     )
     log.debug("%s", frame_diagnostics(entry, stats))
-    return {"status": "calibrated", "stamp": stamp, "no_airmass": no_airmass, **stats}
+    return {"status": "calibrated", "stamp": stamp, "no_airmass": no_airmass, **stats, **size}
 
 
 def run_calibrate_batch(
@@ -308,18 +320,17 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines += [
         f"  output {n} FAILED: {r} (traceback in logs/publish/)" for n, r in summary["failed_outputs"].items()
     ]
-    lines += [f"  light {s['file']} FAILED: {s['reason']} (traceback in logs/calibrate/)"
+    lines += [f"  light {shown(s['file'])} FAILED: {s['reason']} (traceback in logs/calibrate/)"
               for s in summary["failed_frames"]]  # fmt: skip
-    lines += [f"  skipped {s['file']}: {s['reason']}" for s in summary["skipped"]]
+    lines += [f"  skipped {shown(s['file'])}: {s['reason']}" for s in summary["skipped"]]
     lines += [f"  output {n} not written: {r}" for n, r in summary["skipped_outputs"].items()]
     lines += [f"  {note}" for note in calibration_notes(summary)]
-    lines += [f"  master {s['file']} not used: {s['reason']}" for s in summary["masters_skipped"]]
+    lines += [f"  master {shown(s['file'])} not used: {s['reason']}" for s in summary["masters_skipped"]]
     lines += [f"  built master {path}" for path in summary["masters_built"]]
-    lines += [
-        f"  raw {m['role']} frames {', '.join(Path(f).name for f in m['frames'])} not combined: {m['reason']}"
-        for m in summary["masters_not_built"]
-    ]
-    lines += [f"  listed {s['file']}: {s['reason']}" for s in summary["listed"]]
+    for m in summary["masters_not_built"]:
+        frames = ", ".join(shown(Path(f).name) for f in m["frames"])
+        lines.append(f"  raw {m['role']} frames {frames} not combined: {m['reason']}")
+    lines += [f"  listed {shown(s['file'])}: {s['reason']}" for s in summary["listed"]]
     if summary["outputs_failed"] or frames_failed:
         lines.append("FAILED: internal errors (see above and the tracebacks in logs/)")
     else:

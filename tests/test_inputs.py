@@ -116,7 +116,8 @@ def test_layout_inputs_leave_out_an_output_folder_inside_a_master_folder(tmp_pat
     _touch(tmp_path / "bias" / "2025" / "b.fits")
     _touch(tmp_path / "bias" / "out" / "work" / "cal" / "l-01234567.fits")
     config = {"input_dir": str(tmp_path / "lights"), "bias_dir": str(tmp_path / "bias"),
-              "output_dir": str(tmp_path / "bias" / "out"), "keywords": DEFAULT_KEYWORDS}  # fmt: skip
+              "output_dir": str(tmp_path / "bias" / "out"), "keywords": DEFAULT_KEYWORDS,
+              "limits": {"max_frame_mb": 1024}}  # fmt: skip
     layout = Layout(config)
     assert layout.input_files() == [
         str(tmp_path / "lights" / "l.fits"),
