@@ -14,12 +14,17 @@ no matching master, a frame that could not be aligned, a foreign file at an outp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,7 @@ from typing import Any
 import yaml
 
 from imgproc import __version__
-from imgproc.console import SNAKEMAKE_LOG, run_logged, start_line, summary_lines
+from imgproc.console import SNAKEMAKE_LOG, relay, start_line, summary_lines
 from imgproc.keywords import normalise
 from imgproc.manifest import list_fits, missing_filter, output_conflict, read_tsv
 from imgproc.naming import check_observer, default_output_dirname
@@ -36,12 +41,14 @@ from imgproc.plan import MAX_BIN, calibration_gaps, format_plan
 from imgproc.progress import ProgressMonitor
 from imgproc.verify import clean_intermediates, invalidate
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 CONFIG_NAME = "imgproc.yaml"
 #: Snakemake arguments of a run that does not make the outputs (its log is shown in full).
 PARTIAL_RUNS = ("-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--until", "--omit-from", "--list-rules")
 #: Seconds between whole-run progress lines.
 PROGRESS_SECONDS = 10.0
+#: Seconds a stopped run's jobs get to end before they are killed.
+STOP_SECONDS = 60.0
 #: Thread pools of the numeric libraries: one thread each. The jobs run as threads of the
 #: Snakemake process and are the parallelism (``--cores``); BLAS threads on top would only
 #: compete with them (registration pins BLAS to one thread anyway: ``align.one_blas_thread``).
@@ -304,6 +311,81 @@ def clear_stale_locks(output: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+def workflow_env(output: Path) -> dict[str, str]:
+    """The environment of the Snakemake run: one thread per numeric library (ONE_THREAD_ENV)
+    unless set, and the caches in ``output/.snakemake/cache`` (removed when the run ends).
+
+    Snakemake keeps a copy of the workflow under ``$XDG_CACHE_HOME`` and astropy looks for its
+    configuration under ``~``: with both pointed into the output folder, a run writes nothing
+    outside it and works with a read-only or unreadable home folder (an astropy configuration
+    of the user's own is read only when ``ASTROPY_CONFIG_DIR`` is set).
+    """
+    cache = output / ".snakemake" / "cache"
+    (cache / "astropy-config").mkdir(parents=True, exist_ok=True)
+    env = {**{key: "1" for key in ONE_THREAD_ENV}, **os.environ, "XDG_CACHE_HOME": str(cache)}
+    env.setdefault("ASTROPY_CONFIG_DIR", str(cache / "astropy-config"))
+    return env
+
+
+class Stopped(Exception):
+    """The run was stopped by a signal (Ctrl-C or SIGTERM) after its jobs were stopped."""
+
+    def __init__(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        super().__init__("interrupted" if signum == signal.SIGINT else f"stopped by {name}")
+        self.status = 128 + signum
+
+
+def run_workflow(
+    command: Sequence[str],
+    output: Path,
+    grace: float = STOP_SECONDS,
+    say: Callable[[str], None] = print,
+    verbose: bool = False,
+) -> int:
+    """Run Snakemake in ``output`` (environment: :func:`workflow_env`); its exit status. Its
+    output goes to ``logs/snakemake.log``, and to ``say`` in full with ``verbose``, else only
+    its warnings and errors (:func:`imgproc.console.relay`).
+
+    Snakemake runs in a session of its own, so a signal reaches it only through this process:
+    Ctrl-C (SIGINT) or SIGTERM is passed on as one SIGINT, on which Snakemake stops its jobs
+    and worker processes (it ignores SIGTERM while it waits for jobs). Whatever is still running
+    ``grace`` seconds later is killed. Then :class:`Stopped` is raised with 128 + the signal's
+    number as the exit status (130, 143), and the caller releases the run lock.
+    """
+    proc = subprocess.Popen(
+        command, cwd=output, env=workflow_env(output), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+    )  # fmt: skip
+    received: list[int] = []
+
+    def kill_all() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    deadline = threading.Timer(grace, kill_all)
+    deadline.daemon = True
+
+    def stop(signum: int, _frame: object) -> None:
+        if not received:
+            proc.send_signal(signal.SIGINT)
+            deadline.start()
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = relay(proc, output / SNAKEMAKE_LOG, say, verbose)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        shutil.rmtree(output / ".snakemake" / "cache", ignore_errors=True)
+    if received:
+        deadline.cancel()
+        kill_all()  # worker processes or jobs that outlived Snakemake
+        raise Stopped(received[0])
+    return status
+
+
 def report_redone(notes: Sequence[str], shown: int = 5) -> None:
     """Say what earlier work is redone because it no longer holds (:func:`imgproc.verify.invalidate`)."""
     for note in notes[:shown]:
@@ -387,16 +469,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         monitor.start()
     with lock:
         try:
-            status = run_logged(
-                snakemake_command(config_path, args.concurrency, [*extra, *targets]),
-                cwd=output,
-                env={**{key: "1" for key in ONE_THREAD_ENV}, **os.environ},
-                say=monitor.say,
-                verbose=args.verbose or dry,
-            )
-        except KeyboardInterrupt:
-            print(f"imgproc: interrupted; run the same command again to finish {output}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            command = snakemake_command(config_path, args.concurrency, [*extra, *targets])
+            status = run_workflow(command, output, say=monitor.say, verbose=args.verbose or dry)
+        except Stopped as stop:
+            print(f"imgproc: {stop}; run the same command again to finish {output}", file=sys.stderr)
+            return stop.status
         finally:
             if watch:
                 monitor.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 #: Snakemake's log of a run, relative to the output folder (the latest run's).
@@ -33,43 +33,29 @@ def noteworthy(line: str) -> bool:
     return not _QUIET.match(line) and _NOTEWORTHY.search(line) is not None
 
 
-def run_logged(
-    command: Sequence[str],
-    cwd: Path,
-    env: Mapping[str, str],
-    say: Callable[[str], None],
-    verbose: bool = False,
+def relay(
+    process: subprocess.Popen[str], log_path: Path, say: Callable[[str], None], verbose: bool = False
 ) -> int:
-    """Run Snakemake in ``cwd`` with its output written to ``cwd/logs/snakemake.log``; every line
-    goes to ``say`` with ``verbose``, else only the noteworthy ones. Returns its exit status."""
-    log_path = cwd / SNAKEMAKE_LOG
+    """Write every line ``process`` (Snakemake, its stderr joined to its stdout) prints to
+    ``log_path``, and pass it to ``say`` with ``verbose``, else only the noteworthy ones (at most
+    :data:`NOTICES_MAX`); returns its exit status once it has ended."""
+    assert process.stdout is not None
     log_path.parent.mkdir(parents=True, exist_ok=True)
     shown = 0
-    with (
-        open(log_path, "w", encoding="utf-8") as log,
-        subprocess.Popen(
-            command, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, errors="replace", bufsize=1,
-        ) as process,
-    ):  # fmt: skip
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                log.write(line)
-                log.flush()
-                text = line.rstrip("\n")
-                if verbose:
-                    say(text)
-                elif noteworthy(text):
-                    shown += 1
-                    if shown <= NOTICES_MAX:
-                        say(_JOB_LEVEL.sub(lambda m: f"imgproc: {m[1].lower()}: ", text))
-                    elif shown == NOTICES_MAX + 1:
-                        say(f"imgproc: more warnings and errors in {log_path}")
-            return process.wait()
-        except BaseException:
-            process.kill()
-            raise
+    with open(log_path, "w", encoding="utf-8") as log:
+        for line in process.stdout:
+            log.write(line)
+            log.flush()
+            text = line.rstrip("\n")
+            if verbose:
+                say(text)
+            elif noteworthy(text):
+                shown += 1
+                if shown <= NOTICES_MAX:
+                    say(_JOB_LEVEL.sub(lambda m: f"imgproc: {m[1].lower()}: ", text))
+                elif shown == NOTICES_MAX + 1:
+                    say(f"imgproc: more warnings and errors in {log_path}")
+    return process.wait()
 
 
 def start_line(config: Mapping[str, object], files: int) -> str:

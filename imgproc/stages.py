@@ -331,6 +331,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         frames = ", ".join(shown(Path(f).name) for f in m["frames"])
         lines.append(f"  raw {m['role']} frames {frames} not combined: {m['reason']}")
     lines += [f"  listed {shown(s['file'])}: {s['reason']}" for s in summary["listed"]]
+    if summary.get("superseded"):
+        lines.append(
+            f"  {len(summary['superseded'])} outputs of earlier settings are in {SUPERSEDED}/ "
+            "(made from these lights with another -S, -s or -b; delete the folder when not needed)"
+        )
     if summary["outputs_failed"] or frames_failed:
         lines.append("FAILED: internal errors (see above and the tracebacks in logs/)")
     else:
@@ -348,17 +353,49 @@ def airmass_gaps(receipts: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     return dict(sorted(reasons.items()))
 
 
+#: Where outputs of settings no longer in force are moved (:func:`supersede_outputs`).
+SUPERSEDED = "superseded"
+
+
+def supersede_outputs(outdir: Path, plan: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Move aside the outputs that earlier runs made from lights the plan now makes into other
+    outputs (another ``-S``, ``-s`` or ``-b``): into ``outdir/superseded/``, with their
+    publishing stamps removed. Outputs of lights not in this plan (another ``-f``, lights
+    taken away) stay, and so does any file imgproc did not make. Returns the names moved."""
+    current = {str(entry["output"]) for entry in plan if entry.get("output")}
+    lights = {str(entry["path"]) for entry in plan}
+    moved = []
+    for stamp_path in sorted((outdir / "work" / "pub").glob("*.json")):
+        name, stamp = stamp_path.stem, read_json(stamp_path) or {}
+        sources = stamp.get("sources") or []
+        target = outdir / name
+        if name in current or not sources or not set(sources) <= lights:
+            continue
+        if target.exists() and not size_problem(target, stamp):
+            (outdir / SUPERSEDED).mkdir(exist_ok=True)
+            target.replace(outdir / SUPERSEDED / name)
+            moved.append(name)
+            log.warning("%s: made from these lights with other settings; moved to %s/", name, SUPERSEDED)
+        stamp_path.unlink()
+    return moved
+
+
 def run_summary(
     manifest: Path, plan: Path, masters: Path, receipts: Sequence[Path], out_json: Path, out_text: Path
 ) -> dict:
-    """Write ``summary.json`` and ``summary.txt`` from the manifest, plan, masters and receipts.
+    """Write ``summary.json`` and ``summary.txt`` from the manifest, plan, masters and receipts,
+    after moving aside the outputs of settings no longer in force (:func:`supersede_outputs`).
 
     Both say what was done, never how long it took: two runs of the same night give the same
     bytes. The batch jobs' time goes to the log.
     """
     receipts_data = [read_json(p) or {} for p in receipts]
-    summary = summarise(read_tsv(manifest), read_tsv(plan), receipts_data, read_tsv(masters))
+    plan_rows = read_tsv(plan)
+    supersede_outputs(out_json.parent, plan_rows)
+    summary = summarise(read_tsv(manifest), plan_rows, receipts_data, read_tsv(masters))
     summary["no_airmass"] = airmass_gaps(receipts_data)
+    superseded = out_json.parent / SUPERSEDED
+    summary["superseded"] = sorted(p.name for p in superseded.iterdir()) if superseded.is_dir() else []
     write_json(out_json, summary)
     text = format_summary(summary)
     out_text.write_text(text, encoding="utf-8")
