@@ -33,6 +33,8 @@ MAX_BIN = 64
 #: Lone calibrated frames with a thumbnail in the report: at most this many, evenly spread over
 #: the night (every stack and aligned frame has one).
 REPORT_FRAMES = 48
+#: Pixels of one unit of batch work (:func:`frame_work`): a 2048² frame.
+UNIT_PIXELS = 2048 * 2048
 #: Outputs that align or stack are spread over up to this many times ``batches`` publish jobs.
 HEAVY_JOBS = 4
 WORK = Path("work")
@@ -101,10 +103,28 @@ def sequence_key(light: Mapping[str, Any]) -> str:
     )  # fmt: skip
 
 
-def _batches(n: int, settings: PlanSettings) -> int:
-    """Items per batch: about ``settings.batches`` batches of ``min_batch``..``max_batch`` items."""
-    size = math.ceil(n / max(1, settings.batches))
-    return max(1, min(settings.max_batch, max(settings.min_batch, size)))
+def frame_work(entry: Mapping[str, Any]) -> float:
+    """Work of calibrating (or publishing) one light, in frames of :data:`UNIT_PIXELS`: a
+    61-megapixel frame is 14.6 units, anything of 2048² pixels or fewer is 1 (its job's fixed
+    costs dominate)."""
+    return max(1.0, int(entry["ny"]) * int(entry["nx"]) / UNIT_PIXELS)
+
+
+def cut_batches(work: Sequence[float], jobs: int, smallest: int, largest: int) -> list[int]:
+    """Batch index of each item of ``work`` (in order): consecutive items in about ``jobs``
+    batches of equal work, each of at least ``smallest`` units of work (fewer, larger jobs for a
+    small night) and at most ``largest`` units and ``largest`` items. An item heavier than a
+    batch's share is a batch of its own, so ten 61-megapixel frames are ten jobs that the cores
+    share evenly, where ten small frames are one."""
+    share = max(1, min(largest, max(smallest, math.ceil(sum(work) / max(1, jobs) - 1e-9))))
+    batches: list[int] = []
+    index, load, count = 0, 0.0, 0
+    for units in work:
+        if count and (load + units > share + 1e-9 or count >= largest):
+            index, load, count = index + 1, 0.0, 0
+        batches.append(index)
+        load, count = load + units, count + 1
+    return batches
 
 
 def make_plan(
@@ -215,15 +235,17 @@ def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
 
 def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
     ok = sorted((entry for entry in plan if entry["status"] == OK), key=lambda e: (e["sequence"], e["mid"]))
-    size = _batches(len(ok), settings)
-    for index, entry in enumerate(ok):
-        entry["cal_batch"] = f"c{index // size:04d}"
-    kinds = {entry["output"]: entry["pub_kind"] for entry in ok}
-    work = [name for name, kind in kinds.items() if kind != "link"]
-    # aligning or stacking is heavy per output: a job each, up to 4 x `batches` jobs, so the
-    # night's last job (which may run alone on a core) is short
-    size = max(1, min(settings.max_batch, math.ceil(len(work) / max(1, HEAVY_JOBS * settings.batches))))
-    pub = {name: index // size for index, name in enumerate(work)}
+    cal = cut_batches([frame_work(e) for e in ok], settings.batches, settings.min_batch, settings.max_batch)
+    for entry, index in zip(ok, cal, strict=True):
+        entry["cal_batch"] = f"c{index:04d}"
+    work: dict[str, float] = defaultdict(float)  # outputs that align or stack: their frames' work
+    for entry in ok:
+        if entry["pub_kind"] != "link":
+            work[entry["output"]] += frame_work(entry)
+    # aligning or stacking is heavy per output: up to 4 x `batches` jobs, so the night's last
+    # job (which may run alone on a core) is short
+    heavy = cut_batches(list(work.values()), HEAVY_JOBS * settings.batches, 1, settings.max_batch)
+    pub = dict(zip(work, heavy, strict=True))
     first = max(pub.values(), default=-1) + 1
     # Publishing a lone unaligned frame is a hard link: each calibrate batch's links are one
     # publish batch, which runs as soon as those frames are calibrated, not after the night.

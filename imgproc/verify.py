@@ -127,15 +127,20 @@ def changed_sources(manifest: Path) -> list[str]:
 
 def invalidate(output: Path, checksums: bool = False) -> list[str]:
     """Drop every receipt that no longer holds (:func:`stale_receipts`, which reads every file
-    with ``checksums``), and the manifest when a
-    file was rewritten behind Snakemake's back (:func:`changed_sources`), so the run redoes
-    exactly that work; returns one line per reason. The summary goes too whenever anything is
-    dropped: Snakemake does not revisit the jobs behind an up-to-date plan checkpoint, but a
-    missing summary makes it rebuild everything the summary needs."""
+    with ``checksums``); when a file was rewritten behind Snakemake's back
+    (:func:`changed_sources`), drop the manifest and every calibrate receipt, so the files are
+    read again and each batch compares its frames' stamps (which hold the change times: only
+    the frames of a changed light or master are made again). Returns one line per reason.
+
+    The summary goes too whenever anything is dropped: Snakemake does not revisit the jobs
+    behind an up-to-date plan checkpoint, but a missing summary makes it rebuild everything the
+    summary needs."""
     notes = []
     rewritten = changed_sources(output / "work" / "manifest.tsv")
-    if rewritten:
+    if rewritten:  # read again, and every batch checks its stamps (only changed frames are redone)
         (output / "work" / "manifest.tsv").unlink()
+        for receipt in (output / "work" / "calibrated").glob("*.json"):
+            receipt.unlink()
         notes += [f"{path} was rewritten since it was read: read again" for path in rewritten]
     stale = stale_receipts(output, checksums, cleaned_frames(output))
     if any(receipt.parent.name == "published" for receipt in stale):  # may need cleaned intermediates

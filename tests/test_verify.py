@@ -123,3 +123,18 @@ def test_a_full_disk_is_not_remembered_a_rerun_converges(night, tmp_path: Path, 
     assert len(list(out.glob("*.fits"))) == len(clean) - 1
     assert _run(night, out) == EXIT_OK
     assert sha256_tree(out) == clean
+
+
+def test_a_master_rewritten_with_its_old_size_and_mtime_is_used_again(night, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _run(night, out) == EXIT_OK
+    before = sha256_tree(out)
+    flat = night.flat_dir / "flat_V.fits"
+    stat = flat.stat()
+    time.sleep(0.01)
+    with fits.open(flat, mode="update") as hdul:
+        hdul[0].data[:, :32] *= np.float32(0.5)  # same size, new pixels
+    os.utime(flat, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _run(night, out) == EXIT_OK
+    after = sha256_tree(out)
+    assert {name for name in after if after[name] != before[name]} == {n for n in after if "_V_" in n}
