@@ -8,7 +8,7 @@ A dark of another exposure is scaled by k = light / dark exposure (only with a b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -25,6 +25,9 @@ from imgproc.timecards import apply_time_cards, header_airmass
 ROLES = ("bias", "dark", "flat")
 _CAL_CARDS = {"bias": "BIASCAL", "dark": "DARKCAL", "flat": "FLATCAL"}
 _FILE_CARDS = {"bias": "BIASFILE", "dark": "DARKFILE", "flat": "FLATFILE"}
+#: Version of the cards an intermediate's header gets besides the camera's (ORIGOBS, an OBJECT
+#: from --object), in its stamp: intermediates made before them are made again.
+HEADER_CARDS = "header cards 1"
 #: Cards dropped from the light's header: scaling and checksums no longer describe the data.
 _DROP = ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM")
 #: Cards the FITS standard requires to be numbers; a camera's non-number (PANOPTES writes
@@ -123,6 +126,13 @@ def _read_master(role: str, path: str, pattern: str | None = None) -> np.ndarray
 MASTERS = MasterCache()
 
 
+def _set_fitting(header: fits.Header, key: str, value: str, comment: str) -> None:
+    """Set a string card, with ``comment`` only where the card has room for it (a long value
+    would get it cut, with a warning)."""
+    room = 80 - 10 - len(value.replace("'", "''")) - 2 - 3
+    header.set(key, value, comment if len(comment) <= room else "")
+
+
 def calibrated_header(
     header: fits.Header,
     masters: Mapping[str, str | None],
@@ -132,12 +142,16 @@ def calibrated_header(
     exptime: float,
     binning: int,
     dark_scale: float | None = None,
+    object_name: str | None = None,
+    cards: Sequence[tuple[str, str, str]] = (),
 ) -> fits.Header:
     """The light's header with calibration flags, master file names, OBSERVER, binning and a
     HISTORY line; scaling and checksum cards removed, and EQUINOX or EPOCH if not a number; the
     UTC time cards of mid-exposure ``mid`` and exposure ``exptime`` (s, as the plan read it) and
     AIRMASS (:func:`imgproc.timecards.apply_time_cards`). A scaled dark gets DARKSCAL and a HISTORY
-    line naming the dark and the ratio."""
+    line naming the dark and the ratio. The light's own OBSERVER, when it differs from
+    ``observer``, is kept as ORIGOBS; ``object_name`` (``--object``, for a light without OBJECT)
+    becomes OBJECT. ``cards`` (keyword, value, comment) are set last."""
     out = bin_header(header, binning)
     for key in _DROP:
         out.remove(key, ignore_missing=True, remove_all=True)
@@ -153,12 +167,19 @@ def calibrated_header(
         )
         if path is not None:
             out.set(_FILE_CARDS[role], Path(path).name, f"master {role} used")
+    original = out.get("OBSERVER")
+    if isinstance(original, str) and original.strip() and original != observer:
+        _set_fitting(out, "ORIGOBS", original, "camera's OBSERVER")
     out.set("OBSERVER", observer, "observer code")
+    if object_name:
+        _set_fitting(out, "OBJECT", object_name, "from imgproc --object: none in the header")
     apply_time_cards(out, [(mid - timedelta(seconds=exptime / 2.0), exptime)], header_airmass(header, [mid]))
     out.add_history(f"Calibrated by imgproc {__version__}")
     if masters.get("dark") is not None and dark_scale is not None:
         out.set("DARKSCAL", float(dark_scale), "dark scaled by the exposure ratio light/dark")
         out.add_history(f"dark {Path(masters['dark']).name} scaled by {dark_scale:.6g} (exposure ratio)")
+    for key, value, comment in cards:
+        out.set(key, value, comment)
     return out
 
 
@@ -176,6 +197,8 @@ def calibrate_frame(
     dark_scale: float | None = None,
     cfa: str | None = None,
     channel: str | None = None,
+    object_name: str | None = None,
+    cards: Sequence[tuple[str, str, str]] = (),
 ) -> tuple[np.ndarray, fits.Header]:
     """Read, calibrate and bin one light into the float32 FITS file ``target``; returns its
     pixels and header. ``dark_scale`` multiplies the dark (one of another exposure). A colour
@@ -191,13 +214,15 @@ def calibrate_frame(
         return calibrate_colour_frame(
             light_path, hdu, masters, cache, target, observer=observer, mid=mid, exptime=exptime,
             binning=binning, dark_scale=dark_scale, cfa=cfa, channel=channel or "G",
+            object_name=object_name, cards=cards,
         )  # fmt: skip
     header, image, blocks = read_image_blocks(light_path, hdu, multiple=binning)
     frames = {role: cache.get(role, path) for role, path in masters.items() if path is not None}
     check_master_shapes(image.shape, frames)  # whole frames: each block's slices would agree
     out_header = calibrated_header(
-        header, masters, observer=observer, mid=mid, exptime=exptime, binning=binning, dark_scale=dark_scale
-    )
+        header, masters, observer=observer, mid=mid, exptime=exptime, binning=binning,
+        dark_scale=dark_scale, object_name=object_name, cards=cards,
+    )  # fmt: skip
     binned = image if binning == 1 else np.empty(binned_shape(image.shape, binning), np.float32)
     with ImageWriter(target, out_header, binned.shape) as out:
         for rows in blocks:
@@ -227,9 +252,12 @@ def calibrate_colour_frame(
     cfa: str,
     channel: str,
     dark_scale: float | None = None,
+    object_name: str | None = None,
+    cards: Sequence[tuple[str, str, str]] = (),
 ) -> tuple[np.ndarray, fits.Header]:
     """Calibrate a colour light in its mosaic, pixel by pixel (the flat normalised per colour),
-    and write its ``channel`` (:func:`imgproc.colour.colour_image`) to ``target``."""
+    and write its ``channel`` (:func:`imgproc.colour.colour_image`) to ``target``; the header
+    as :func:`calibrated_header` makes it."""
     image, header = read_image(light_path, hdu)
     frames = {role: cache.get_colour(role, path, cfa) for role, path in masters.items() if path is not None}
     check_master_shapes(image.shape, frames)
@@ -237,8 +265,9 @@ def calibrate_colour_frame(
         image, *(frames.get(role) for role in ROLES), dark_scale=dark_scale, in_place=True
     )
     out_header = calibrated_header(
-        header, masters, observer=observer, mid=mid, exptime=exptime, binning=1, dark_scale=dark_scale
-    )
+        header, masters, observer=observer, mid=mid, exptime=exptime, binning=1, dark_scale=dark_scale,
+        object_name=object_name, cards=cards,
+    )  # fmt: skip
     data, out_header = colour_image(mosaic, out_header, cfa, channel, binning)
     if data.ndim == 3:
         write_cube(target, data, out_header)

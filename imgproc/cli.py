@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,15 +31,19 @@ from typing import Any
 import yaml
 
 from imgproc import __version__
+from imgproc.console import SNAKEMAKE_LOG, relay, start_line, summary_lines
 from imgproc.keywords import normalise
 from imgproc.manifest import list_fits, missing_filter, output_conflict, read_tsv
 from imgproc.naming import check_observer, default_output_dirname
+from imgproc.overrides import OverrideError, apply_overrides, check_config, take_snakemake_config
 from imgproc.plan import MAX_BIN, calibration_gaps, format_plan
 from imgproc.progress import ProgressMonitor
-from imgproc.verify import invalidate
+from imgproc.verify import clean_intermediates, invalidate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 CONFIG_NAME = "imgproc.yaml"
+#: Snakemake arguments of a run that does not make the outputs (its log is shown in full).
+PARTIAL_RUNS = ("-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--until", "--omit-from", "--list-rules")
 #: Seconds between whole-run progress lines.
 PROGRESS_SECONDS = 10.0
 #: Seconds a stopped run's jobs get to end before they are killed.
@@ -90,6 +94,13 @@ def observer_code(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def object_name(text: str) -> str:
+    """argparse type: an OBJECT value (printable ASCII, as a FITS card holds)."""
+    if not text.strip() or not text.isascii() or not text.isprintable() or len(text) > 68:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1-68 printable ASCII characters")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the original tool, plus pass-through of Snakemake arguments."""
     parser = argparse.ArgumentParser(
@@ -111,8 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"binning factor, 1 to {MAX_BIN} (default 1)")  # fmt: skip
     parser.add_argument("-a", "--align", action="store_true", help="align frames (sub-pixel)")
     parser.add_argument("-s", "--stack", action="store_true", help="stack groups of frames")
-    parser.add_argument("-S", "--stack-threshold", type=positive_int, default=150,
-                        help="frames in a sequence before stacking is triggered (default 150)")  # fmt: skip
+    parser.add_argument(
+        "-S", "--stack-threshold", type=positive_int, default=150, metavar="N",
+        help="with -s: a sequence of more than N frames is stacked into about N outputs, in "
+        "consecutive groups of round(frames/N); a shorter one stays single frames. Example: -s -S 20 "
+        "makes a 300-frame sequence 20 stacks of 15 frames, and leaves a 12-frame one as 12 frames "
+        "(default 150)",
+    )  # fmt: skip
     parser.add_argument("-o", "--observer", type=observer_code, default="DGAH",
                         help="observer code: letters, digits, . _ + - (default DGAH)")  # fmt: skip
     parser.add_argument(
@@ -131,7 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="CFA pattern of every light, as stored (none: all mono; default: config colour.pattern, "
         "auto: from the header)",
     )  # fmt: skip
-    parser.add_argument("-v", "--verbose", action="store_true", help="verbose diagnostic output")
+    parser.add_argument(
+        "--object", metavar="NAME", type=object_name,
+        help="OBJECT of lights whose header has none (TIRCAM2), for their names and OBJECT card; a "
+        "header's own OBJECT wins (--plan says which lights got NAME)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="set a config.yaml key, dotted for a nested one, the value read as YAML and checked "
+        "against the schema; repeatable; written into OUTPUT_DIR/imgproc.yaml. Example: "
+        "--set stacking.method=median --set alignment.reference=middle",
+    )  # fmt: skip
+    parser.add_argument(
+        "--clean", action="store_true",
+        help="delete the intermediates (OUTPUT_DIR/work/cal) once the outputs are written; a rerun "
+        "recognises the outputs by their headers",
+    )  # fmt: skip
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="show Snakemake's log (always in OUTPUT_DIR/logs/snakemake.log) and per-frame diagnostics",
+    )  # fmt: skip
     parser.add_argument(
         "--plan", action="store_true",
         help="only show (and write to OUTPUT_DIR/plan.txt) what every light will become; calibrate nothing",
@@ -192,8 +227,12 @@ def default_output_dir(input_dir: Path, observer: str, keywords: dict[str, list[
     return input_dir.parent / name
 
 
-def resolve_config(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The workflow config for these arguments (folders resolved and checked)."""
+def resolve_config(
+    args: argparse.Namespace, defaults: dict[str, Any], snakemake_config: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The workflow config for these arguments (folders resolved and checked), with ``--set``'s
+    and then Snakemake's ``--config`` overrides (:mod:`imgproc.overrides`), checked against the
+    schema."""
     config = dict(defaults)
     input_dir = check_folder(args.input_dir, "input folder")
     if not list_fits(input_dir):
@@ -212,10 +251,15 @@ def resolve_config(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[s
     config.update(
         input_dir=str(input_dir), output_dir=str(output), observer=args.observer, filter=args.filter,
         bin=args.bin_level, align=args.align, stack=args.stack, stack_threshold=args.stack_threshold,
-        verbose=args.verbose,
+        verbose=args.verbose, object=args.object, clean=args.clean,
     )  # fmt: skip
     colour = config.setdefault("colour", {"output": "channels", "pattern": "auto"})
     colour.update({k: v for k, v in (("output", args.colour), ("pattern", args.cfa)) if v is not None})
+    try:
+        config = apply_overrides(config, [*args.overrides, *snakemake_config])
+        check_config(config, workflow_dir() / "schemas" / "config.schema.yaml")
+    except OverrideError as exc:
+        raise UsageError(str(exc)) from None
     return config
 
 
@@ -303,8 +347,16 @@ class Stopped(Exception):
         self.status = 128 + signum
 
 
-def run_workflow(command: Sequence[str], output: Path, grace: float = STOP_SECONDS) -> int:
-    """Run Snakemake in ``output`` (environment: :func:`workflow_env`); its exit status.
+def run_workflow(
+    command: Sequence[str],
+    output: Path,
+    grace: float = STOP_SECONDS,
+    say: Callable[[str], None] = print,
+    verbose: bool = False,
+) -> int:
+    """Run Snakemake in ``output`` (environment: :func:`workflow_env`); its exit status. Its
+    output goes to ``logs/snakemake.log``, and to ``say`` in full with ``verbose``, else only
+    its warnings and errors (:func:`imgproc.console.relay`).
 
     Snakemake stays in this process's group, so Ctrl-C at the terminal (and ``kill -9`` of the
     group) reaches it directly: on SIGINT it stops its jobs. SIGTERM or SIGHUP sent to this
@@ -313,7 +365,10 @@ def run_workflow(command: Sequence[str], output: Path, grace: float = STOP_SECON
     seconds after a signal is killed. Then :class:`Stopped` is raised with 128 + the signal's
     number as the exit status (130, 143, 129), and the caller releases the run lock.
     """
-    proc = subprocess.Popen(command, cwd=output, env=workflow_env(output))
+    proc = subprocess.Popen(
+        command, cwd=output, env=workflow_env(output),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+    )  # fmt: skip
     received: list[int] = []
     deadline = threading.Timer(grace, proc.kill)
     deadline.daemon = True
@@ -328,7 +383,7 @@ def run_workflow(command: Sequence[str], output: Path, grace: float = STOP_SECON
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {signum: signal.signal(signum, stop) for signum in handled}
     try:
-        status = proc.wait()
+        status = relay(proc, output / SNAKEMAKE_LOG, say, verbose)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -370,14 +425,18 @@ def show_plan(output: Path) -> int:
     return EXIT_OK if complete else EXIT_INCOMPLETE
 
 
-def report(output: Path) -> int:
-    """Exit status from ``summary.json``: failed when an output or light failed with an internal
-    error, else complete or not."""
+def report(output: Path, elapsed: float) -> int:
+    """Print the first lines of ``summary.txt`` and where the outputs are; the exit status from
+    ``summary.json``: failed when an output or light failed with an internal error, else
+    complete or not."""
     try:
         summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return EXIT_FAILED
-    print(f"imgproc: outputs in {output}", file=sys.stderr)
+    for line in summary_lines(output / "summary.txt"):
+        print(line, file=sys.stderr)
+    print(f"imgproc: finished in {elapsed:.1f} s; outputs in {output} (summary.txt, report.html)",
+          file=sys.stderr)  # fmt: skip
     if summary.get("outputs_failed") or summary.get("failed_frames"):
         print(f"imgproc: internal errors; see {output / 'summary.txt'} and the tracebacks in {output}/logs",
               file=sys.stderr)  # fmt: skip
@@ -388,10 +447,11 @@ def report(output: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     ours, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(ours)
+    args = build_parser().parse_intermixed_args(ours)
     try:
         defaults = yaml.safe_load((workflow_dir() / "config.yaml").read_text(encoding="utf-8"))
-        config = resolve_config(args, defaults)
+        snakemake_config, extra = take_snakemake_config(extra)
+        config = resolve_config(args, defaults, snakemake_config)
         for gap in calibration_gaps([role for role in ("bias", "dark", "flat") if config[f"{role}_dir"]]):
             print(f"imgproc: warning: {gap}", file=sys.stderr)
         output = Path(config["output_dir"])
@@ -408,22 +468,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imgproc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     targets = ["work/plan.tsv"] if args.plan else []
+    dry = any(flag in extra for flag in PARTIAL_RUNS)
     started = time.monotonic()
     monitor = ProgressMonitor(output, interval=PROGRESS_SECONDS)
-    monitor.start()
+    watch = not (dry or args.plan)
+    if watch:
+        monitor.say(start_line(config, len(list_fits(Path(config["input_dir"]), [output]))))
+        monitor.start()
     with lock:
         try:
             command = snakemake_command(config_path, args.concurrency, [*extra, *targets])
-            status = run_workflow(command, output)
+            status = run_workflow(command, output, say=monitor.say, verbose=args.verbose or dry)
         except Stopped as stop:
             print(f"imgproc: {stop}; run the same command again to finish {output}", file=sys.stderr)
             return stop.status
         finally:
-            monitor.stop()
-    partial = ("-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--until", "--omit-from", "--list-rules")
-    dry = any(flag in extra for flag in partial)
+            if watch:
+                monitor.stop()
     if status != 0:
-        print(f"imgproc: the workflow failed (Snakemake exit {status}); see {output}/logs", file=sys.stderr)
+        print(f"imgproc: the workflow failed (Snakemake exit {status}); see {output / SNAKEMAKE_LOG}",
+              file=sys.stderr)  # fmt: skip
         return EXIT_FAILED
     if dry:
         return EXIT_OK
@@ -433,8 +497,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.plan:
         return show_plan(output)
-    print(f"imgproc: finished in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    return report(output)
+    outcome = report(output, time.monotonic() - started)
+    if config["clean"] and outcome in (EXIT_OK, EXIT_INCOMPLETE):
+        count, freed = clean_intermediates(output)
+        print(f"imgproc: --clean: deleted {count} intermediates in work/cal ({freed / 2**20:.0f} MiB freed)",
+              file=sys.stderr)  # fmt: skip
+    return outcome
 
 
 if __name__ == "__main__":

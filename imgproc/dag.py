@@ -89,6 +89,7 @@ class Layout:
         matching = self.config["matching"]
         return {
             "observer": self.config["observer"],
+            "object_name": self.config.get("object"),
             "stack": self.config["stack"],
             "stack_threshold": self.config["stack_threshold"],
             "binning": self.config["bin"],

@@ -27,7 +27,7 @@ from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 COLUMNS = (
     "frame_id", "path", "size", "mtime_ns", "ctime_ns", "hdu", "status", "reason", "sequence", "reference",
     "output", "n_group", "mid", "exptime", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch",
-    "pub_kind", "thumb", "pierside", "ny", "nx", "cfa", "channel", "measure",
+    "pub_kind", "thumb", "pierside", "ny", "nx", "cfa", "channel", "measure", "object_set",
 )  # fmt: skip
 #: Largest binning factor (``-b``; the config schema's ``bin`` maximum).
 MAX_BIN = 64
@@ -46,6 +46,7 @@ class PlanSettings:
     """What the plan depends on besides the manifest."""
 
     observer: str = "DGAH"
+    object_name: str | None = None  # --object: OBJECT of lights whose header has none
     stack: bool = False
     stack_threshold: int = 150
     binning: int = 1  # -b: a light smaller than one binned pixel is skipped
@@ -153,13 +154,16 @@ def make_plan(
     for row in rows:
         if row["folder"] != "light" or row["role"] != "light" or row["status"] != OK:
             continue
+        object_set = settings.object_name if not row["object"] else None
+        if object_set:
+            row = {**row, "object": object_set}
         entry = {
             "frame_id": frame_id(row["path"]), "path": row["path"], "size": row["size"],
             "mtime_ns": row["mtime_ns"], "ctime_ns": row.get("ctime_ns"), "hdu": row["hdu"],
             "status": OK, "reason": "", "pierside": row.get("pierside"), "ny": row["ny"], "nx": row["nx"],
             "sequence": sequence_key(row),
             "mid": mid_exposure(datetime.fromisoformat(row["date_obs"]), row["exptime"]),
-            "exptime": row["exptime"],
+            "exptime": row["exptime"], "object_set": object_set or "",
         }  # fmt: skip
         matches = match_light(row, wanted, settings.criteria, settings.tolerance, settings.dark_scaling)
         for role, match in matches.items():
@@ -390,6 +394,20 @@ def calibration_notes(summary: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def object_notes(plan: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Which name the lights without OBJECT got: ``--object``'s (a header's own OBJECT wins), or
+    UNKNOWN."""
+    named = Counter(entry["object_set"] for entry in plan if entry.get("object_set"))
+    unknown = sum(1 for e in plan if e["status"] == OK and (e["sequence"] or "").startswith("UNKNOWN_"))
+    notes = [
+        f"{n} lights without OBJECT named {name!r} (--object); lights with OBJECT keep their own"
+        for name, n in sorted(named.items())
+    ]
+    if unknown:
+        notes.append(f"{unknown} lights without OBJECT named UNKNOWN: give --object NAME to name them")
+    return notes
+
+
 def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:
     """The plan as a table for a person: each light's sequence, group, masters and output, or why
     it will be skipped; then the files that are only listed (calibration frames among the lights,
@@ -410,5 +428,6 @@ def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[st
     ok = sum(1 for e in plan if e["status"] == OK)
     outputs = len({e["output"] for e in plan if e["status"] == OK})
     lines.append(f"{ok} lights -> {outputs} outputs; {len(rows) - ok} files skipped or listed")
+    lines += object_notes(plan)
     lines += [colour_message(*key, len(paths)) for key, paths in sorted(colour_lights(plan).items())]
     return "\n".join(lines) + "\n"

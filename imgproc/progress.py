@@ -2,24 +2,30 @@
 of the plan's totals).
 
 The ``imgproc`` command watches the output folder while Snakemake works (jobs in separate
-processes or on cluster nodes leave stamps and receipts there) and prints one plain line every
-few seconds, readable on a terminal and in a log alike, with an estimate of the time left.
+processes or on cluster nodes leave stamps and receipts there) and shows how far the night has
+got, with an estimate of the time left: a live bar on a terminal, a plain line every few seconds
+in a pipe or a log file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
+
+from tqdm import tqdm
 
 from imgproc.manifest import FAILED, OK, SKIPPED, read_tsv
 from imgproc.stamps import read_json
 
 log = logging.getLogger("imgproc")
+#: Seconds between redraws of the progress bar on a terminal.
+BAR_SECONDS = 0.5
 
 
 class Progress:
@@ -80,13 +86,28 @@ def _finished(work: Path) -> tuple[dict[str, float], dict[str, float]]:
     return calibrated, published
 
 
-def count_progress(output: Path, since: float) -> tuple[int, int, int, int, int] | None:
-    """(frames done, frames planned, outputs done, outputs planned, how many of those done the
-    run that started at ``since`` did); None while there is no plan yet.
+class Counts(NamedTuple):
+    """How far a run has got (:func:`count_progress`). Work is counted in frames: calibrating a
+    frame is one unit, making an aligned or stacked output one unit per frame in it (a stack of
+    12 frames weighs 12), publishing a hard link nothing. So the pace measured while frames were
+    calibrated still holds while the stacks are made."""
+
+    frames_done: int
+    frames: int
+    outputs_done: int
+    outputs: int
+    units_done: int
+    units: int
+    units_this_run: int
+
+
+def count_progress(output: Path, since: float) -> Counts | None:
+    """How far the run that started at ``since`` (a time.time() value) has got; None while
+    there is no plan yet.
 
     Work is done once its stamp or receipt is newer than the plan: a run resumed after a crash
     starts from what the interrupted one finished, and a run whose plan changed (written anew)
-    from nothing. Only this run's own work measures its pace.
+    from nothing. Only this run's own work measures its pace (``units_this_run``).
     """
     plan_path = output / "work" / "plan.tsv"
     try:
@@ -96,56 +117,112 @@ def count_progress(output: Path, since: float) -> tuple[int, int, int, int, int]
     plan = [row for row in read_tsv(plan_path) if row["status"] == OK]
     calibrated, published = _finished(output / "work")
     frames = {row["frame_id"] for row in plan}
-    outputs = {row["output"] for row in plan}
+    weight: dict[str, int] = {}
+    for row in plan:
+        weight[row["output"]] = weight.get(row["output"], 0) + (row.get("pub_kind") != "link")
     frames_done = [t for t in map(calibrated.get, frames) if t is not None and t >= planned]
-    outputs_done = [t for t in map(published.get, outputs) if t is not None and t >= planned]
-    this_run = sum(t >= since for t in frames_done + outputs_done)
-    return len(frames_done), len(frames), len(outputs_done), len(outputs), this_run
+    outputs_done = {name: published[name] for name in weight if published.get(name, 0.0) >= planned}
+    this_run = sum(t >= since for t in frames_done)
+    this_run += sum(weight[name] for name, t in outputs_done.items() if t >= since)
+    units_done = len(frames_done) + sum(weight[name] for name in outputs_done)
+    return Counts(
+        len(frames_done), len(frames), len(outputs_done), len(weight),
+        units_done, len(frames) + sum(weight.values()), this_run,
+    )  # fmt: skip
 
 
-def format_progress(counts: tuple[int, int, int, int, int], elapsed: float) -> str:
-    """``frames 120/300 calibrated, outputs 40/300, 25 s elapsed, ~40 s left``: the estimate from
-    the pace of this run's own work (the last of :func:`count_progress`'s counts)."""
-    done, total, made, outputs, this_run = counts
-    work_left = total + outputs - done - made
-    left = elapsed / this_run * work_left if this_run else None
-    estimate = f", ~{left:.0f} s left" if left is not None and work_left > 0 else ""
-    counts_text = f"frames {done}/{total} calibrated, outputs {made}/{outputs}"
-    return f"imgproc: {counts_text}, {elapsed:.0f} s elapsed{estimate}"
+def time_left(counts: Counts, elapsed: float) -> float | None:
+    """Seconds left at this run's pace, or None before this run did any work."""
+    if not counts.units_this_run or counts.units_done >= counts.units:
+        return None
+    return elapsed / counts.units_this_run * (counts.units - counts.units_done)
+
+
+def format_progress(counts: Counts, elapsed: float, short: bool = False) -> str:
+    """``frames 120/300 calibrated, outputs 40/300, 25 s elapsed, ~40 s left`` (without the
+    ``imgproc:`` prefix); ``short``: ``frames 120/300, outputs 40/300, 25 s, ~40 s left``, beside
+    a bar."""
+    left = time_left(counts, elapsed)
+    estimate = "" if left is None else f", ~{left:.0f} s left"
+    frames, seconds = ("", "") if short else (" calibrated", " elapsed")
+    counted = (
+        f"frames {counts.frames_done}/{counts.frames}{frames}, outputs {counts.outputs_done}/{counts.outputs}"
+    )
+    return f"{counted}, {elapsed:.0f} s{seconds}{estimate}"
 
 
 class ProgressMonitor(threading.Thread):
-    """Prints the run's progress every ``interval`` seconds until stopped."""
+    """Shows the run's progress until stopped: on a terminal a live bar (tqdm) redrawn every
+    :data:`BAR_SECONDS`, elsewhere (a pipe, a log file) a plain line every ``interval`` seconds
+    when something changed. :meth:`say` prints a line without breaking the bar."""
 
-    def __init__(self, output: Path, interval: float = 10.0, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, output: Path, interval: float = 10.0, stream: TextIO | None = None, bar: bool | None = None
+    ) -> None:
         super().__init__(daemon=True)
-        self.output, self.interval, self.stream = output, interval, stream
+        self.output, self.stream = output, stream or sys.stderr
+        self.live = self.stream.isatty() if bar is None else bar
+        self.interval = BAR_SECONDS if self.live else interval
         self.started_wall, self.started = time.time(), time.monotonic()
         self._finished = threading.Event()
         self._last = ""
+        self._bar: tqdm | None = None
 
     def run(self) -> None:
         while not self._finished.wait(self.interval):
             self.report()
 
+    def say(self, text: str) -> None:
+        """Print ``text`` as a line of its own (above the bar, on a terminal)."""
+        if self.live:
+            tqdm.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
     def report(self, final: bool = False) -> None:
-        """Print a progress line if anything changed since the last one (the ``final`` one
-        without an estimate: what is not done by then, failed or skipped, will not be)."""
+        """Show the progress: redraw the bar, or print a line if anything changed since the
+        last one (the ``final`` one without an estimate: what is not done by then, failed or
+        skipped, will not be)."""
         try:
             counts = count_progress(self.output, self.started_wall - 1.0)
         except (OSError, ValueError):
             return
-        if counts is None or counts[1] == 0:
+        if counts is None or counts.frames == 0:
             return
-        line = format_progress(counts, time.monotonic() - self.started)
+        text = format_progress(counts, time.monotonic() - self.started, short=self.live)
         if final:
-            line = line.split(", ~")[0]
-        if line.split(", ~")[0] != self._last.split(", ~")[0]:
-            print(line, file=self.stream or sys.stderr, flush=True)
-            self._last = line
+            text = text.split(", ~")[0]
+        if self.live:
+            self._draw(counts, text)
+        elif text.split(", ~")[0] != self._last.split(", ~")[0]:
+            print(f"imgproc: {text}", file=self.stream, flush=True)
+            self._last = text
+
+    def _draw(self, counts: Counts, text: str) -> None:
+        if self._bar is None:
+            self._bar = tqdm(
+                total=counts.units,
+                file=self.stream,
+                bar_format="imgproc: {bar:20} {desc}",
+                ncols=80,
+                nrows=24,
+            )
+        self._bar.total, self._bar.n = counts.units, counts.units_done
+        self._bar.ncols = self._columns()
+        self._bar.set_description_str(text, refresh=True)
+
+    def _columns(self) -> int:
+        """The terminal's width (80 where it says 0, as a new pseudo-terminal does)."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError):
+            return 80
 
     def stop(self) -> None:
-        """Stop watching, after one last line."""
+        """Stop watching, after one last report (the bar stays on screen)."""
         self._finished.set()
-        self.join(timeout=self.interval + 1)
+        if self.is_alive():
+            self.join(timeout=self.interval + 1)
         self.report(final=True)
+        if self._bar is not None:
+            self._bar.close()

@@ -30,6 +30,7 @@ from imgproc.fitsio import Float32Rows, checksum_problem, link_atomic, read_head
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
 from imgproc.progress import Progress
+from imgproc.provenance import provenance_cards, recognised_stamp
 from imgproc.report import cached_thumbnail
 from imgproc.stack import MEMORY, combine
 from imgproc.stages import problem_item
@@ -40,6 +41,11 @@ from imgproc.verify import file_record, size_problem
 log = logging.getLogger("imgproc")
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
 _FILES = ("BIASFILE", "DARKFILE", "FLATFILE")
+
+
+#: Version of the cards a stack's header gets besides its frames' (in the stamp: stacks made
+#: before the combine cards are made again).
+STACK_CARDS = "combine cards 1"
 
 
 @dataclass(frozen=True)
@@ -175,19 +181,38 @@ def measure(
     return shift
 
 
+def combine_cards(settings: StackSettings) -> list[tuple[str, str, str]]:
+    """How a stack was combined: STACKMTH (method), STACKREJ (rejection) and STACKNRM
+    (normalisation), as (keyword, value, comment)."""
+    rejection = "none"
+    if settings.method == "sigclip":
+        rejection = f"sigma {settings.sigma_low:g} low {settings.sigma_high:g} high"
+    return [
+        ("STACKMTH", settings.method, "combine method (sigclip: mean after rejection)"),
+        ("STACKREJ", rejection, "about the median, std, 1 pass"),
+        ("STACKNRM", "none", "frames combined as calibrated, not scaled"),
+    ]
+
+
 def stack_header(
-    headers: Sequence[fits.Header], members: Sequence[Member], shifts: Sequence[Shift | None]
+    headers: Sequence[fits.Header],
+    members: Sequence[Member],
+    shifts: Sequence[Shift | None],
+    settings: StackSettings | None = None,
 ) -> fits.Header:
-    """Header of a stack: its first frame's, plus NCOMBINE, LIVETIME (summed exposure), the UTC
-    time cards of the frames and their mean AIRMASS (:func:`imgproc.timecards.apply_time_cards`),
-    calibration flags true only if true for every frame, and HISTORY cards listing every input
-    with its masters and applied shift (and the camera's time cards the first frame replaced)."""
+    """Header of a stack: its first frame's, plus NCOMBINE, LIVETIME (summed exposure), how it
+    was combined (:func:`combine_cards`), the UTC time cards of the frames and their mean
+    AIRMASS (:func:`imgproc.timecards.apply_time_cards`), calibration flags true only if true
+    for every frame, and HISTORY cards listing every input with its masters and applied shift
+    (and the camera's time cards the first frame replaced)."""
     out = headers[0].copy() if shifts[0] is None else aligned_header(headers[0], shifts[0])
     replaced = kept_history(out)
     out.remove("HISTORY", ignore_missing=True, remove_all=True)
     for line in replaced:
         out.add_history(line)
     out.set("NCOMBINE", len(headers), "number of frames combined")
+    for key, value, comment in combine_cards(settings or StackSettings()):
+        out.set(key, value, comment)
     exptimes = [float(h.get("EXPTIME", 0) or 0) for h in headers]
     frames = [(m.mid - timedelta(seconds=e / 2.0), e) for m, e in zip(members, exptimes, strict=True)]
     computed = header_airmass(out, [m.mid for m in members])
@@ -231,10 +256,15 @@ def aligned_header(header: fits.Header, shift: Shift) -> fits.Header:
     return out
 
 
-def publish_single_aligned(member: Member, shift: Shift, target: Path, order: int) -> None:
+def publish_single_aligned(
+    member: Member, shift: Shift, target: Path, order: int, cards: Sequence[tuple[str, str, str]] = ()
+) -> None:
     """Resample one frame (each plane of an RGB cube alike) onto the reference grid and write it
-    to ``target``."""
+    to ``target``, with ``cards`` (keyword, value, comment) set in its header."""
     data, header = read_frame(member.path)
+    header = aligned_header(header, shift)
+    for key, value, comment in cards:
+        header.set(key, value, comment)
     planes = data if data.ndim == 3 else data[None]
     moved = np.stack(
         [
@@ -243,7 +273,7 @@ def publish_single_aligned(member: Member, shift: Shift, target: Path, order: in
             for plane in planes
         ]
     )  # fmt: skip
-    write_output(target, moved if data.ndim == 3 else moved[0], aligned_header(header, shift))
+    write_output(target, moved if data.ndim == 3 else moved[0], header)
 
 
 def write_output(target: Path, data: np.ndarray, header: fits.Header) -> None:
@@ -261,9 +291,10 @@ def publish_stack(
     settings: StackSettings,
     threads: int = 1,
     frames: Sequence[tuple[np.ndarray, fits.Header]] | None = None,
+    cards: Sequence[tuple[str, str, str]] = (),
 ) -> tuple[np.ndarray, fits.Header]:
-    """Combine ``members`` (each resampled by its shift, if any) into ``target``; returns the
-    stack and its header.
+    """Combine ``members`` (each resampled by its shift, if any) into ``target``, with ``cards``
+    (keyword, value, comment) set in its header; returns the stack and its header.
 
     ``frames`` are the members' pixels and headers when the caller holds them (it read them to
     register them): the combine then gets :data:`KEEP_FRAMES_SHARE` less of the budget. Without
@@ -293,7 +324,9 @@ def publish_stack(
         for layer in layers
     ]
     data = np.stack(planes) if cube else planes[0]
-    header = stack_header(headers, members, shifts)
+    header = stack_header(headers, members, shifts, settings)
+    for key, value, comment in cards:
+        header.set(key, value, comment)
     write_output(target, data, header)
     return data, header
 
@@ -346,8 +379,10 @@ def publish_group(
     With ``threads`` > 1 the frames are registered, and the stack combined, on that many
     threads at once.
 
-    An existing output is replaced only when it was made by imgproc from the same lights;
-    anything else at that name is left untouched and reported.
+    An existing output is replaced only when it was made by imgproc from the same lights (its
+    stamp file in ``work/pub`` says so, or without one its own header,
+    :func:`imgproc.provenance.recognised_stamp`); anything else at that name is left untouched
+    and reported. One recognised by its header whose stamp is current is kept as it is.
     """
     members = plan_members(entries, workdir)
     stamps = {m.frame_id: (read_json(m.path.with_suffix(".json")) or {}).get("stamp") for m in members}
@@ -358,6 +393,9 @@ def publish_group(
     sources = sorted(str(e["path"]) for e in entries)
     target, stamp_path = outdir / name, workdir / "pub" / f"{name}.json"
     previous = read_json(stamp_path)
+    recognised = recognised_stamp(target, sources) if previous is None and target.exists() else None
+    if recognised is not None:
+        previous = {"sources": sources, "stamp": None}
     if target.exists() and (previous is None or previous.get("sources") != sources):
         return {
             "status": SKIPPED,
@@ -369,13 +407,21 @@ def publish_group(
     ref_stamp = None
     if settings.align and reference is not None:
         ref_stamp = (read_json(workdir / "cal" / f"{reference['frame_id']}.json") or {}).get("stamp")
-    stamp = digest([name, [stamps[m.frame_id] for m in members], ref_stamp, asdict(settings), __version__])
+    how = {key: value for key, value in asdict(settings).items() if key != "memory_budget"}  # same bytes
+    stamp = digest([name, [stamps[m.frame_id] for m in members], ref_stamp, how, __version__, STACK_CARDS])
     if target.exists() and previous.get("stamp") == stamp:
         problem = size_problem(target, previous) or checksum_problem(target)
         if not problem:
             kept = ("ncombine", "excluded", "shifts", "size")
             return {key: previous.get(key) for key in kept} | {"status": "reused"}
         log.warning("%s: made again", problem)
+    linked = len(members) == 1 and not settings.align  # the output is the intermediate: its stamp
+    if recognised is not None and recognised == (stamps[members[0].frame_id] if linked else stamp):
+        ncombine = int(fits.getheader(target).get("NCOMBINE", 1))
+        item = {"status": "reused", "ncombine": ncombine, "excluded": excluded, "shifts": {}}
+        item |= file_record(target)
+        write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})
+        return item
     write_json(stamp_path, {"sources": sources, "stamp": None})
     shifts: list[Shift | None] = [None] * len(members)
     frames: list[tuple[np.ndarray, fits.Header]] | None = None
@@ -411,13 +457,14 @@ def publish_group(
     if frames is None and len(members) > 1 and entries[0].get("channel") == "RGB":  # cubes: in memory
         frames = [read_frame(member.path) for member in members]
     single_shift = shifts[0]
+    cards = provenance_cards(stamp, sources)
     made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
     if len(members) > 1:
-        made = publish_stack(members, shifts, target, settings, threads, frames)
+        made = publish_stack(members, shifts, target, settings, threads, frames, cards)
     elif single_shift is None:
         link_atomic(members[0].path, target)
     else:
-        publish_single_aligned(members[0], single_shift, target, settings.order)
+        publish_single_aligned(members[0], single_shift, target, settings.order, cards)
     if any(entry.get("thumb") for entry in entries):  # here, in parallel jobs, not in the report
         cached_thumbnail(target, workdir / "thumbs", data=made[0], header=made[1])
     records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}

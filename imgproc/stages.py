@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from imgproc import __version__
-from imgproc.calibrate import MASTERS, ROLES, MasterCache, calibrate_frame
+from imgproc.calibrate import HEADER_CARDS, MASTERS, ROLES, MasterCache, calibrate_frame
 from imgproc.fitsio import FitsError, checksum_problem, write_atomic
 from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, shown, write_tsv
 from imgproc.masterbuild import build_master
@@ -40,6 +40,7 @@ from imgproc.plan import (
     master_label,
 )
 from imgproc.progress import Progress
+from imgproc.provenance import provenance_cards
 from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail, robust_background
 from imgproc.scan import ScanRequest, scan
 from imgproc.stamps import digest, file_id, read_json, receipt_items, write_json
@@ -157,8 +158,9 @@ def calibration_stamp(entry: Mapping[str, Any], observer: str, binning: int) -> 
     so that the stamps of unscaled frames are those of earlier versions)."""
     masters = {role: file_id(entry[role]) for role in ROLES if entry.get(role)}
     scale = [entry["dark_scale"]] if entry.get("dark") and entry.get("dark_scale") is not None else []
-    cards = [entry["mid"], __version__, *scale, f"timecards {TIMECARDS_VERSION}"]
-    if entry.get("cfa"):  # colour frames only, so that mono stamps are those of earlier versions
+    named = [f"object {entry['object_set']}"] if entry.get("object_set") else []
+    cards = [entry["mid"], __version__, *scale, f"timecards {TIMECARDS_VERSION}", *named, HEADER_CARDS]
+    if entry.get("cfa"):  # colour frames only
         cards += [f"cfa {entry['cfa']} {entry['channel']}"]
     return digest([file_id(entry["path"]), masters, observer, binning, *cards])
 
@@ -201,6 +203,7 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
         binning=binning,
         dark_scale=entry.get("dark_scale") if entry.get("dark") else None,
         cfa=entry.get("cfa") or None, channel=entry.get("channel") or None,
+        object_name=entry.get("object_set") or None, cards=provenance_cards(stamp, [entry["path"]]),
     )  # fmt: skip
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)

@@ -13,6 +13,12 @@ longer holds, so Snakemake redoes that batch (and the batch then rebuilds only w
   change time differ: the kernel sets the change time on every write and no program can set it
   back, so a file rewritten with its old size and modification time is caught too).
 
+Intermediates deleted by ``--clean`` (:func:`clean_intermediates`) do not make their receipts
+stale while the config is the one they were deleted under, so such a rerun has nothing to do;
+an output to make again may need them, and then they are made again. A ``work/`` deleted by
+hand makes every job run again; the outputs are then recognised by their own headers
+(:mod:`imgproc.provenance`).
+
 Reading every file to check its DATASUM before each run would cost as much as reading the whole
 night again, so it is asked for (``imgproc --verify``); a file that a batch reuses is always
 checked against its own DATASUM
@@ -23,12 +29,15 @@ from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from imgproc.manifest import FAILED, SKIPPED, read_tsv
-from imgproc.stamps import file_id
+from imgproc.stamps import digest, file_id, read_json, write_json
+
+#: The record of the intermediates ``--clean`` deleted (in ``work/``).
+CLEANED_NAME = "cleaned.json"
 
 #: errno values of faults that pass (space freed, device back): never remembered as results.
 TRANSIENT_ERRNOS = frozenset(
@@ -60,9 +69,10 @@ def size_problem(path: Path, item: Mapping[str, Any]) -> str:
     return ""
 
 
-def stale_receipts(output: Path, checksums: bool = False) -> dict[Path, str]:
+def stale_receipts(output: Path, checksums: bool = False, cleaned: Collection[str] = ()) -> dict[Path, str]:
     """Receipts under ``output/work`` that no longer hold, with the first reason of each; with
-    ``checksums``, every file they name is also read and checked against its DATASUM."""
+    ``checksums``, every file they name is also read and checked against its DATASUM. The
+    intermediates of ``cleaned`` frames may be missing."""
     stale: dict[Path, str] = {}
 
     def intermediate(frame_id: str) -> Path:
@@ -76,6 +86,8 @@ def stale_receipts(output: Path, checksums: bool = False) -> dict[Path, str]:
                 stale[receipt] = "unreadable receipt"
                 continue
             for key, item in sorted(items.items()):
+                if folder == "calibrated" and key in cleaned and not target(key).exists():
+                    continue
                 reason = _item_problem(target(key), item, checksums)
                 if reason:
                     stale[receipt] = reason
@@ -130,9 +142,44 @@ def invalidate(output: Path, checksums: bool = False) -> list[str]:
         for receipt in (output / "work" / "calibrated").glob("*.json"):
             receipt.unlink()
         notes += [f"{path} was rewritten since it was read: read again" for path in rewritten]
-    for receipt, reason in stale_receipts(output, checksums).items():
+    stale = stale_receipts(output, checksums, cleaned_frames(output))
+    if any(receipt.parent.name == "published" for receipt in stale):  # may need cleaned intermediates
+        (output / "work" / CLEANED_NAME).unlink(missing_ok=True)
+        stale = stale_receipts(output, checksums)
+    for receipt, reason in stale.items():
         receipt.unlink(missing_ok=True)
         notes.append(f"{receipt.parent.name}/{receipt.stem}: {reason}: redone")
+    if (output / "summary.json").exists() and not (output / "work" / "plan.tsv").exists():
+        notes.append("work/ is gone: every step is judged again, and outputs are kept where current")
     if notes:
         (output / "summary.json").unlink(missing_ok=True)
     return notes
+
+
+def _config_digest(output: Path) -> str:
+    return digest((output / "imgproc.yaml").read_text(encoding="utf-8"))
+
+
+def cleaned_frames(output: Path) -> set[str]:
+    """Frames whose intermediates ``--clean`` deleted under the config the run has now; none (and
+    the record goes) when the config changed since: then what needs them makes them again."""
+    record = output / "work" / CLEANED_NAME
+    data = read_json(record) or {}
+    if data and data.get("config") == _config_digest(output):
+        return set(data.get("frames", []))
+    record.unlink(missing_ok=True)
+    return set()
+
+
+def clean_intermediates(output: Path) -> tuple[int, int]:
+    """Delete the intermediates (``work/cal/*.fits``; an output hard-linked to one keeps its
+    data), recording them for :func:`cleaned_frames`; (files deleted, bytes freed)."""
+    files = sorted((output / "work" / "cal").glob("*.fits"))
+    frames = cleaned_frames(output) | {path.stem for path in files}
+    write_json(output / "work" / CLEANED_NAME, {"config": _config_digest(output), "frames": sorted(frames)})
+    freed = 0
+    for path in files:
+        stat = path.stat()
+        freed += stat.st_size if stat.st_nlink == 1 else 0
+        path.unlink()
+    return len(files), freed

@@ -3,7 +3,6 @@ bias-subtracted dark scaled by the exposure ratio; never without a bias, never s
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ from conftest import REAL, real_set, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imgproc import cli
 from imgproc.calibrate import MasterCache
 from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
 from imgproc.manifest import OK, SKIPPED
@@ -206,20 +204,7 @@ def test_calibrated_pixels_header_and_stamp(night: Path, tmp_path: Path) -> None
                                rtol=2e-6)  # fmt: skip
 
 
-def _dark_scaling_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    resolve = cli.resolve_config
-
-    def resolve_off(args, defaults):  # type: ignore[no-untyped-def]
-        config = copy.deepcopy(resolve(args, defaults))
-        config["matching"]["dark_scaling"] = False
-        return config
-
-    monkeypatch.setattr(cli, "resolve_config", resolve_off)
-
-
-def test_the_command_scales_and_the_switch_turns_it_off(
-    night: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_command_scales_and_the_switch_turns_it_off(night: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     flags = ["-B", night / "bias", "-D", night / "darks", "-F", night / "flats"]
     assert run_cli(night / "lights", out, *flags) == EXIT_OK
@@ -229,11 +214,9 @@ def test_the_command_scales_and_the_switch_turns_it_off(
         header, data = fits.getheader(path), fits.getdata(path)
         assert header["DARKSCAL"] == 0.25 and header["DARKFILE"] == "master_dark_120s_late.fits"
         np.testing.assert_allclose(data, SKY, rtol=1e-4)  # the dark current is gone exactly
-    _dark_scaling_off(monkeypatch)
-    assert run_cli(night / "lights", out, *flags) == EXIT_INCOMPLETE
+    assert run_cli(night / "lights", out, *flags, "--set", "matching.dark_scaling=false") == EXIT_INCOMPLETE
     summary = (out / "summary.txt").read_text()
     assert summary.count("no matching dark master; nearest master_dark_60s.fits differs in EXPTIME") == 2
-    monkeypatch.undo()
     assert run_cli(night / "lights", out, *flags) == EXIT_OK
 
 

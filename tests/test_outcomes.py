@@ -170,7 +170,7 @@ def test_summary_counts_failures_apart_from_skips_and_sets_the_exit_status(tmp_p
 
     def exit_status(data: dict) -> int:
         write_json(tmp_path / "summary.json", data)
-        return report(tmp_path)
+        return report(tmp_path, 1.0)
 
     assert exit_status(summary) == EXIT_FAILED
     only_skips = summarise(

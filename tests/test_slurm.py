@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slurm
 
 PROFILE = Path(os.environ.get("IMGPROC_SLURM_PROFILE", REPO / "profiles" / "slurm-ci")).resolve()
 NIGHT = NightSpec(n_lights=6, shape=(128, 128))
-FLAGS = ("-a", "-s", "-S", "2", "-c", "2")
+FLAGS = ("-v", "-a", "-s", "-S", "2", "-c", "2")
 RUN_TIMEOUT = 240  # seconds for one workflow run (30-45 s on the 2-core CI cluster)
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+)")
 RUN_ID = re.compile(r"SLURM run ID: (\S+)")
