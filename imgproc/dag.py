@@ -95,6 +95,8 @@ class Layout:
             "upsample": alignment["upsample"],
             "min_significance": alignment["min_significance"],
             "order": alignment["order"],
+            "registration": alignment["method"],
+            "model": alignment["model"],
         }
 
 

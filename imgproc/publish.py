@@ -8,10 +8,11 @@ registered (with ``-a``) and combined in row strips, so memory stays within the 
 from __future__ import annotations
 
 import math
+import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,14 @@ import numpy as np
 from astropy.io import fits
 
 from imgproc import __version__
-from imgproc.align import MosaicRegistrar, Registrar, Shift, apply_shift, pier_side_flip
+from imgproc.align import MosaicRegistrar, Registrar, Shift, StarRegistrar, apply_shift, pier_side_flip
 from imgproc.cache import FileCache
 from imgproc.fitsio import Float32Rows, link_atomic, read_header, read_image, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
 from imgproc.progress import Progress
 from imgproc.report import cached_thumbnail
-from imgproc.stack import MEMORY, combine
+from imgproc.stack import MEMORY, ArraySource, combine
 from imgproc.stages import problem_item
 from imgproc.stamps import digest, read_json, write_json
 from imgproc.timecards import apply_time_cards, header_airmass, kept_history, mean_card_airmass
@@ -47,7 +48,9 @@ class StackSettings:
     memory_budget: int = 2 * 1024**3
     upsample: int = 20
     min_significance: float = 15.0
-    order: int = 1
+    order: int = 3
+    registration: str = "stars"
+    model: str = "similarity"
 
 
 @dataclass(frozen=True)
@@ -121,33 +124,39 @@ KEEP_FRAMES_SHARE = 0.25
 
 #: Registrars of this process's publish jobs (threads of the workflow's process), built once
 #: per reference intermediate and settings.
-REGISTRARS: FileCache[Registrar | MosaicRegistrar] = FileCache(512 * 1024**2)
+AnyRegistrar = Registrar | MosaicRegistrar | StarRegistrar
+REGISTRARS: FileCache[AnyRegistrar] = FileCache(512 * 1024**2)
 
 
-def registrar_for(reference: Path, settings: StackSettings) -> Registrar | MosaicRegistrar:
+def registrar_for(reference: Path, settings: StackSettings) -> AnyRegistrar:
     """The registrar built on the reference frame's intermediate (see :data:`REGISTRARS`): a
+    :class:`StarRegistrar` (``registration: stars``), else a :class:`Registrar`, or a
     :class:`MosaicRegistrar` for a colour sensor's frames (a CFA pattern in the header)."""
 
-    def build() -> Registrar | MosaicRegistrar:
+    def build() -> AnyRegistrar:
         data, header = read_image(reference)
-        kind = MosaicRegistrar if normalise(header)["bayerpat"] else Registrar  # colour sensors
-        return kind(data, upsample=settings.upsample, min_significance=settings.min_significance)
+        mosaic = bool(normalise(header)["bayerpat"])  # colour sensors
+        options = {"upsample": settings.upsample, "min_significance": settings.min_significance}
+        if settings.registration == "stars":
+            return StarRegistrar(data, model=settings.model, mosaic=mosaic, **options)
+        return (MosaicRegistrar if mosaic else Registrar)(data, **options)
 
-    return REGISTRARS.get((settings.upsample, settings.min_significance), str(reference), build)
+    key = (settings.upsample, settings.min_significance, settings.registration, settings.model)
+    return REGISTRARS.get(key, str(reference), build)
 
 
 def measure(
-    member: Member, data: np.ndarray, registrar: Registrar | MosaicRegistrar, reference_pierside: str | None
+    member: Member, data: np.ndarray, registrar: AnyRegistrar, reference_pierside: str | None
 ) -> Shift:
     """The shift that puts ``member`` (its pixels ``data``) on the reference grid.
 
     A frame whose PIERSIDE differs from the reference's is rotated by 180° (meridian flip)
     before measuring; when either pier side is unknown, the registrar also tries the rotation
-    and keeps it if its peak is clearly stronger.
+    and keeps it if its peak is clearly stronger (star matching finds any rotation itself).
     """
     if pier_side_flip(reference_pierside, member.pierside):
         shift = registrar.measure(np.rot90(data, 2))
-        return Shift(shift.dy, shift.dx, True, shift.quality, shift.significance)
+        return replace(shift, flipped=not shift.flipped)  # two 180° turns make none
     # the rotation is worth trying only when the pier sides do not say it is the same
     known = bool(reference_pierside) and bool(member.pierside)
     return registrar.measure(data, try_flip=not known)
@@ -175,50 +184,87 @@ def stack_header(
     out.set("LIVETIME", float(sum(exptimes)), "[s] summed exposure")
     for key in _CAL:
         out.set(key, all(bool(h.get(key, False)) for h in headers))
-    for key in ("ALIGNDX", "ALIGNDY", "ALIGNFLP"):
+    for key in _ALIGN_CARDS:
         out.remove(key, ignore_missing=True)
     out.add_history(f"Calibrated and stacked by imgproc {__version__}")
     for header, member, shift in zip(headers, members, shifts, strict=True):
         masters = ",".join(str(header.get(key, "-")) for key in _FILES)
-        moved = (
-            ""
-            if shift is None
-            else f" dx={shift.dx:+.3f} dy={shift.dy:+.3f}{' flip' if shift.flipped else ''}"
-        )
+        moved = "" if shift is None else " " + _shift_text(shift)
         out.add_history(f"input {member.source} masters={masters}{moved}")
     return out
 
 
+#: Cards of an aligned single that describe its own registration (not a stack's).
+_ALIGN_CARDS = ("ALIGNDX", "ALIGNDY", "ALIGNFLP", "ALIGNROT", "ALIGNSCL", "ALIGNMTH", "ALIGNNST", "ALIGNRMS")
+
+
+def _shift_text(shift: Shift) -> str:
+    """One line of a stack's HISTORY: how a frame was registered."""
+    text = f"dx={shift.dx:+.3f} dy={shift.dy:+.3f}{' flip' if shift.flipped else ''}"
+    if shift.linear is not None:
+        text += f" rot={shift.rotation:+.4f} scale={shift.scale:.6f}"
+    if shift.method == "stars":
+        return f"{text} by {shift.stars} stars rms={shift.residual:.3f}px"
+    return f"{text} by correlation"
+
+
 def aligned_header(header: fits.Header, shift: Shift) -> fits.Header:
-    """A single frame's header after resampling: ALIGNDX/ALIGNDY/ALIGNFLP, and its WCS moved
-    with the pixels (CRPIX shifted; a 180° flip also reflects CRPIX and negates CD/PC)."""
+    """A single frame's header after resampling: ALIGN* cards, and its WCS moved with the
+    pixels (CRPIX mapped as the pixels are; CD/PC multiplied by the inverse of the map's
+    matrix: negated by a plain 180° flip)."""
     out = header.copy()
     ny, nx = int(out["NAXIS2"]), int(out["NAXIS1"])
-    if shift.flipped:
-        for axis, n in ((1, nx), (2, ny)):
-            if f"CRPIX{axis}" in out:
-                out[f"CRPIX{axis}"] = n + 1 - float(out[f"CRPIX{axis}"])
-        for key in [k for k in out if k[:2] in ("CD", "PC") and k[2:3].isdigit()]:
-            out[key] = -float(out[key])
-    for axis, delta in ((1, shift.dx), (2, shift.dy)):
-        if f"CRPIX{axis}" in out:
-            out[f"CRPIX{axis}"] = float(out[f"CRPIX{axis}"]) + delta
+    total = shift.total()[::-1, ::-1]  # (x, y) order, as the FITS axes 1, 2
+    centre = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0])
+    if "CRPIX1" in out and "CRPIX2" in out:
+        crpix = np.array([float(out["CRPIX1"]), float(out["CRPIX2"])]) - 1.0  # 0-based
+        moved = total @ (crpix - centre) + centre + np.array([shift.dx, shift.dy])
+        out["CRPIX1"], out["CRPIX2"] = (float(v) for v in moved + 1.0)
+    if not np.array_equal(total, np.eye(2)):
+        inverse = np.linalg.inv(total)
+        for prefix, diagonal in (("CD", 0.0), ("PC", 1.0)):  # absent elements as the standard says
+            keys = [(i, j, f"{prefix}{i + 1}_{j + 1}") for i in (0, 1) for j in (0, 1)]
+            if not any(key in out for _, _, key in keys):
+                continue
+            matrix = np.zeros((2, 2))
+            for i, j, key in keys:
+                matrix[i, j] = float(out.get(key, diagonal if i == j else 0.0))
+            matrix = matrix @ inverse
+            for i, j, key in keys:
+                if key in out or matrix[i, j] != 0.0:
+                    out[key] = float(matrix[i, j])
     out.set("ALIGNDX", round(shift.dx, 4), "[px] x shift applied to reach the reference grid")
     out.set("ALIGNDY", round(shift.dy, 4), "[px] y shift applied to reach the reference grid")
     out.set("ALIGNFLP", shift.flipped, "rotated 180 deg (meridian flip) before shifting")
+    if shift.linear is not None:
+        out.set("ALIGNROT", round(shift.rotation, 5), "[deg] rotation applied after the flip")
+        out.set("ALIGNSCL", round(shift.scale, 7), "scale applied")
+    out.set("ALIGNMTH", shift.method, "registered by: stars, correlation")
+    if shift.method == "stars":
+        out.set("ALIGNNST", shift.stars, "stars matched with the reference")
+        out.set("ALIGNRMS", round(shift.residual, 4), "[px] RMS of the matched stars")
     return out
 
 
 def publish_single_aligned(member: Member, shift: Shift, target: Path, order: int) -> None:
     """Resample one frame onto the reference grid and write it to ``target``."""
     data, header = read_image(member.path)
-    if shift.flipped:
-        data = np.rot90(data, 2).copy()
-    write_atomic(
-        target,
-        apply_shift(data, Shift(shift.dy, shift.dx, False, shift.quality), order=order),
-        aligned_header(header, shift),
-    )
+    write_atomic(target, apply_shift(data, shift, order=order), aligned_header(header, shift))
+
+
+def whole_frames(settings: StackSettings) -> bool:
+    """True when an aligned stack's frames are resampled whole, once registered, rather than a
+    strip at a time while combining: star matching gives rotations, which read rows from all
+    over the frame, and a cubic spline's prefilter reaches the whole frame (strips of the
+    prefiltered frame would depend on the strip height, and so on the budget and threads)."""
+    return settings.align and (settings.registration == "stars" or settings.order != 1)
+
+
+def _spill(data: np.ndarray, path: Path) -> np.ndarray:
+    """``data`` saved to ``path`` and mapped back read-only (a resampled frame that is not
+    kept in memory)."""
+    np.save(path, data)
+    return np.load(path, mmap_mode="r")
 
 
 def publish_stack(
@@ -228,13 +274,15 @@ def publish_stack(
     settings: StackSettings,
     threads: int = 1,
     frames: Sequence[tuple[np.ndarray, fits.Header]] | None = None,
+    resampled: bool = False,
 ) -> tuple[np.ndarray, fits.Header]:
     """Combine ``members`` (each resampled by its shift, if any) into ``target``; returns the
     stack and its header.
 
     ``frames`` are the members' pixels and headers when the caller holds them (it read them to
     register them): the combine then gets :data:`KEEP_FRAMES_SHARE` less of the budget. Without
-    them each member is read from its intermediate, a strip at a time.
+    them each member is read from its intermediate, a strip at a time.  ``resampled``: the
+    ``frames`` are already on the reference grid (``shifts`` only go into the header).
     """
     if frames is None:
         headers = [read_header(member.path)[0] for member in members]
@@ -245,7 +293,10 @@ def publish_stack(
         rows = [ArrayRows(data) for data, _ in frames]
         budget = int(settings.memory_budget * (1 - KEEP_FRAMES_SHARE))
     no_shift = Shift(0.0, 0.0, False, 1.0)
-    sources = [ShiftedSource(r, s or no_shift, settings.order) for r, s in zip(rows, shifts, strict=True)]
+    sources: list[ShiftedSource | ArraySource] = [
+        ArraySource(r.data) if resampled else ShiftedSource(r, s or no_shift, settings.order)  # type: ignore[union-attr]
+        for r, s in zip(rows, shifts, strict=True)
+    ]
     data = combine(
         sources,
         method=settings.method,
@@ -260,11 +311,17 @@ def publish_stack(
 
 
 def _shift_record(shift: Shift) -> dict[str, Any]:
-    return {"dy": round(shift.dy, 4), "dx": round(shift.dx, 4), "flipped": shift.flipped,
-            "quality": round(shift.quality, 4), "significance": round(shift.significance, 1)}  # fmt: skip
+    record = {"dy": round(shift.dy, 4), "dx": round(shift.dx, 4), "flipped": shift.flipped,
+              "quality": round(shift.quality, 4), "method": shift.method}  # fmt: skip
+    if shift.method == "stars":
+        record |= {"rotation": round(shift.rotation, 5), "scale": round(shift.scale, 7), "stars": shift.stars,
+                   "residual": round(shift.residual, 4)}  # fmt: skip
+    else:
+        record["significance"] = round(shift.significance, 1)
+    return record
 
 
-def check_shift(shift: Shift, registrar: Registrar | MosaicRegistrar) -> str:
+def check_shift(shift: Shift, registrar: AnyRegistrar) -> str:
     """Why a measured shift cannot be used ('' when it can)."""
     if registrar.accepts(shift):
         return ""
@@ -331,41 +388,53 @@ def publish_group(
     write_json(stamp_path, {"sources": sources, "stamp": None})
     shifts: list[Shift | None] = [None] * len(members)
     frames: list[tuple[np.ndarray, fits.Header]] | None = None
-    if settings.align:
-        if reference is None or not (workdir / "cal" / f"{reference['frame_id']}.fits").exists():
-            return {
-                "status": SKIPPED,
-                "reason": "the sequence's reference frame was not calibrated",
-                "excluded": excluded,
-            }
-        registrar = registrar_for(workdir / "cal" / f"{reference['frame_id']}.fits", settings)
-        pierside = reference.get("pierside")
-        group_bytes = len(members) * registrar.shape[0] * registrar.shape[1] * 4
-        keep = len(members) > 1 and group_bytes <= MEMORY.budget(settings.memory_budget) * KEEP_FRAMES_SHARE
+    resample = False
+    with tempfile.TemporaryDirectory(prefix="resampled-", dir=stamp_path.parent) as scratch:
+        if settings.align:
+            if reference is None or not (workdir / "cal" / f"{reference['frame_id']}.fits").exists():
+                return {
+                    "status": SKIPPED,
+                    "reason": "the sequence's reference frame was not calibrated",
+                    "excluded": excluded,
+                }
+            registrar = registrar_for(workdir / "cal" / f"{reference['frame_id']}.fits", settings)
+            pierside = reference.get("pierside")
+            group_bytes = len(members) * registrar.shape[0] * registrar.shape[1] * 4
+            budget = MEMORY.budget(settings.memory_budget) * KEEP_FRAMES_SHARE
+            keep = len(members) > 1 and group_bytes <= budget
+            resample = len(members) > 1 and whole_frames(settings)
 
-        def register(member: Member) -> tuple[Shift, tuple[np.ndarray, fits.Header] | None]:
-            data, header = read_image(member.path)
-            return measure(member, data, registrar, pierside), (data, header) if keep else None
+            def register(member: Member) -> tuple[Shift, tuple[np.ndarray, fits.Header] | None]:
+                data, header = read_image(member.path)
+                shift = measure(member, data, registrar, pierside)
+                if resample and not check_shift(shift, registrar):  # see whole_frames
+                    data = apply_shift(data, shift, order=settings.order)
+                    if not keep:
+                        data = _spill(data, Path(scratch) / f"{member.frame_id}.npy")
+                    return shift, (data, header)
+                return shift, (data, header) if keep else None
 
-        with ThreadPoolExecutor(threads) as pool:
-            measured = list(pool.map(register, members))
-        for member, (shift, _) in zip(members, measured, strict=True):
-            problem = check_shift(shift, registrar)
-            if problem:
-                excluded[member.frame_id] = problem
-        kept = [(m, *r) for m, r in zip(members, measured, strict=True) if m.frame_id not in excluded]
-        if not kept:
-            return {"status": SKIPPED, "reason": "no frame could be aligned", "excluded": excluded}
-        members, shifts = [m for m, _, _ in kept], [s for _, s, _ in kept]
-        frames = [f for _, _, f in kept] if keep else None
-    single_shift = shifts[0]
-    made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
-    if len(members) > 1:
-        made = publish_stack(members, shifts, target, settings, threads, frames)
-    elif single_shift is None:
-        link_atomic(members[0].path, target)
-    else:
-        publish_single_aligned(members[0], single_shift, target, settings.order)
+            with ThreadPoolExecutor(threads) as pool:
+                measured = list(pool.map(register, members))
+            for member, (shift, _) in zip(members, measured, strict=True):
+                problem = check_shift(shift, registrar)
+                if problem:
+                    excluded[member.frame_id] = problem
+            kept = [(m, *r) for m, r in zip(members, measured, strict=True) if m.frame_id not in excluded]
+            del measured
+            if not kept:
+                return {"status": SKIPPED, "reason": "no frame could be aligned", "excluded": excluded}
+            members, shifts = [m for m, _, _ in kept], [s for _, s, _ in kept]
+            frames = [f for _, _, f in kept] if keep or resample else None  # type: ignore[misc]
+            del kept
+        single_shift = shifts[0]
+        made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
+        if len(members) > 1:
+            made = publish_stack(members, shifts, target, settings, threads, frames, resample)
+        elif single_shift is None:
+            link_atomic(members[0].path, target)
+        else:
+            publish_single_aligned(members[0], single_shift, target, settings.order)
     if any(entry.get("thumb") for entry in entries):  # here, in parallel jobs, not in the report
         cached_thumbnail(target, workdir / "thumbs", data=made[0], header=made[1])
     records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}

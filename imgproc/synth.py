@@ -68,6 +68,7 @@ def star_field(
     fwhm: float = 2.5,
     shift: tuple[float, float] = (0.0, 0.0),
     rotate180: bool = False,
+    rotation: float = 0.0,
 ) -> np.ndarray:
     """Render Gaussian stars into a float32 image.
 
@@ -86,17 +87,17 @@ def star_field(
     rotate180
         Render the 180-degree rotated view (meridian flip): a star lands at
         ``(ny-1-(y+dy), nx-1-(x+dx))``.
+    rotation
+        Degrees (counter-clockwise with y up) the field turns about the image centre ``c``
+        before ``shift``: a star lands at ``R (p - c) + c + shift`` (then rotated 180° with
+        ``rotate180``); see :func:`field_positions`.
 
     Each star is rendered only in a ``±ceil(4 fwhm)`` cutout, normalised so that a star fully
     inside the image sums to ``flux``; all stars are accumulated in one ``np.bincount``.
     """
     ny, nx = int(shape[0]), int(shape[1])
     s = np.asarray(stars, dtype=np.float64).reshape(-1, 3)
-    y = s[:, 0] + float(shift[0])
-    x = s[:, 1] + float(shift[1])
-    if rotate180:
-        y = (ny - 1) - y
-        x = (nx - 1) - x
+    y, x = field_positions((ny, nx), s[:, :2], shift=shift, rotate180=rotate180, rotation=rotation).T
     r = max(1, math.ceil(4.0 * fwhm))
     off = np.arange(-r, r + 1)
     iy = np.floor(y + 0.5).astype(np.int64)
@@ -119,6 +120,31 @@ def star_field(
     index = rows[:, :, None] * nx + cols[:, None, :]
     img = np.bincount(index[inside], weights=stamps[inside], minlength=ny * nx)
     return img.reshape(ny, nx).astype(np.float32)
+
+
+def field_positions(
+    shape: tuple[int, int],
+    yx: np.ndarray,
+    *,
+    shift: tuple[float, float] = (0.0, 0.0),
+    rotate180: bool = False,
+    rotation: float = 0.0,
+) -> np.ndarray:
+    """(n, 2) positions ``(y, x)`` where :func:`star_field` puts stars at reference ``yx``."""
+    ny, nx = int(shape[0]), int(shape[1])
+    yx = np.asarray(yx, dtype=np.float64).reshape(-1, 2)
+    y, x = yx[:, 0].copy(), yx[:, 1].copy()
+    if rotation:
+        t = np.radians(rotation)
+        cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
+        ry, rx = y - cy, x - cx
+        y, x = cy + np.sin(t) * rx + np.cos(t) * ry, cx + np.cos(t) * rx - np.sin(t) * ry
+    y = y + float(shift[0])
+    x = x + float(shift[1])
+    if rotate180:
+        y = (ny - 1) - y
+        x = (nx - 1) - x
+    return np.column_stack([y, x])
 
 
 def random_stars(
