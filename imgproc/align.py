@@ -62,6 +62,7 @@ __all__ = [
     "one_blas_thread",
     "pier_side_flip",
     "shift_from_map",
+    "superpixels",
 ]
 
 _MAD_TO_STD = 1.4826
@@ -106,6 +107,8 @@ class Shift:
         Stars matched between frame and reference (star matching), else 0.
     residual
         RMS (px) of the matched stars' distances after the fit (star matching), else NaN.
+    transparency
+        Median flux ratio (frame / reference) of the matched stars (star matching), else NaN.
     """
 
     dy: float
@@ -117,6 +120,7 @@ class Shift:
     method: str = "correlation"
     stars: int = 0
     residual: float = float("nan")
+    transparency: float = float("nan")
 
     def matrix(self) -> np.ndarray:
         """``A`` as a (2, 2) float64 array in (y, x) order."""
@@ -501,7 +505,7 @@ class StarRegistrar:
     def find_stars(self, image: np.ndarray) -> Stars:
         """The stars this registrar matches (on 2×2 superpixels for a mosaic: positions in
         superpixels)."""
-        return find_stars(image if self.factor == 1 else _binned(image, 2), max_stars=self.max_stars)
+        return find_stars(image if self.factor == 1 else superpixels(image), max_stars=self.max_stars)
 
     @property
     def nbytes(self) -> int:
@@ -521,10 +525,10 @@ class StarRegistrar:
             raise ValueError(f"image shape {image.shape} != reference shape {self.shape}")
         if stars is None:
             stars = self.find_stars(image)
-        fitted = self._fit(stars.yx)
+        fitted = self._fit(stars)
         if fitted is None:
             return self.fallback.measure(image, try_flip=try_flip)
-        total, shift, matched, rms = fitted
+        total, shift, matched, rms, transparency = fitted
         if self.factor == 2:
             # superpixel q covers pixels 2q and 2q+1: p = 2q + 0.5; with e = 2 c_q + 0.5 the map
             # p -> T(p - e) + e + 2d is T(p - c) + c + 2d + (I - T)(e - c)
@@ -533,13 +537,21 @@ class StarRegistrar:
             shift = 2.0 * shift + (np.eye(2) - total) @ (e - centre)
             rms *= 2.0
         return shift_from_map(
-            total, *shift, quality=matched / max(len(stars), 1), method="stars", stars=matched, residual=rms
+            total,
+            *shift,
+            quality=matched / max(len(stars), 1),
+            method="stars",
+            stars=matched,
+            residual=rms,
+            transparency=transparency,
         )
 
-    def _fit(self, yx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, float] | None:
-        """``(total, (dy, dx), matched, rms)`` of the fit, or None when too few stars match."""
+    def _fit(self, stars: Stars) -> tuple[np.ndarray, np.ndarray, int, float, float] | None:
+        """``(total, (dy, dx), matched, rms, transparency)`` of the fit (transparency: the
+        median flux ratio of the matched stars), or None when too few stars match."""
         from scipy.spatial import cKDTree
 
+        yx = stars.yx
         if len(yx) < self.min_matches or len(self._ref_yx) < self.min_matches:
             return None
         frame_tri, ref_tri = _triangles(yx[: self.match_stars]), self._ref_tri
@@ -584,7 +596,8 @@ class StarRegistrar:
         shape = binned_shape(self.shape, self.factor)
         centre = (np.array(shape, dtype=np.float64) - 1.0) / 2.0
         shift = linear @ centre + offset - centre  # p -> A(p - c) + c + shift
-        return linear, shift, int(paired.sum()), rms
+        ratio = stars.flux[paired] / self.reference_stars.flux[index[paired]]
+        return linear, shift, int(paired.sum()), rms, float(np.median(ratio))
 
 
 #: Transform models of :class:`StarRegistrar`.
@@ -663,6 +676,12 @@ def _spectrum(prepared: np.ndarray, taper: int) -> np.ndarray:
         prepared = prepared * _taper(ny, taper)[:, None]
         prepared *= _taper(nx, taper)
     return scipy.fft.rfft2(prepared, workers=1)
+
+
+def superpixels(image: np.ndarray) -> np.ndarray:
+    """Float32 sums of 2×2 blocks of a colour sensor's mosaic (one red, two green and one blue
+    site each); the odd last row and column are dropped."""
+    return _binned(image, 2)
 
 
 def _binned(image: np.ndarray, factor: int) -> np.ndarray:

@@ -97,6 +97,9 @@ class Layout:
             "order": alignment["order"],
             "registration": alignment["method"],
             "model": alignment["model"],
+            "reject_fwhm_ratio": self.config["quality"]["fwhm_ratio"],
+            "reject_stars_ratio": self.config["quality"]["stars_ratio"],
+            "reject_roundness_drop": self.config["quality"]["roundness_drop"],
         }
 
 

@@ -21,16 +21,26 @@ import numpy as np
 from astropy.io import fits
 
 from imgproc import __version__
-from imgproc.align import MosaicRegistrar, Registrar, Shift, StarRegistrar, apply_shift, pier_side_flip
+from imgproc.align import (
+    MosaicRegistrar,
+    Registrar,
+    Shift,
+    StarRegistrar,
+    apply_shift,
+    pier_side_flip,
+    superpixels,
+)
 from imgproc.cache import FileCache
 from imgproc.fitsio import Float32Rows, link_atomic, read_header, read_image, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
 from imgproc.progress import Progress
+from imgproc.quality import FrameQuality, QualityRules, frame_quality, rejections
 from imgproc.report import cached_thumbnail
 from imgproc.stack import MEMORY, ArraySource, combine
 from imgproc.stages import problem_item
 from imgproc.stamps import digest, read_json, write_json
+from imgproc.stars import find_stars
 from imgproc.timecards import apply_time_cards, header_airmass, kept_history, mean_card_airmass
 
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
@@ -51,6 +61,14 @@ class StackSettings:
     order: int = 3
     registration: str = "stars"
     model: str = "similarity"
+    reject_fwhm_ratio: float | None = 1.5
+    reject_stars_ratio: float | None = 0.5
+    reject_roundness_drop: float | None = 0.15
+
+    @property
+    def rules(self) -> QualityRules:
+        """The frame quality rules of aligned stacks."""
+        return QualityRules(self.reject_fwhm_ratio, self.reject_stars_ratio, self.reject_roundness_drop)
 
 
 @dataclass(frozen=True)
@@ -147,28 +165,44 @@ def registrar_for(reference: Path, settings: StackSettings) -> AnyRegistrar:
 
 def measure(
     member: Member, data: np.ndarray, registrar: AnyRegistrar, reference_pierside: str | None
-) -> Shift:
-    """The shift that puts ``member`` (its pixels ``data``) on the reference grid.
+) -> tuple[Shift, FrameQuality]:
+    """The shift that puts ``member`` (its pixels ``data``) on the reference grid, and the
+    frame's quality (from the stars the star registrar matches, or found for it alone).
 
     A frame whose PIERSIDE differs from the reference's is rotated by 180° (meridian flip)
     before measuring; when either pier side is unknown, the registrar also tries the rotation
     and keeps it if its peak is clearly stronger (star matching finds any rotation itself).
     """
-    if pier_side_flip(reference_pierside, member.pierside):
-        shift = registrar.measure(np.rot90(data, 2))
-        return replace(shift, flipped=not shift.flipped)  # two 180° turns make none
+    turned = pier_side_flip(reference_pierside, member.pierside)
+    image = np.rot90(data, 2) if turned else data
+    if isinstance(registrar, StarRegistrar):
+        stars, factor = registrar.find_stars(image), registrar.factor
+    else:
+        factor = 2 if isinstance(registrar, MosaicRegistrar) else 1
+        stars = find_stars(image if factor == 1 else superpixels(image))
     # the rotation is worth trying only when the pier sides do not say it is the same
-    known = bool(reference_pierside) and bool(member.pierside)
-    return registrar.measure(data, try_flip=not known)
+    try_flip = not turned and not (bool(reference_pierside) and bool(member.pierside))
+    if isinstance(registrar, StarRegistrar):
+        shift = registrar.measure(image, try_flip=try_flip, stars=stars)
+    else:
+        shift = registrar.measure(image, try_flip=try_flip)
+    if turned:
+        shift = replace(shift, flipped=not shift.flipped)  # two 180° turns make none
+    return shift, frame_quality(stars, factor=factor, transparency=shift.transparency)
 
 
 def stack_header(
-    headers: Sequence[fits.Header], members: Sequence[Member], shifts: Sequence[Shift | None]
+    headers: Sequence[fits.Header],
+    members: Sequence[Member],
+    shifts: Sequence[Shift | None],
+    qualities: Sequence[FrameQuality | None] | None = None,
+    rejected: Sequence[str] = (),
 ) -> fits.Header:
     """Header of a stack: its first frame's, plus NCOMBINE, LIVETIME (summed exposure), the UTC
     time cards of the frames and their mean AIRMASS (:func:`imgproc.timecards.apply_time_cards`),
     calibration flags true only if true for every frame, and HISTORY cards listing every input
-    with its masters and applied shift (and the camera's time cards the first frame replaced)."""
+    with its masters, applied shift and measured quality (and the camera's time cards the first
+    frame replaced), and the frames the quality rules left out (``rejected``: one line each)."""
     out = headers[0].copy() if shifts[0] is None else aligned_header(headers[0], shifts[0])
     replaced = kept_history(out)
     out.remove("HISTORY", ignore_missing=True, remove_all=True)
@@ -187,10 +221,17 @@ def stack_header(
     for key in _ALIGN_CARDS:
         out.remove(key, ignore_missing=True)
     out.add_history(f"Calibrated and stacked by imgproc {__version__}")
-    for header, member, shift in zip(headers, members, shifts, strict=True):
+    for key in _QUALITY_CARDS:
+        out.remove(key, ignore_missing=True)
+    for header, member, shift, quality in zip(
+        headers, members, shifts, qualities or [None] * len(members), strict=True
+    ):
         masters = ",".join(str(header.get(key, "-")) for key in _FILES)
         moved = "" if shift is None else " " + _shift_text(shift)
-        out.add_history(f"input {member.source} masters={masters}{moved}")
+        measured = "" if quality is None else " " + quality.text()
+        out.add_history(f"input {member.source} masters={masters}{moved}{measured}")
+    for line in rejected:
+        out.add_history(line)
     return out
 
 
@@ -208,10 +249,14 @@ def _shift_text(shift: Shift) -> str:
     return f"{text} by correlation"
 
 
-def aligned_header(header: fits.Header, shift: Shift) -> fits.Header:
-    """A single frame's header after resampling: ALIGN* cards, and its WCS moved with the
-    pixels (CRPIX mapped as the pixels are; CD/PC multiplied by the inverse of the map's
-    matrix: negated by a plain 180° flip)."""
+#: Cards of an aligned single's measured quality.
+_QUALITY_CARDS = ("QFWHM", "QROUND", "QSTARS", "QSKY", "QNOISE", "QTRANSP")
+
+
+def aligned_header(header: fits.Header, shift: Shift, quality: FrameQuality | None = None) -> fits.Header:
+    """A single frame's header after resampling: ALIGN* cards, its measured quality (Q* cards),
+    and its WCS moved with the pixels (CRPIX mapped as the pixels are; CD/PC multiplied by the
+    inverse of the map's matrix: negated by a plain 180° flip)."""
     out = header.copy()
     ny, nx = int(out["NAXIS2"]), int(out["NAXIS1"])
     total = shift.total()[::-1, ::-1]  # (x, y) order, as the FITS axes 1, 2
@@ -243,13 +288,23 @@ def aligned_header(header: fits.Header, shift: Shift) -> fits.Header:
     if shift.method == "stars":
         out.set("ALIGNNST", shift.stars, "stars matched with the reference")
         out.set("ALIGNRMS", round(shift.residual, 4), "[px] RMS of the matched stars")
+    if quality is not None:
+        values = quality.record()
+        comments = {"fwhm": "[px] median FWHM of the stars", "roundness": "median minor/major axis of stars",
+                    "stars": "stars detected", "sky": "[adu] median sky level", "noise": "[adu] noise sigma",
+                    "transparency": "star flux / reference's (matched stars)"}  # fmt: skip
+        for key, (name, comment) in zip(_QUALITY_CARDS, comments.items(), strict=True):
+            if values[name] is not None:
+                out.set(key, values[name], comment)
     return out
 
 
-def publish_single_aligned(member: Member, shift: Shift, target: Path, order: int) -> None:
+def publish_single_aligned(
+    member: Member, shift: Shift, target: Path, order: int, quality: FrameQuality | None = None
+) -> None:
     """Resample one frame onto the reference grid and write it to ``target``."""
     data, header = read_image(member.path)
-    write_atomic(target, apply_shift(data, shift, order=order), aligned_header(header, shift))
+    write_atomic(target, apply_shift(data, shift, order=order), aligned_header(header, shift, quality))
 
 
 def whole_frames(settings: StackSettings) -> bool:
@@ -275,6 +330,8 @@ def publish_stack(
     threads: int = 1,
     frames: Sequence[tuple[np.ndarray, fits.Header]] | None = None,
     resampled: bool = False,
+    qualities: Sequence[FrameQuality | None] | None = None,
+    rejected: Sequence[str] = (),
 ) -> tuple[np.ndarray, fits.Header]:
     """Combine ``members`` (each resampled by its shift, if any) into ``target``; returns the
     stack and its header.
@@ -283,6 +340,7 @@ def publish_stack(
     register them): the combine then gets :data:`KEEP_FRAMES_SHARE` less of the budget. Without
     them each member is read from its intermediate, a strip at a time.  ``resampled``: the
     ``frames`` are already on the reference grid (``shifts`` only go into the header).
+    ``qualities`` and ``rejected`` go into its HISTORY (:func:`stack_header`).
     """
     if frames is None:
         headers = [read_header(member.path)[0] for member in members]
@@ -305,7 +363,7 @@ def publish_stack(
         memory_budget=budget,
         threads=threads,
     )
-    header = stack_header(headers, members, shifts)
+    header = stack_header(headers, members, shifts, qualities, rejected)
     write_atomic(target, data, header)
     return data, header
 
@@ -384,9 +442,13 @@ def publish_group(
         ref_stamp = (read_json(workdir / "cal" / f"{reference['frame_id']}.json") or {}).get("stamp")
     stamp = digest([name, [stamps[m.frame_id] for m in members], ref_stamp, asdict(settings), __version__])
     if target.exists() and previous.get("stamp") == stamp:
-        return {key: previous[key] for key in ("ncombine", "excluded", "shifts")} | {"status": "reused"}
+        kept_keys = ("ncombine", "excluded", "shifts", "quality")
+        return {key: previous[key] for key in kept_keys if key in previous} | {"status": "reused"}
     write_json(stamp_path, {"sources": sources, "stamp": None})
     shifts: list[Shift | None] = [None] * len(members)
+    qualities: list[FrameQuality | None] = [None] * len(members)
+    measured_quality: dict[str, FrameQuality] = {}
+    rejected: list[str] = []
     frames: list[tuple[np.ndarray, fits.Header]] | None = None
     resample = False
     with tempfile.TemporaryDirectory(prefix="resampled-", dir=stamp_path.parent) as scratch:
@@ -404,41 +466,57 @@ def publish_group(
             keep = len(members) > 1 and group_bytes <= budget
             resample = len(members) > 1 and whole_frames(settings)
 
-            def register(member: Member) -> tuple[Shift, tuple[np.ndarray, fits.Header] | None]:
+            def register(
+                member: Member,
+            ) -> tuple[Shift, FrameQuality, tuple[np.ndarray, fits.Header] | None]:
                 data, header = read_image(member.path)
-                shift = measure(member, data, registrar, pierside)
+                shift, quality = measure(member, data, registrar, pierside)
                 if resample and not check_shift(shift, registrar):  # see whole_frames
                     data = apply_shift(data, shift, order=settings.order)
                     if not keep:
                         data = _spill(data, Path(scratch) / f"{member.frame_id}.npy")
-                    return shift, (data, header)
-                return shift, (data, header) if keep else None
+                    return shift, quality, (data, header)
+                return shift, quality, (data, header) if keep else None
 
             with ThreadPoolExecutor(threads) as pool:
                 measured = list(pool.map(register, members))
-            for member, (shift, _) in zip(members, measured, strict=True):
+            for member, (shift, quality, _) in zip(members, measured, strict=True):
+                measured_quality[member.frame_id] = quality
                 problem = check_shift(shift, registrar)
                 if problem:
                     excluded[member.frame_id] = problem
+            aligned = [
+                (m, r[1]) for m, r in zip(members, measured, strict=True) if m.frame_id not in excluded
+            ]
+            for index, reason in rejections([q for _, q in aligned], settings.rules).items():
+                member = aligned[index][0]
+                excluded[member.frame_id] = reason
+                rejected.append(f"rejected {member.source}: {reason.removeprefix('rejected by quality: ')}")
             kept = [(m, *r) for m, r in zip(members, measured, strict=True) if m.frame_id not in excluded]
             del measured
             if not kept:
                 return {"status": SKIPPED, "reason": "no frame could be aligned", "excluded": excluded}
-            members, shifts = [m for m, _, _ in kept], [s for _, s, _ in kept]
-            frames = [f for _, _, f in kept] if keep or resample else None  # type: ignore[misc]
+            members, shifts = [m for m, _, _, _ in kept], [s for _, s, _, _ in kept]
+            qualities = [q for _, _, q, _ in kept]
+            frames = [f for _, _, _, f in kept] if keep or resample else None  # type: ignore[misc]
             del kept
         single_shift = shifts[0]
         made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
         if len(members) > 1:
-            made = publish_stack(members, shifts, target, settings, threads, frames, resample)
+            made = publish_stack(
+                members, shifts, target, settings, threads, frames, resample, qualities, rejected
+            )
         elif single_shift is None:
             link_atomic(members[0].path, target)
         else:
-            publish_single_aligned(members[0], single_shift, target, settings.order)
+            publish_single_aligned(members[0], single_shift, target, settings.order, qualities[0])
     if any(entry.get("thumb") for entry in entries):  # here, in parallel jobs, not in the report
         cached_thumbnail(target, workdir / "thumbs", data=made[0], header=made[1])
     records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}
+    quality = {fid: q.record() for fid, q in measured_quality.items()}
     item = {"status": "written", "ncombine": len(members), "excluded": excluded, "shifts": records}
+    if quality:
+        item["quality"] = quality
     write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})
     return item
 

@@ -225,6 +225,7 @@ class NightSpec:
     seed: int = 0
     fwhm: float = 2.5  # star FWHM in pixels
     meridian_flip: bool = False  # second half of the lights: PIERSIDE='East', rotated 180°
+    field_rotation: float = 0.0  # degrees the field turns from one light to the next (alt-az)
 
 
 @dataclass
@@ -289,8 +290,11 @@ def _master_header(
     return hdr
 
 
-def _wcs_cards(shape: tuple[int, int], shift: tuple[float, float], rotate180: bool) -> dict[str, Any]:
-    """Simple TAN WCS of a frame whose sky is moved by ``shift`` (and maybe rotated 180°)."""
+def _wcs_cards(
+    shape: tuple[int, int], shift: tuple[float, float], rotate180: bool, rotation: float = 0.0
+) -> dict[str, Any]:
+    """Simple TAN WCS of a frame whose sky is turned by ``rotation`` degrees and moved by
+    ``shift`` (and maybe rotated 180°), as :func:`star_field` renders it."""
     ny, nx = shape
     scale = round(206.265 * _PIXSZ / _FOCALLEN / 3600.0, 12)  # deg/px; short repr for FITS
     ref = WCS(naxis=2)
@@ -298,10 +302,15 @@ def _wcs_cards(shape: tuple[int, int], shift: tuple[float, float], rotate180: bo
     ref.wcs.crpix = [(nx + 1) / 2.0, (ny + 1) / 2.0]
     ref.wcs.crval = [_RA0, _DEC0]
     ref.wcs.cd = [[-scale, 0.0], [0.0, scale]]
-    # The frame centre shows the reference-frame pixel centre - shift (also when rotated).
+    # The frame centre shows the reference-frame pixel centre - R^-1 shift (also when rotated
+    # 180°); the CD matrix is the reference's times R^-1 (x, y order), negated by a 180° turn.
     cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
-    ra, dec = ref.wcs_pix2world([[cx - shift[1], cy - shift[0]]], 0)[0]
+    t = math.radians(rotation)
+    back = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])  # R^-1 in (x, y)
+    bx, by = back @ np.array([shift[1], shift[0]])
+    ra, dec = ref.wcs_pix2world([[cx - bx, cy - by]], 0)[0]
     sign = -1.0 if rotate180 else 1.0
+    cd = sign * np.array([[-scale, 0.0], [0.0, scale]]) @ back if rotation else None
     return {
         "CTYPE1": "RA---TAN",
         "CTYPE2": "DEC--TAN",
@@ -311,10 +320,10 @@ def _wcs_cards(shape: tuple[int, int], shift: tuple[float, float], rotate180: bo
         "CRVAL2": round(float(dec), 8),
         "CUNIT1": "deg",
         "CUNIT2": "deg",
-        "CD1_1": sign * -scale,
-        "CD1_2": 0.0,
-        "CD2_1": 0.0,
-        "CD2_2": sign * scale,
+        "CD1_1": sign * -scale if cd is None else float(cd[0, 0]),
+        "CD1_2": 0.0 if cd is None else float(cd[0, 1]),
+        "CD2_1": 0.0 if cd is None else float(cd[1, 0]),
+        "CD2_2": sign * scale if cd is None else float(cd[1, 1]),
         "EQUINOX": 2000.0,
         "RADESYS": "ICRS",
     }
@@ -456,6 +465,7 @@ def make_night(root: Path, spec: NightSpec = _DEFAULT_SPEC) -> Night:
     expected: dict[str, dict[str, str]] = {}
     offsets: dict[str, tuple[float, float]] = {}
     rotated: dict[str, bool] = {}
+    rotation_of: dict[str, float] = {}
     filter_of: dict[str, str] = {}
     date_obs: dict[str, str] = {}
     first_of: dict[str, np.ndarray] = {}
@@ -468,8 +478,9 @@ def make_night(root: Path, spec: NightSpec = _DEFAULT_SPEC) -> Night:
         name = f"{obj}_{t:%Y-%m-%d_%H-%M-%S}_{_slug(f)}_{spec.exptime:.2f}s_{k:04d}.fits"
         rng = _rng(spec.seed, "light", k)
 
+        turn = spec.field_rotation * k
         sky_stars = spec.sky + star_field(
-            shape, stars, fwhm=spec.fwhm, shift=(float(off[0]), float(off[1])), rotate180=flip
+            shape, stars, fwhm=spec.fwhm, shift=(float(off[0]), float(off[1])), rotate180=flip, rotation=turn
         )
         signal = dark + flats[f] * sky_stars
         sigma = np.sqrt(spec.read_noise**2 + np.clip(signal, 0.0, None))
@@ -489,7 +500,7 @@ def make_night(root: Path, spec: NightSpec = _DEFAULT_SPEC) -> Night:
             "DEC": _DEC0,
             "PIERSIDE": "East" if flip else "West",
             "OBSERVER": _OBSERVER,
-            **_wcs_cards(shape, (float(off[0]), float(off[1])), flip),
+            **_wcs_cards(shape, (float(off[0]), float(off[1])), flip, turn),
         }
         path = light_dir / name
         write_fits(path, raw, hdr, dtype=spec.dtype)
@@ -497,6 +508,7 @@ def make_night(root: Path, spec: NightSpec = _DEFAULT_SPEC) -> Night:
         shifts[name] = (float(off[0] - first[0]), float(off[1] - first[1]))
         offsets[name] = (float(off[0]), float(off[1]))
         rotated[name] = flip
+        rotation_of[name] = turn
         filter_of[name] = f
         date_obs[name] = hdr["DATE-OBS"]
         expected[name] = {"bias": bias_name, "dark": dark_name, "flat": flat_names[f]}
@@ -506,6 +518,7 @@ def make_night(root: Path, spec: NightSpec = _DEFAULT_SPEC) -> Night:
         "stars": stars,  # (n, 3) y, x, flux in the reference frame (offset (0, 0))
         "offsets": offsets,  # light -> (dy, dx) applied to `stars` (star_field's `shift`)
         "rotate180": rotated,  # light -> rendered with rotate180 (after the meridian flip)
+        "rotation": rotation_of,  # light -> degrees the field turned (star_field's `rotation`)
         "filter": filter_of,
         "date_obs": date_obs,
         "bias": bias,  # noise-free bias frame (ADU)

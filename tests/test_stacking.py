@@ -126,28 +126,37 @@ def test_frames_kept_from_registering_to_combining_give_the_same_stack(
     night, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An aligned group small enough is combined from the frames read to register it; with a
-    budget too small to keep them, they are read again from their intermediates, and the stack
-    is the same bytes either way."""
+    budget too small to keep them, they are read again from their intermediates (translation
+    and bilinear: a strip at a time) or spilled to disk once resampled (stars or cubic: whole
+    frames), and the stack is the same bytes either way."""
     out = tmp_path / "out"
     assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_OK
     plan = read_tsv(out / "work" / "plan.tsv")
-    settings = StackSettings(**Layout(yaml.safe_load((out / "imgproc.yaml").read_text())).stack_params())
-    kept: list[int] = []
-    monkeypatch.setattr(publish, "ArrayRows", lambda data: kept.append(data.size) or ArrayRows(data))
+    default = StackSettings(**Layout(yaml.safe_load((out / "imgproc.yaml").read_text())).stack_params())
+    spilled: list[bool] = []
+    monkeypatch.setattr(
+        publish, "ArrayRows", lambda data: spilled.append(isinstance(data, np.memmap)) or ArrayRows(data)
+    )
     for made in sorted(out.glob("*.fits")):
         group = [row for row in plan if row["output"] == made.name]
         reference = next(row for row in plan if row["frame_id"] == group[0]["reference"])
-        for label, budget in (("kept", settings.memory_budget), ("read-again", 1)):
-            folder = tmp_path / label
-            folder.mkdir(exist_ok=True)
-            before = len(kept)
-            item = publish.publish_group(
-                made.name, group, reference, out / "work", folder, replace(settings, memory_budget=budget)
-            )
-            assert item["status"] == "written" and item["ncombine"] == 4
-            assert (folder / made.name).read_bytes() == made.read_bytes()
-            assert len(kept) - before == (4 if label == "kept" else 0)
-    assert kept == [64 * 64] * 8
+        for settings in (default, replace(default, registration="correlation", order=1)):
+            stacks = []
+            for label, budget in (("kept", settings.memory_budget), ("read-again", 1)):
+                folder = tmp_path / f"{label}-{settings.registration}"
+                folder.mkdir(exist_ok=True)
+                before = len(spilled)
+                item = publish.publish_group(
+                    made.name, group, reference, out / "work", folder, replace(settings, memory_budget=budget)
+                )
+                assert item["status"] == "written" and item["ncombine"] == 4
+                stacks.append((folder / made.name).read_bytes())
+                whole = settings.registration == "stars"
+                assert spilled[before:] == [label != "kept"] * (4 if whole or label == "kept" else 0)
+            assert stacks[0] == stacks[1]
+            if settings == default:
+                assert stacks[0] == made.read_bytes()
+    assert not list((out / "work" / "pub").glob("resampled-*"))  # the spilled frames are removed
 
 
 def test_meridian_flip_is_rotated_before_registration(tmp_path: Path) -> None:
