@@ -89,6 +89,7 @@ class Layout:
         return {
             "align": self.config["align"],
             "method": stacking["method"],
+            "normalize": stacking["normalize"],
             "sigma_low": stacking["sigma_low"],
             "sigma_high": stacking["sigma_high"],
             "memory_budget": stacking["memory_budget_mb"] * 1024**2,

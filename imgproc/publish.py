@@ -64,6 +64,7 @@ class StackSettings:
     reject_fwhm_ratio: float | None = 1.5
     reject_stars_ratio: float | None = 0.5
     reject_roundness_drop: float | None = 0.15
+    normalize: str = "additive"
 
     @property
     def rules(self) -> QualityRules:
@@ -189,6 +190,13 @@ def measure(
     if turned:
         shift = replace(shift, flipped=not shift.flipped)  # two 180° turns make none
     return shift, frame_quality(stars, factor=factor, transparency=shift.transparency)
+
+
+def reference_sky(registrar: AnyRegistrar) -> float | None:
+    """Sky level (ADU per pixel) of a star registrar's reference (None for the others)."""
+    if not isinstance(registrar, StarRegistrar):
+        return None
+    return frame_quality(registrar.reference_stars, factor=registrar.factor).sky
 
 
 def stack_header(
@@ -332,6 +340,7 @@ def publish_stack(
     resampled: bool = False,
     qualities: Sequence[FrameQuality | None] | None = None,
     rejected: Sequence[str] = (),
+    sky: float | None = None,
 ) -> tuple[np.ndarray, fits.Header]:
     """Combine ``members`` (each resampled by its shift, if any) into ``target``; returns the
     stack and its header.
@@ -340,7 +349,10 @@ def publish_stack(
     register them): the combine then gets :data:`KEEP_FRAMES_SHARE` less of the budget. Without
     them each member is read from its intermediate, a strip at a time.  ``resampled``: the
     ``frames`` are already on the reference grid (``shifts`` only go into the header).
-    ``qualities`` and ``rejected`` go into its HISTORY (:func:`stack_header`).
+    ``qualities`` and ``rejected`` go into its HISTORY (:func:`stack_header`).  With
+    ``settings.normalize == 'additive'``, a ``sky`` level and every frame's quality, each frame
+    is offset so that its sky (``FrameQuality.sky``) is ``sky`` before the rejection: a sky
+    that brightens through the night is not taken for outliers.
     """
     if frames is None:
         headers = [read_header(member.path)[0] for member in members]
@@ -355,6 +367,9 @@ def publish_stack(
         ArraySource(r.data) if resampled else ShiftedSource(r, s or no_shift, settings.order)  # type: ignore[union-attr]
         for r, s in zip(rows, shifts, strict=True)
     ]
+    offsets = None
+    if settings.normalize == "additive" and sky is not None and qualities and None not in qualities:
+        offsets = [sky - q.sky for q in qualities]  # type: ignore[union-attr]
     data = combine(
         sources,
         method=settings.method,
@@ -362,8 +377,11 @@ def publish_stack(
         sigma_high=settings.sigma_high,
         memory_budget=budget,
         threads=threads,
+        offsets=offsets,
     )
     header = stack_header(headers, members, shifts, qualities, rejected)
+    if offsets is not None:
+        header.add_history(f"sky of every frame offset to {sky:.3f} (additive normalisation)")
     write_atomic(target, data, header)
     return data, header
 
@@ -449,6 +467,7 @@ def publish_group(
     qualities: list[FrameQuality | None] = [None] * len(members)
     measured_quality: dict[str, FrameQuality] = {}
     rejected: list[str] = []
+    sky: float | None = None  # the reference's, which aligned stacks are normalised to
     frames: list[tuple[np.ndarray, fits.Header]] | None = None
     resample = False
     with tempfile.TemporaryDirectory(prefix="resampled-", dir=stamp_path.parent) as scratch:
@@ -460,6 +479,7 @@ def publish_group(
                     "excluded": excluded,
                 }
             registrar = registrar_for(workdir / "cal" / f"{reference['frame_id']}.fits", settings)
+            sky = reference_sky(registrar)
             pierside = reference.get("pierside")
             group_bytes = len(members) * registrar.shape[0] * registrar.shape[1] * 4
             budget = MEMORY.budget(settings.memory_budget) * KEEP_FRAMES_SHARE
@@ -498,13 +518,15 @@ def publish_group(
                 return {"status": SKIPPED, "reason": "no frame could be aligned", "excluded": excluded}
             members, shifts = [m for m, _, _, _ in kept], [s for _, s, _, _ in kept]
             qualities = [q for _, _, q, _ in kept]
+            if sky is None:  # registered by cross-correlation: the group's median sky
+                sky = float(np.median([q.sky for q in qualities if q is not None]))
             frames = [f for _, _, _, f in kept] if keep or resample else None  # type: ignore[misc]
             del kept
         single_shift = shifts[0]
         made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
         if len(members) > 1:
             made = publish_stack(
-                members, shifts, target, settings, threads, frames, resample, qualities, rejected
+                members, shifts, target, settings, threads, frames, resample, qualities, rejected, sky
             )
         elif single_shift is None:
             link_atomic(members[0].path, target)

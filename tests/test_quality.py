@@ -116,4 +116,7 @@ def test_aligned_stack_of_a_turning_field_is_as_sharp_as_one_frame(tmp_path: Pat
     single = find_stars(fits.getdata(sorted(night.lights)[0]).astype(np.float32))
     stacked = find_stars(np.nan_to_num(fits.getdata(stack), nan=float(np.nanmedian(fits.getdata(stack)))))
     assert stacked.median_fwhm() <= 1.05 * single.median_fwhm()
-    assert fits.getheader(stack)["NCOMBINE"] == 5
+    header = fits.getheader(stack)
+    assert header["NCOMBINE"] == 5
+    history = " ".join(str(line) for line in header["HISTORY"])
+    assert "(additive normalisation)" in history and history.count(" by ") == 5
