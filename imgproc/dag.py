@@ -90,6 +90,7 @@ class Layout:
             "align": self.config["align"],
             "method": stacking["method"],
             "normalize": stacking["normalize"],
+            "reference": alignment["reference"],
             "sigma_low": stacking["sigma_low"],
             "sigma_high": stacking["sigma_high"],
             "memory_budget": stacking["memory_budget_mb"] * 1024**2,
@@ -202,13 +203,20 @@ class WorkflowInputs:
         """Wall-time limit (minutes) of a publish job (alignment and stacking: ~30 s per frame)."""
         return attempt * _runtime(self._members("pub_batch", wildcards.pub_batch), 0.5)
 
+    def _reference_rows(self, members: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Plan rows the members may be aligned to: their references, or with ``reference:
+        best`` every light of their sequences (the best is chosen once they are measured)."""
+        refs = {row["reference"] for row in members if row.get("reference")}
+        if self.layout.config["alignment"]["reference"] != "best":
+            return [row for row in self.plan() if row["frame_id"] in refs]
+        sequences = {row["sequence"] for row in members if row.get("reference")}
+        return [row for row in self.plan() if row.get("reference") and row["sequence"] in sequences]
+
     def publish_inputs(self, wildcards: Any) -> list[str]:
         """Receipts of the calibrate batches holding the batch's frames and their references."""
-        plan = self.plan()
         members = self._members("pub_batch", wildcards.pub_batch)
-        refs = {row["reference"] for row in members if row.get("reference")}
         batches = {row["cal_batch"] for row in members}
-        batches |= {row["cal_batch"] for row in plan if row["frame_id"] in refs}
+        batches |= {row["cal_batch"] for row in self._reference_rows(members)}
         return [f"work/calibrated/{batch}.json" for batch in sorted(batches)]
 
     def publish_entries(self, wildcards: Any) -> list[dict[str, Any]]:
@@ -216,9 +224,9 @@ class WorkflowInputs:
         return [_entry(row) for row in self._members("pub_batch", wildcards.pub_batch)]
 
     def publish_references(self, wildcards: Any) -> dict[str, dict[str, Any]]:
-        """Plan rows of the reference frames the batch aligns to."""
-        refs = {row["reference"] for row in self._members("pub_batch", wildcards.pub_batch)}
-        return {row["frame_id"]: _entry(row) for row in self.plan() if row["frame_id"] in refs}
+        """Plan rows of the reference frames the batch may align to (see :meth:`_reference_rows`)."""
+        members = self._members("pub_batch", wildcards.pub_batch)
+        return {row["frame_id"]: _entry(row) for row in self._reference_rows(members)}
 
     def publish_threads(self, cores: int) -> Callable[[Any], int]:
         """Threads of a publish job: the ``cores`` spread over the publish batches that align or

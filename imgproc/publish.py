@@ -35,7 +35,7 @@ from imgproc.fitsio import Float32Rows, link_atomic, read_header, read_image, wr
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
 from imgproc.progress import Progress
-from imgproc.quality import FrameQuality, QualityRules, frame_quality, rejections
+from imgproc.quality import FrameQuality, QualityRules, best_frame, frame_quality, rejections
 from imgproc.report import cached_thumbnail
 from imgproc.stack import MEMORY, ArraySource, combine
 from imgproc.stages import problem_item
@@ -65,6 +65,7 @@ class StackSettings:
     reject_stars_ratio: float | None = 0.5
     reject_roundness_drop: float | None = 0.15
     normalize: str = "additive"
+    reference: str = "first"
 
     @property
     def rules(self) -> QualityRules:
@@ -204,13 +205,13 @@ def stack_header(
     members: Sequence[Member],
     shifts: Sequence[Shift | None],
     qualities: Sequence[FrameQuality | None] | None = None,
-    rejected: Sequence[str] = (),
+    notes: Sequence[str] = (),
 ) -> fits.Header:
     """Header of a stack: its first frame's, plus NCOMBINE, LIVETIME (summed exposure), the UTC
     time cards of the frames and their mean AIRMASS (:func:`imgproc.timecards.apply_time_cards`),
     calibration flags true only if true for every frame, and HISTORY cards listing every input
     with its masters, applied shift and measured quality (and the camera's time cards the first
-    frame replaced), and the frames the quality rules left out (``rejected``: one line each)."""
+    frame replaced), and ``notes`` (the reference frame, the frames the quality rules left out)."""
     out = headers[0].copy() if shifts[0] is None else aligned_header(headers[0], shifts[0])
     replaced = kept_history(out)
     out.remove("HISTORY", ignore_missing=True, remove_all=True)
@@ -238,13 +239,15 @@ def stack_header(
         moved = "" if shift is None else " " + _shift_text(shift)
         measured = "" if quality is None else " " + quality.text()
         out.add_history(f"input {member.source} masters={masters}{moved}{measured}")
-    for line in rejected:
+    for line in notes:
         out.add_history(line)
     return out
 
 
 #: Cards of an aligned single that describe its own registration (not a stack's).
-_ALIGN_CARDS = ("ALIGNDX", "ALIGNDY", "ALIGNFLP", "ALIGNROT", "ALIGNSCL", "ALIGNMTH", "ALIGNNST", "ALIGNRMS")
+_ALIGN_CARDS = (
+    "ALIGNDX", "ALIGNDY", "ALIGNFLP", "ALIGNROT", "ALIGNSCL", "ALIGNMTH", "ALIGNNST", "ALIGNRMS", "ALIGNREF"
+)  # fmt: skip
 
 
 def _shift_text(shift: Shift) -> str:
@@ -308,11 +311,20 @@ def aligned_header(header: fits.Header, shift: Shift, quality: FrameQuality | No
 
 
 def publish_single_aligned(
-    member: Member, shift: Shift, target: Path, order: int, quality: FrameQuality | None = None
+    member: Member,
+    shift: Shift,
+    target: Path,
+    order: int,
+    quality: FrameQuality | None = None,
+    reference: str | None = None,
 ) -> None:
-    """Resample one frame onto the reference grid and write it to ``target``."""
+    """Resample one frame onto the reference grid (of the light named ``reference``) and write
+    it to ``target``."""
     data, header = read_image(member.path)
-    write_atomic(target, apply_shift(data, shift, order=order), aligned_header(header, shift, quality))
+    out = aligned_header(header, shift, quality)
+    if reference:
+        out.set("ALIGNREF", reference, "reference frame (raw light)")
+    write_atomic(target, apply_shift(data, shift, order=order), out)
 
 
 def whole_frames(settings: StackSettings) -> bool:
@@ -339,7 +351,7 @@ def publish_stack(
     frames: Sequence[tuple[np.ndarray, fits.Header]] | None = None,
     resampled: bool = False,
     qualities: Sequence[FrameQuality | None] | None = None,
-    rejected: Sequence[str] = (),
+    notes: Sequence[str] = (),
     sky: float | None = None,
 ) -> tuple[np.ndarray, fits.Header]:
     """Combine ``members`` (each resampled by its shift, if any) into ``target``; returns the
@@ -349,7 +361,7 @@ def publish_stack(
     register them): the combine then gets :data:`KEEP_FRAMES_SHARE` less of the budget. Without
     them each member is read from its intermediate, a strip at a time.  ``resampled``: the
     ``frames`` are already on the reference grid (``shifts`` only go into the header).
-    ``qualities`` and ``rejected`` go into its HISTORY (:func:`stack_header`).  With
+    ``qualities`` and ``notes`` go into its HISTORY (:func:`stack_header`).  With
     ``settings.normalize == 'additive'``, a ``sky`` level and every frame's quality, each frame
     is offset so that its sky (``FrameQuality.sky``) is ``sky`` before the rejection: a sky
     that brightens through the night is not taken for outliers.
@@ -379,7 +391,7 @@ def publish_stack(
         threads=threads,
         offsets=offsets,
     )
-    header = stack_header(headers, members, shifts, qualities, rejected)
+    header = stack_header(headers, members, shifts, qualities, notes)
     if offsets is not None:
         header.add_history(f"sky of every frame offset to {sky:.3f} (additive normalisation)")
     write_atomic(target, data, header)
@@ -460,13 +472,13 @@ def publish_group(
         ref_stamp = (read_json(workdir / "cal" / f"{reference['frame_id']}.json") or {}).get("stamp")
     stamp = digest([name, [stamps[m.frame_id] for m in members], ref_stamp, asdict(settings), __version__])
     if target.exists() and previous.get("stamp") == stamp:
-        kept_keys = ("ncombine", "excluded", "shifts", "quality")
+        kept_keys = ("ncombine", "excluded", "shifts", "quality", "reference")
         return {key: previous[key] for key in kept_keys if key in previous} | {"status": "reused"}
     write_json(stamp_path, {"sources": sources, "stamp": None})
     shifts: list[Shift | None] = [None] * len(members)
     qualities: list[FrameQuality | None] = [None] * len(members)
     measured_quality: dict[str, FrameQuality] = {}
-    rejected: list[str] = []
+    notes: list[str] = []
     sky: float | None = None  # the reference's, which aligned stacks are normalised to
     frames: list[tuple[np.ndarray, fits.Header]] | None = None
     resample = False
@@ -480,6 +492,7 @@ def publish_group(
                 }
             registrar = registrar_for(workdir / "cal" / f"{reference['frame_id']}.fits", settings)
             sky = reference_sky(registrar)
+            notes.append(f"registered to {Path(str(reference['path'])).name} ({settings.reference} frame)")
             pierside = reference.get("pierside")
             group_bytes = len(members) * registrar.shape[0] * registrar.shape[1] * 4
             budget = MEMORY.budget(settings.memory_budget) * KEEP_FRAMES_SHARE
@@ -511,7 +524,7 @@ def publish_group(
             for index, reason in rejections([q for _, q in aligned], settings.rules).items():
                 member = aligned[index][0]
                 excluded[member.frame_id] = reason
-                rejected.append(f"rejected {member.source}: {reason.removeprefix('rejected by quality: ')}")
+                notes.append(f"rejected {member.source}: {reason.removeprefix('rejected by quality: ')}")
             kept = [(m, *r) for m, r in zip(members, measured, strict=True) if m.frame_id not in excluded]
             del measured
             if not kept:
@@ -526,12 +539,19 @@ def publish_group(
         made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
         if len(members) > 1:
             made = publish_stack(
-                members, shifts, target, settings, threads, frames, resample, qualities, rejected, sky
+                members, shifts, target, settings, threads, frames, resample, qualities, notes, sky
             )
         elif single_shift is None:
             link_atomic(members[0].path, target)
         else:
-            publish_single_aligned(members[0], single_shift, target, settings.order, qualities[0])
+            publish_single_aligned(
+                members[0],
+                single_shift,
+                target,
+                settings.order,
+                qualities[0],
+                Path(str(reference["path"])).name,
+            )
     if any(entry.get("thumb") for entry in entries):  # here, in parallel jobs, not in the report
         cached_thumbnail(target, workdir / "thumbs", data=made[0], header=made[1])
     records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}
@@ -539,8 +559,34 @@ def publish_group(
     item = {"status": "written", "ncombine": len(members), "excluded": excluded, "shifts": records}
     if quality:
         item["quality"] = quality
+    if settings.align and reference is not None:
+        item["reference"] = str(reference["frame_id"])
     write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})
     return item
+
+
+def choose_reference(
+    entry: Mapping[str, Any],
+    references: Mapping[str, Mapping[str, Any]],
+    workdir: Path,
+    settings: StackSettings,
+) -> Mapping[str, Any] | None:
+    """The plan row of the frame ``entry`` (a plan row) is aligned to: the plan's reference,
+    or with ``settings.reference == 'best'`` the best frame of its sequence by the quality
+    measured at calibration (:func:`imgproc.quality.best_frame`; every publish job of the
+    sequence reads the same measurements, so they all choose the same frame), the plan's
+    when none is measured."""
+    planned = references.get(str(entry.get("reference") or ""))
+    if settings.reference != "best" or planned is None:
+        return planned
+    qualities = {}
+    for fid, row in references.items():
+        if row.get("sequence") == entry.get("sequence"):
+            record = (read_json(workdir / "cal" / f"{fid}.json") or {}).get("quality")
+            if record and (workdir / "cal" / f"{fid}.fits").exists():
+                qualities[fid] = FrameQuality.from_record(record)
+    best = best_frame(qualities, settings.rules)
+    return references[best] if best is not None else planned
 
 
 def run_publish_batch(
@@ -563,7 +609,7 @@ def run_publish_batch(
     results: dict[str, dict] = {}
     progress = Progress(f"publish {receipt.stem}", len(groups))
     for done, (name, group) in enumerate(sorted(groups.items()), start=1):
-        reference = references.get(str(group[0].get("reference") or ""))
+        reference = choose_reference(group[0], references, workdir, settings)
         try:
             results[name] = publish_group(name, group, reference, workdir, outdir, settings, threads)
         except Exception as exc:  # one output's error, whatever it is, must not stop the batch

@@ -17,9 +17,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from imgproc.stars import Stars
+from imgproc.stars import Stars, find_stars
 
-__all__ = ["MIN_FRAMES", "MIN_STARS", "FrameQuality", "QualityRules", "frame_quality", "rejections"]
+__all__ = [
+    "MIN_FRAMES",
+    "MIN_STARS",
+    "FrameQuality",
+    "QualityRules",
+    "best_frame",
+    "frame_quality",
+    "measure_quality",
+    "rejections",
+]
 
 #: Fewest frames of a stack for the rules to apply (a median of two says nothing).
 MIN_FRAMES = 3
@@ -63,6 +72,11 @@ class FrameQuality:
             for key, v in asdict(self).items()
         }
 
+    @classmethod
+    def from_record(cls, record: dict[str, float | int | None]) -> FrameQuality:
+        """The quality a :meth:`record` holds."""
+        return cls(**{key: float("nan") if value is None else value for key, value in record.items()})  # type: ignore[arg-type]
+
     def text(self) -> str:
         """One line: ``fwhm=2.41 round=0.93 stars=212 sky=803.1 transp=0.98``."""
         return (
@@ -82,6 +96,29 @@ def frame_quality(stars: Stars, *, factor: int = 1, transparency: float = float(
         noise=stars.noise / factor,
         transparency=transparency,
     )
+
+
+def measure_quality(data: np.ndarray, *, mosaic: bool = False) -> FrameQuality:
+    """The quality of a frame from its pixels (a colour sensor's ``mosaic`` is measured on its
+    2×2 superpixels, as registration measures it)."""
+    from imgproc.align import superpixels
+
+    if mosaic:
+        return frame_quality(find_stars(superpixels(data)), factor=2)
+    return frame_quality(find_stars(data))
+
+
+def best_frame(qualities: dict[str, FrameQuality], rules: QualityRules | None = None) -> str | None:
+    """The key of the sharpest frame that the ``rules`` would keep (lowest FWHM; equal ones: the
+    most stars, then the first key in sorted order), or None without any measured frame.
+
+    Every frame is eligible when fewer than :data:`MIN_FRAMES` are measured."""
+    keys = sorted(qualities)
+    rejected = rejections([qualities[k] for k in keys], rules or QualityRules())
+    eligible = [k for i, k in enumerate(keys) if i not in rejected and qualities[k].stars > 0]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda k: (qualities[k].fwhm, -qualities[k].stars, k))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from astropy.io import fits
 from conftest import master_flags, run_cli
 
 from imgproc.cli import EXIT_INCOMPLETE
-from imgproc.quality import FrameQuality, QualityRules, frame_quality, rejections
+from imgproc.quality import FrameQuality, QualityRules, best_frame, frame_quality, rejections
 from imgproc.stars import find_stars
 from imgproc.synth import NightSpec, make_night, random_stars, star_field
 
@@ -68,6 +68,19 @@ def test_clouds_trailing_and_defocus_are_each_rejected_with_their_numbers():
     assert sorted(rejections(qualities, QualityRules(fwhm_ratio=None))) == [2, 5]
 
 
+def test_the_best_frame_is_the_sharpest_the_rules_keep():
+    qualities = dict(zip("abcdefghij", _night({0: "clouds", 3: "defocus"}), strict=True))
+    sharpest = min("bcefghij", key=lambda k: qualities[k].fwhm)
+    assert best_frame(qualities) == sharpest
+    # a cloudy frame with sharp stars is not chosen, however sharp
+    qualities["a"] = FrameQuality(1.0, 0.95, 20, 300.0, 6.0)
+    assert best_frame(qualities) == sharpest
+    # equal FWHM: the most stars, then the first name
+    same = {"x": FrameQuality(3.0, 0.9, 90, 0, 1), "w": FrameQuality(3.0, 0.9, 100, 0, 1)}
+    assert best_frame(same) == "w" and best_frame({"y": same["w"], "z": same["w"]}) == "y"
+    assert best_frame({}) is None
+
+
 def test_no_rule_applies_to_short_stacks_or_sparse_fields():
     good = FrameQuality(3.0, 0.95, 100, 300.0, 6.0)
     bad = FrameQuality(7.0, 0.5, 10, 300.0, 6.0)
@@ -94,6 +107,14 @@ def test_a_defocused_light_is_left_out_of_its_aligned_stack_and_named(tmp_path: 
     assert header["NCOMBINE"] == 4
     history = " ".join(str(line) for line in header["HISTORY"])
     assert f"rejected {lights[3].name}:" in history and "FWHM 6." in history
+    # the sharpest frame (measured at calibration) is the reference, named in the HISTORY
+    receipt = next(json.loads(p.read_text()) for p in (out / "work" / "published").glob("*.json"))
+    [item] = receipt["items"].values()
+    chosen = min(item["quality"], key=lambda fid: (item["quality"][fid]["fwhm"], fid))
+    assert item["reference"] == chosen and item["shifts"][chosen]["dx"] == 0.0
+    cal = json.loads((out / "work" / "cal" / f"{chosen}.json").read_text())
+    registered = history[history.index("registered to") :]  # HISTORY cards wrap at 72 characters
+    assert registered.replace(" ", "").startswith(f"registeredto{Path(cal['source']).name}(bestframe)")
     assert history.count("input ") == 4 and history.count(" stars rms=") == 4 and history.count("fwhm=") == 4
     summary = json.loads((out / "summary.json").read_text())
     [skipped] = summary["skipped"]
