@@ -121,6 +121,10 @@ def test_a_defocused_light_is_left_out_of_its_aligned_stack_and_named(tmp_path: 
     assert Path(skipped["file"]).name == lights[3].name
     assert skipped["reason"].startswith("rejected by quality: ") and "x median 2.50 px" in skipped["reason"]
     assert lights[3].name in (out / "summary.txt").read_text()
+    # the report shows every frame's quality against time, and why the frame was left out
+    page = (out / "report.html").read_text()
+    assert "Star FWHM, filter V" in page and "Stars detected, filter V" in page
+    assert "rejected by quality: " in page and f"{item['quality'][chosen]['fwhm']:.2f}</td>" in page
 
 
 @pytest.mark.parametrize("order", [3])
