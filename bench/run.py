@@ -615,6 +615,31 @@ class Bench:
         result.pop("_records"), result.pop("_t0")
         print(f"  no-op rerun: exit {result['status']}, wall {result['wall_s']} s", flush=True)
         self.results["noop_rerun"] = result
+        self.results["checks"] = self.check_costs(root, out)
+
+    def check_costs(self, root: Path, out: Path) -> dict[str, Any]:
+        """What the guards and the verification of earlier work cost on this night (issue 18):
+        the scan of every header with the file guards (no cache), the checks before each run
+        (sizes and inode change times), and a rerun with ``--verify`` (every DATASUM read)."""
+        from imgproc.scan import ScanRequest, scan
+        from imgproc.verify import invalidate
+
+        masters = {"bias": root / "bias", "dark": root / "darks", "flat": root / "flats"}
+        request = ScanRequest(root / "lights", masters)
+        started = time.perf_counter()
+        rows = scan(request)
+        costs: dict[str, Any] = {"scan_files": len(rows), "scan_s": round(time.perf_counter() - started, 3)}
+        started = time.perf_counter()
+        redone = invalidate(out)
+        costs["pre_run_checks_s"] = round(time.perf_counter() - started, 3)
+        costs["pre_run_redone"] = len(redone)
+        self.quiet()
+        print("[calibrate] imgproc rerun with --verify ...", flush=True)
+        result = measure(self.imgproc_cmd(root, out, [*MODES["calibrate"], "--verify"]),
+                         log=self.logs / "verify-rerun.log")  # fmt: skip
+        costs["verify_rerun_s"], costs["verify_rerun_status"] = result["wall_s"], result["status"]
+        print(f"  {costs}", flush=True)
+        return costs
 
     def big_stack(self) -> None:
         """imgproc with ``-s -S 1 -a``: one aligned stack of every light of each filter (150
@@ -761,6 +786,12 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
         lines.append(
             f"\nno-op rerun of imgproc (calibrate-only output): {r['wall_s']} s"
             f" ({r.get('slurm_query_s', 0.0)} s of it in scontrol)"
+        )
+    if "checks" in results:
+        c = results["checks"]
+        lines.append(
+            f"guards and checks: scan of {c['scan_files']} headers {c['scan_s']} s; checks before a run "
+            f"{c['pre_run_checks_s']} s; rerun with --verify (every DATASUM) {c['verify_rerun_s']} s"
         )
     if "tiny" in results:
         t = results["tiny"]

@@ -19,7 +19,6 @@ from imgproc import __version__
 from imgproc.binning import bin_header, bin_image, binned_shape
 from imgproc.cache import FileCache
 from imgproc.fitsio import FitsError, ImageWriter, read_image, read_image_blocks
-from imgproc.keywords import DEFAULT_KEYWORDS, lookup_key, to_number
 from imgproc.timecards import apply_time_cards, header_airmass
 
 ROLES = ("bias", "dark", "flat")
@@ -119,13 +118,15 @@ def calibrated_header(
     *,
     observer: str,
     mid: datetime,
+    exptime: float,
     binning: int,
     dark_scale: float | None = None,
 ) -> fits.Header:
     """The light's header with calibration flags, master file names, OBSERVER, binning and a
     HISTORY line; scaling and checksum cards removed, and EQUINOX or EPOCH if not a number; the
-    UTC time cards of mid-exposure ``mid`` and AIRMASS (:func:`imgproc.timecards.apply_time_cards`).
-    A scaled dark gets DARKSCAL and a HISTORY line naming the dark and the ratio."""
+    UTC time cards of mid-exposure ``mid`` and exposure ``exptime`` (s, as the plan read it) and
+    AIRMASS (:func:`imgproc.timecards.apply_time_cards`). A scaled dark gets DARKSCAL and a HISTORY
+    line naming the dark and the ratio."""
     out = bin_header(header, binning)
     for key in _DROP:
         out.remove(key, ignore_missing=True, remove_all=True)
@@ -142,7 +143,6 @@ def calibrated_header(
         if path is not None:
             out.set(_FILE_CARDS[role], Path(path).name, f"master {role} used")
     out.set("OBSERVER", observer, "observer code")
-    exptime = to_number(lookup_key(header, DEFAULT_KEYWORDS["exptime"])[1]) or 0.0
     apply_time_cards(out, [(mid - timedelta(seconds=exptime / 2.0), exptime)], header_airmass(header, [mid]))
     out.add_history(f"Calibrated by imgproc {__version__}")
     if masters.get("dark") is not None and dark_scale is not None:
@@ -160,6 +160,7 @@ def calibrate_frame(
     *,
     observer: str,
     mid: datetime,
+    exptime: float,
     binning: int,
     dark_scale: float | None = None,
 ) -> tuple[np.ndarray, fits.Header]:
@@ -175,7 +176,7 @@ def calibrate_frame(
     frames = {role: cache.get(role, path) for role, path in masters.items() if path is not None}
     check_master_shapes(image.shape, frames)  # whole frames: each block's slices would agree
     out_header = calibrated_header(
-        header, masters, observer=observer, mid=mid, binning=binning, dark_scale=dark_scale
+        header, masters, observer=observer, mid=mid, exptime=exptime, binning=binning, dark_scale=dark_scale
     )
     binned = image if binning == 1 else np.empty(binned_shape(image.shape, binning), np.float32)
     with ImageWriter(target, out_header, binned.shape) as out:

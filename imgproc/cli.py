@@ -14,13 +14,17 @@ no matching master, a frame that could not be aligned, a foreign file at an outp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,15 +33,18 @@ import yaml
 
 from imgproc import __version__
 from imgproc.keywords import normalise
-from imgproc.manifest import FAILED, SKIPPED, list_fits, missing_filter, output_conflict, read_tsv
+from imgproc.manifest import list_fits, missing_filter, output_conflict, read_tsv
 from imgproc.naming import check_observer, default_output_dirname
 from imgproc.plan import MAX_BIN, calibration_gaps, format_plan
 from imgproc.progress import ProgressMonitor
+from imgproc.verify import invalidate
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 CONFIG_NAME = "imgproc.yaml"
 #: Seconds between whole-run progress lines.
 PROGRESS_SECONDS = 10.0
+#: Seconds a stopped run's jobs get to end before they are killed.
+STOP_SECONDS = 60.0
 #: Thread pools of the numeric libraries: one thread each. The jobs run as threads of the
 #: Snakemake process and are the parallelism (``--cores``); BLAS threads on top would only
 #: compete with them (registration pins BLAS to one thread anyway: ``align.one_blas_thread``).
@@ -119,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--plan", action="store_true",
         help="only show (and write to OUTPUT_DIR/plan.txt) what every light will become; calibrate nothing",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify", action="store_true",
+        help="before the run, read every intermediate and output of earlier runs and redo any whose "
+        "pixels do not match their DATASUM (sizes are always checked)",
     )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"imgproc {__version__}")
     return parser
@@ -255,40 +267,76 @@ def clear_stale_locks(output: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-def invalidate_missing(output: Path) -> None:
-    """Drop batch receipts whose files were deleted, so Snakemake redoes those batches.
+def workflow_env(output: Path) -> dict[str, str]:
+    """The environment of the Snakemake run: one thread per numeric library (ONE_THREAD_ENV)
+    unless set, and the caches in ``output/.snakemake/cache`` (removed when the run ends).
 
-    The summary goes too: Snakemake does not revisit the jobs behind an up-to-date plan
-    checkpoint, but a missing summary makes it rebuild everything the summary needs.
+    Snakemake keeps a copy of the workflow under ``$XDG_CACHE_HOME`` and astropy looks for its
+    configuration under ``~``: with both pointed into the output folder, a run writes nothing
+    outside it and works with a read-only or unreadable home folder (an astropy configuration
+    of the user's own is read only when ``ASTROPY_CONFIG_DIR`` is set).
     """
-    dropped = False
-    for folder, present in (("calibrated", _intermediates_present), ("published", _outputs_present)):
-        for receipt in sorted((output / "work" / folder).glob("*.json")):
-            try:
-                items = json.loads(receipt.read_text(encoding="utf-8")).get("items", {})
-            except (OSError, ValueError, AttributeError):
-                items = None
-            if items is None or not present(output, items):
-                receipt.unlink(missing_ok=True)
-                dropped = True
-    if dropped:
-        (output / "summary.json").unlink(missing_ok=True)
+    cache = output / ".snakemake" / "cache"
+    (cache / "astropy-config").mkdir(parents=True, exist_ok=True)
+    env = {**{key: "1" for key in ONE_THREAD_ENV}, **os.environ, "XDG_CACHE_HOME": str(cache)}
+    env.setdefault("ASTROPY_CONFIG_DIR", str(cache / "astropy-config"))
+    return env
 
 
-def _intermediates_present(output: Path, items: dict[str, dict]) -> bool:
-    return _present(items, lambda fid: output / "work" / "cal" / f"{fid}.fits")
+class Stopped(Exception):
+    """The run was stopped by a signal (Ctrl-C or SIGTERM) after its jobs were stopped."""
+
+    def __init__(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        super().__init__("interrupted" if signum == signal.SIGINT else f"stopped by {name}")
+        self.status = 128 + signum
 
 
-def _outputs_present(output: Path, items: dict[str, dict]) -> bool:
-    return _present(items, lambda name: output / name)
+def run_workflow(command: Sequence[str], output: Path, grace: float = STOP_SECONDS) -> int:
+    """Run Snakemake in ``output`` (environment: :func:`workflow_env`); its exit status.
+
+    Snakemake runs in a session of its own, so a signal reaches it only through this process:
+    Ctrl-C (SIGINT) or SIGTERM is passed on as one SIGINT, on which Snakemake stops its jobs
+    and worker processes (it ignores SIGTERM while it waits for jobs). Whatever is still running
+    ``grace`` seconds later is killed. Then :class:`Stopped` is raised with 128 + the signal's
+    number as the exit status (130, 143), and the caller releases the run lock.
+    """
+    proc = subprocess.Popen(command, cwd=output, env=workflow_env(output), start_new_session=True)
+    received: list[int] = []
+
+    def kill_all() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    deadline = threading.Timer(grace, kill_all)
+    deadline.daemon = True
+
+    def stop(signum: int, _frame: object) -> None:
+        if not received:
+            proc.send_signal(signal.SIGINT)
+            deadline.start()
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        shutil.rmtree(output / ".snakemake" / "cache", ignore_errors=True)
+    if received:
+        deadline.cancel()
+        kill_all()  # worker processes or jobs that outlived Snakemake
+        raise Stopped(received[0])
+    return status
 
 
-def _present(items: dict[str, dict], path: Callable[[str], Path]) -> bool:
-    """Whether a batch's receipt still holds: every file it made exists and nothing failed (an
-    item that failed with an internal error is tried again)."""
-    return all(
-        i["status"] == SKIPPED or (i["status"] != FAILED and path(key).exists()) for key, i in items.items()
-    )
+def report_redone(notes: Sequence[str], shown: int = 5) -> None:
+    """Say what earlier work is redone because it no longer holds (:func:`imgproc.verify.invalidate`)."""
+    for note in notes[:shown]:
+        print(f"imgproc: {note}", file=sys.stderr)
+    if len(notes) > shown:
+        print(f"imgproc: ... and {len(notes) - shown} more", file=sys.stderr)
 
 
 def snakemake_command(config_path: Path, cores: int, extra: Sequence[str]) -> list[str]:
@@ -347,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lock.close()
             raise
         config_path = write_config(output, config)
-        invalidate_missing(output)
+        report_redone(invalidate(output, checksums=args.verify))
     except UsageError as exc:
         print(f"imgproc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -357,14 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     monitor.start()
     with lock:
         try:
-            status = subprocess.call(
-                snakemake_command(config_path, args.concurrency, [*extra, *targets]),
-                cwd=output,
-                env={**{key: "1" for key in ONE_THREAD_ENV}, **os.environ},
-            )
-        except KeyboardInterrupt:
-            print(f"imgproc: interrupted; run the same command again to finish {output}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            command = snakemake_command(config_path, args.concurrency, [*extra, *targets])
+            status = run_workflow(command, output)
+        except Stopped as stop:
+            print(f"imgproc: {stop}; run the same command again to finish {output}", file=sys.stderr)
+            return stop.status
         finally:
             monitor.stop()
     partial = ("-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--until", "--omit-from", "--list-rules")

@@ -6,6 +6,7 @@ plan table (never a FITS header).  Everything here is a plain function of config
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -13,7 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from imgproc.manifest import OK, list_fits, output_conflict, read_tsv
+from imgproc.manifest import COLUMNS as MANIFEST_COLUMNS
+from imgproc.manifest import OK, list_fits, output_conflict, read_tsv, shown, watchable
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
 
@@ -39,18 +41,36 @@ class Layout:
         if conflict:  # plain Snakemake checks its config as the imgproc command does
             raise ValueError(f"config output_dir: {conflict}")
 
+    @functools.cached_property
+    def _listing(self) -> tuple[list[str], list[str]]:
+        """Paths of every FITS name of the input and master folders: (watchable, the others)."""
+        folders = [self.input_dir, *self.master_dirs.values()]
+        missing = [str(folder) for folder in folders if not folder.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"not a folder: {', '.join(missing)}")
+        found = [path for folder in folders for path in list_fits(folder, self.exclude)]
+        watched = trackable(str(path) for path in found if watchable(path))
+        kept = set(watched)
+        return watched, [shown(path) for path in found if str(path) not in kept]
+
     def input_files(self) -> list[str]:
         """Every FITS file of the input and master folders and their subfolders, the output
         folder left out (names only, no header read).
 
         These are the scan's inputs only so that Snakemake rescans when files come, go or
-        change (see :func:`trackable`).
+        change. The others (:func:`trackable` names, and what is not :func:`watchable`:
+        unreadable files, FIFOs, dangling links, folders) are in :meth:`scan_params` instead,
+        so that the scan still reads or reports them and runs again when one comes or goes.
         """
-        folders = [self.input_dir, *self.master_dirs.values()]
-        missing = [str(folder) for folder in folders if not folder.is_dir()]
-        if missing:
-            raise FileNotFoundError(f"not a folder: {', '.join(missing)}")
-        return trackable(str(path) for folder in folders for path in list_fits(folder, self.exclude))
+        return self._listing[0]
+
+    @staticmethod
+    def table_columns(*tables: str) -> dict[str, list[str]]:
+        """The columns of the named work tables (``manifest``, ``plan``, ``masters``): a param of
+        the rule that writes them, so that a table written by a version of imgproc with other
+        columns is made again (Snakemake reruns a job whose params changed)."""
+        columns = {"manifest": MANIFEST_COLUMNS, "plan": PLAN_COLUMNS, "masters": MASTER_COLUMNS}
+        return {table: list(columns[table]) for table in tables}
 
     def scan_params(self) -> dict[str, Any]:
         """What the scan depends on besides the files themselves."""
@@ -60,6 +80,8 @@ class Layout:
             "keywords": dict(self.config["keywords"]),
             "filter": self.config.get("filter"),
             "exclude": [str(path) for path in self.exclude],
+            "max_frame_bytes": self.config["limits"]["max_frame_mb"] * 1024**2,
+            "unwatched": self._listing[1],
         }
 
     def plan_params(self) -> dict[str, Any]:
@@ -270,9 +292,11 @@ def _runtime(rows: Iterable[Mapping[str, Any]], minutes_per_4mp: float) -> int:
 
 def trackable(paths: Iterable[str]) -> list[str]:
     """Paths Snakemake can take as inputs: names it would read as wildcards or path variables
-    (``{}``, ``<>``) are left out.  Such files are still processed (jobs get every path through
-    their params, which also trigger reruns); only their modification times go unwatched."""
-    return [path for path in paths if not _SNAKEMAKE_SYNTAX.search(path)]
+    (``{}``, ``<>``) are left out, and so are names with a control character (a newline breaks
+    its lock files) or bytes that are not UTF-8 (it cannot write them).  Such files are still
+    processed (jobs get every path through their params, which also trigger reruns); only
+    their modification times go unwatched."""
+    return [path for path in paths if not _SNAKEMAKE_SYNTAX.search(path) and shown(path) == path]
 
 
 def _entry(row: Mapping[str, Any], columns: Iterable[str] = PLAN_COLUMNS) -> dict[str, Any]:

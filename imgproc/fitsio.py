@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import bz2
 import functools
+import gzip
+import io
+import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from astropy.io import fits
@@ -39,9 +45,35 @@ def find_image(hdul: fits.HDUList) -> int:
     raise FitsError("no image HDU")
 
 
+#: The largest frame a file may claim when no limit is given (config ``limits.max_frame_mb``):
+#: its pixels as float32, in bytes.
+DEFAULT_MAX_FRAME_BYTES = 1024 * 1024**2
+#: A header longer than this many 2880-byte blocks (36,000 cards) without END is rejected.
+MAX_HEADER_BLOCKS = 1000
+#: HDUs walked looking for the image before a file is rejected.
+MAX_HDUS = 64
+
+
+def regular_size(path: Path) -> int:
+    """Size of ``path`` when it is a regular file (symlinks followed), else FitsError saying
+    what it is: a folder, a FIFO, a dangling symlink... (a FIFO is never opened: that blocks)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError as exc:
+        if path.is_symlink():
+            raise FitsError(f"dangling symlink to {os.readlink(path)!r}") from exc
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket",
+                 stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}  # fmt: skip
+        kind = next((name for test, name in kinds.items() if test(info.st_mode)), "not a regular file")
+        raise FitsError(f"{kind}, not a FITS file")
+    return info.st_size
+
+
 def open_fits(path: Path) -> fits.HDUList:
     """Open a FITS file for reading, turning astropy's varied failures into FitsError."""
-    if path.stat().st_size == 0:
+    if regular_size(path) == 0:
         raise FitsError("file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
@@ -53,45 +85,193 @@ def open_fits(path: Path) -> fits.HDUList:
 
 _BLOCK = 2880
 _END = re.compile(rb"END {77}")
+#: Bytes no card may hold (FITS allows only printable ASCII; a NUL, TAB or newline breaks astropy).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Cards that say how to read the pixels: one that cannot be read makes the file unusable.
+_STRUCTURAL = frozenset({"SIMPLE", "XTENSION", "BITPIX", "NAXIS", "BSCALE", "BZERO", "BLANK", "PCOUNT",
+                         "GCOUNT", "ZIMAGE", "ZBITPIX", "ZNAXIS"})  # fmt: skip
+
+
+def _read_header_blocks(handle: IO[bytes], first: bytes = b"") -> bytes:
+    """The header from ``handle`` up to its END card (``first``: its first block, already read).
+
+    FitsError when there is no END within :data:`MAX_HEADER_BLOCKS` blocks, so that a file of
+    zeros behind a header is rejected without reading (or holding) the rest.
+    """
+    blocks = [first] if first else []
+    while not blocks or not any(m.start() % 80 == 0 for m in _END.finditer(blocks[-1])):
+        if len(blocks) >= MAX_HEADER_BLOCKS:
+            raise FitsError(f"no END card in the first {MAX_HEADER_BLOCKS * _BLOCK} bytes of a header")
+        block = handle.read(_BLOCK)
+        if len(block) < _BLOCK:
+            raise FitsError(f"truncated header: the file ends before its END card ({len(blocks)} blocks)")
+        blocks.append(block)
+    return b"".join(blocks)
 
 
 def _primary_image_header(path: Path) -> tuple[fits.Header, int] | None:
     """The header of a plain file's 2-D primary image and where its data start, read directly
     (3x faster than opening the file through astropy); None for anything else (an image in an
-    extension, compressed or gzipped files, damaged headers), which astropy then reads."""
+    extension, compressed or gzipped files, non-ASCII headers), which astropy then reads.
+    FitsError for a header without END (:func:`_read_header_blocks`) or with an unusable
+    structural card (:func:`clean_header`)."""
     if path.name.lower().endswith((".gz", ".fz")):
         return None
     with path.open("rb") as handle:
-        raw = b""
-        while len(raw) < 100 * _BLOCK:
-            block = handle.read(_BLOCK)
-            if len(block) < _BLOCK or (not raw and not block.startswith(b"SIMPLE  =")):
-                return None
-            raw += block
-            end = next((m for m in _END.finditer(block) if m.start() % 80 == 0), None)
-            if end is not None:
-                break
-        else:
+        first = handle.read(_BLOCK)
+        if len(first) < _BLOCK or not first.startswith(b"SIMPLE  ="):
             return None
+        raw = _read_header_blocks(handle, first)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyWarning)
-            header = fits.Header.fromstring(raw.decode("ascii"))
-        if header.get("SIMPLE") is not True or header.get("NAXIS") != 2:
-            return None
-        if not header.get("NAXIS1") or not header.get("NAXIS2"):
-            return None
-    except (ValueError, UnicodeDecodeError, KeyError):
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        header = clean_header(fits.Header.fromstring(text))
+    if header.get("SIMPLE") is not True or header.get("NAXIS") != 2:
+        return None
+    if not header.get("NAXIS1") or not header.get("NAXIS2"):
         return None
     return header, len(raw)
 
 
-def read_header(path: Path) -> tuple[fits.Header, int, tuple[int, int]]:
-    """Header, HDU index and (ny, nx) shape of the image in ``path``, without reading pixels."""
+def _card_ok(card: fits.Card) -> bool:
+    """True when ``card`` parses, verifies and holds no control byte nor a non-finite number."""
+    try:
+        value, image = card.value, card.image
+    except Exception:  # astropy's VerifyError and whatever an odd card raises
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return not _CONTROL.search(image)
+
+
+def clean_header(header: fits.Header) -> fits.Header:
+    """``header`` with every card usable: control bytes (NUL, TAB, newline...) become spaces, and
+    a card that still cannot be read (``EXPTIME = NaN``) is removed and kept as HISTORY text.
+
+    Returns ``header`` itself when every card is fine (the usual case). FitsError when a card
+    that says how to read the pixels (BITPIX, NAXISn, BSCALE, BZERO, BLANK...) cannot be read.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyWarning)
+        if all(_card_ok(card) for card in header.cards):
+            return header
+        cleaned = fits.Header()
+        for card in header.cards:
+            if not _card_ok(card):
+                text = _CONTROL.sub(" ", getattr(card, "_image", None) or "")
+                card = fits.Card.fromstring(text.ljust(80)[:80])
+                if not _card_ok(card):
+                    key = text[:8].strip()
+                    if key in _STRUCTURAL or key.startswith(("NAXIS", "ZNAXIS")):
+                        raise FitsError(f"{key} cannot be read: {text.strip()!r}")
+                    cleaned.add_history(f"imgproc: unreadable card removed: {text.strip()}"[:72])
+                    continue
+            cleaned.append(card)
+        return cleaned
+
+
+def _card_number(raw: bytes, key: str) -> int | None:
+    """The integer value of card ``key`` in a raw header, or None when it is absent."""
+    for start in range(0, len(raw), 80):
+        card = raw[start : start + 80]
+        if card[:8].rstrip() == key.encode() and card[8:10] == b"= ":
+            text = card[10:].split(b"/")[0].strip()
+            try:
+                return int(text)
+            except ValueError:
+                raise FitsError(f"{key} is not an integer: {text.decode('ascii', 'replace')!r}") from None
+    return None
+
+
+def _open_stream(path: Path) -> IO[bytes]:
+    """``path`` opened for reading, through gzip or bzip2 when its first bytes say so (as astropy
+    opens it, whatever its name)."""
+    handle = path.open("rb")
+    magic = handle.read(3)
+    handle.seek(0)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=handle, mode="rb")  # type: ignore[return-value]
+    if magic == b"BZh":
+        return bz2.BZ2File(handle)  # type: ignore[return-value]
+    return handle
+
+
+def _check_frame(index: int, axes: list[int] | tuple[int, ...], max_frame_bytes: int | None) -> None:
+    """FitsError when an image of ``axes`` (NAXIS1, NAXIS2...) in HDU ``index`` is larger, as
+    float32, than ``max_frame_bytes``."""
+    megabytes = math.prod(axes) * 4 / 1024**2 if axes else 0
+    if max_frame_bytes is not None and megabytes > max_frame_bytes / 1024**2:
+        shape = "x".join(str(n) for n in axes)
+        raise FitsError(
+            f"HDU {index} claims a {shape} image ({megabytes:.0f} MB as float32), more than "
+            f"limits.max_frame_mb ({max_frame_bytes / 1024**2:.0f} MB)"
+        )
+
+
+def check_structure(path: Path, max_frame_bytes: int | None = DEFAULT_MAX_FRAME_BYTES) -> None:
+    """Walk the HDU headers of ``path`` up to its first 2-D image (a compressed one included)
+    and check what they claim before anything is allocated: every header ends within
+    :data:`MAX_HEADER_BLOCKS` blocks, every data unit fits in the file (when it is not
+    gzipped), and neither an image nor a data unit is larger than ``max_frame_bytes`` (the
+    image's pixels counted as float32). Gzipped and bzip2 streams are decompressed only
+    as far as that walk goes, so a file that inflates to gigabytes is rejected after
+    ``max_frame_bytes`` at most. Raises FitsError with the reason.
+    """
+    size = regular_size(path)
+    limit = max_frame_bytes if max_frame_bytes is not None else math.inf
+    with _open_stream(path) as stream:
+        plain = isinstance(stream, io.BufferedReader)
+        offset = 0
+        for index in range(MAX_HDUS):
+            first = stream.read(_BLOCK)
+            if len(first) < _BLOCK or not first.startswith(b"XTENSION=" if index else b"SIMPLE  ="):
+                return  # not FITS, or not an HDU: astropy says what it is
+            raw = _read_header_blocks(stream, first)
+            bitpix = _card_number(raw, "BITPIX") or 0
+            axes = [
+                _card_number(raw, f"NAXIS{i}") or 0 for i in range(1, (_card_number(raw, "NAXIS") or 0) + 1)
+            ]
+            data = (
+                abs(bitpix)
+                // 8
+                * (_card_number(raw, "GCOUNT") or 1)
+                * ((_card_number(raw, "PCOUNT") or 0) + (math.prod(axes) if axes else 0))
+            )
+            image = raw.startswith(b"SIMPLE") or raw.startswith(b"XTENSION= 'IMAGE")
+            if b"ZIMAGE  =                    T" in raw:
+                n = _card_number(raw, "ZNAXIS") or 0
+                axes, image = [_card_number(raw, f"ZNAXIS{i}") or 0 for i in range(1, n + 1)], True
+            if image:
+                _check_frame(index, axes, max_frame_bytes)
+            if data > limit:
+                raise FitsError(f"HDU {index} claims {data / 1024**2:.0f} MB of data, more than "
+                                f"limits.max_frame_mb ({limit / 1024**2:.0f} MB)")  # fmt: skip
+            offset += len(raw) + data + -data % _BLOCK
+            if plain and offset - (-data % _BLOCK) > size:
+                raise FitsError(f"truncated: {size} bytes, but HDU {index} needs {offset - (-data % _BLOCK)}")
+            if image and axes and math.prod(axes):
+                return
+            stream.seek(offset)
+    raise FitsError(f"no image in the first {MAX_HDUS} HDUs")  # astropy would read them all
+
+
+def read_header(
+    path: Path, max_frame_bytes: int | None = DEFAULT_MAX_FRAME_BYTES
+) -> tuple[fits.Header, int, tuple[int, int]]:
+    """Header (:func:`clean_header`), HDU index and (ny, nx) shape of the image in ``path``,
+    without reading pixels. FitsError when the file is not a regular file, not FITS, damaged,
+    truncated, or claims an image larger than ``max_frame_bytes`` (:func:`check_structure`)."""
+    regular_size(path)
     plain = _primary_image_header(path)
     if plain is not None:
         header, data_start = plain
-        return header, 0, _checked_shape(path, header, data_start, compressed=False)
+        shape = _checked_shape(path, header, data_start, compressed=False)
+        _check_frame(0, shape[::-1], max_frame_bytes)
+        return header, 0, shape
+    check_structure(path, max_frame_bytes)
     with open_fits(path) as hdul:
         try:
             index = find_image(hdul)
@@ -130,14 +310,14 @@ def image_header(hdul: fits.HDUList, index: int) -> fits.Header:
     extension-only cards and takes the observation cards of the empty primary header that it
     does not set itself (its own values win; none with ``INHERIT = F``).
     """
-    header = hdul[index].header.copy()
+    header = clean_header(hdul[index].header.copy())
     if index == 0:
         return header
     inherit = header.get("INHERIT", True) is not False
     for key in _EXTENSION_CARDS:
         header.remove(key, ignore_missing=True, remove_all=True)
     if inherit:
-        for card in hdul[0].header.cards:
+        for card in clean_header(hdul[0].header).cards:
             key = card.keyword
             if key not in _PRIMARY_OWN_CARDS and not key.startswith("NAXIS") and key not in header:
                 header.append(card)
@@ -202,7 +382,7 @@ def read_image_blocks(
     plain = primary and _plain_layout(primary[0], primary[1], False, path)
     if primary and plain:  # the usual camera file: no need to open it through astropy
         header = primary[0]
-        shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+        shape = _checked_shape(path, header, primary[1], compressed=False)
         image = np.empty(shape, np.float32)
         return header, image, _plain_blocks(path, plain, image, _block_rows(shape, multiple))
     with open_fits(path) as hdul:
@@ -414,3 +594,32 @@ def link_atomic(source: Path, target: Path) -> None:
     except OSError:
         shutil.copyfile(source, tmp)
     os.replace(tmp, target)
+
+
+#: Bytes summed at a time by :func:`checksum_problem`.
+_CHECK_CHUNK = 1 << 24
+
+
+def checksum_problem(path: Path) -> str:
+    """Why the pixels of ``path``, a plain float32 file imgproc wrote, do not match its DATASUM
+    card ("" when they do). Reads the whole data unit, 16 MiB at a time."""
+    try:
+        primary = _primary_image_header(path)
+        if primary is None:
+            return f"{path.name} is not a plain FITS image"
+        header, start = primary
+        nbytes = -(-int(header["NAXIS1"]) * int(header["NAXIS2"]) * abs(int(header["BITPIX"])) // 8 // 2880)
+        nbytes *= 2880
+        total = 0
+        with path.open("rb") as handle:
+            handle.seek(start)
+            for offset in range(0, nbytes, _CHECK_CHUNK):
+                chunk = handle.read(min(_CHECK_CHUNK, nbytes - offset))
+                if len(chunk) < min(_CHECK_CHUNK, nbytes - offset):
+                    return f"{path.name} is truncated"
+                total = ones_complement_sum(np.frombuffer(chunk, ">u4"), total)
+    except (OSError, KeyError, ValueError) as exc:
+        return f"{path.name} cannot be read ({exc})"
+    if str(header.get("DATASUM")) != str(total):
+        return f"{path.name}: its pixels do not match its DATASUM"
+    return ""

@@ -156,9 +156,12 @@ def parse_date_obs(value: object, time_obs: object = None) -> datetime:
         parsed = datetime.fromisoformat(text)
     except ValueError as exc:
         raise HeaderError(f"DATE-OBS {value!r} is not an ISO date") from exc
-    if parsed.tzinfo is not None:
-        return parsed.astimezone(UTC).replace(tzinfo=None)
-    return parsed - offset
+    try:
+        if parsed.tzinfo is not None:
+            return parsed.astimezone(UTC).replace(tzinfo=None)
+        return parsed - offset
+    except OverflowError as exc:  # 9999-12-31T23:00:00-0500 is in the year 10000 in UTC
+        raise HeaderError(f"DATE-OBS {value!r} is out of range (years 1 to 9999) in UTC") from exc
 
 
 def lookup_key(header: Mapping[str, Any], keys: list[str]) -> tuple[str | None, Any]:

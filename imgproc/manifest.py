@@ -25,13 +25,15 @@ FOLDER_ROLES = ("light", "bias", "dark", "flat")
 
 #: Manifest columns, in order; numbers parse back as float (or int for the INT set).
 COLUMNS = (
-    "path", "folder", "role", "status", "reason", "error", "size", "mtime_ns", "hdu", "ny", "nx",
+    "path", "folder", "role", "status", "reason", "error", "size", "mtime_ns", "ctime_ns", "hdu", "ny", "nx",
     "imagetyp_raw", "type_source", "is_master", "object", "filter", "exptime", "date_obs", "instrume", "gain",
     "offset", "readoutm", "set_temp", "xbinning", "ybinning", "pierside", "header_sha1", "table_sha1",
     "bayerpat",
 )  # fmt: skip
 _FLOAT = frozenset({"exptime", "gain", "offset", "set_temp", "dark_scale"})
-_INT = frozenset({"size", "mtime_ns", "hdu", "ny", "nx", "xbinning", "ybinning", "n_group", "n_frames"})
+_INT = frozenset(
+    {"size", "mtime_ns", "ctime_ns", "hdu", "ny", "nx", "xbinning", "ybinning", "n_group", "n_frames"}
+)
 _BOOL = frozenset({"is_master", "thumb"})
 
 #: Status values: ``ok`` (used), ``listed`` (left out on purpose), ``skipped`` (bad input);
@@ -52,7 +54,9 @@ def list_fits(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
     inside the tree) and any subfolder holding :data:`OUTPUT_MARKER` (an imgproc output folder).
     Symlinks are followed, but each real folder is searched once (a symlink loop ends) and each
     file listed once: under its real path when the tree holds it, else under its first link in
-    path order. A subfolder that cannot be read is left out.
+    path order. A subfolder that cannot be read is left out. A folder, FIFO or dangling
+    symlink with a FITS name is listed too (the scan skips it, saying what it is; a folder is
+    also searched); :func:`watchable` tells the files Snakemake may watch.
     """
     searched = {_identity(path) for path in exclude if path.is_dir()}
     real, linked = [folder], []  # folders still to search: the real tree first, then the links
@@ -75,10 +79,13 @@ def list_fits(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
+            named = is_fits_name(entry.name)
             if entry.is_dir():
                 (linked if entry.is_symlink() else subfolders).append(Path(entry.path))
-            elif entry.is_file() and is_fits_name(entry.name):
-                (links if entry.is_symlink() else files).append(Path(entry.path))
+            if named and entry.is_symlink() and entry.is_file():
+                links.append(Path(entry.path))
+            elif named:  # a file, or a folder, FIFO or dangling link the scan reports
+                files.append(Path(entry.path))
         real += reversed(subfolders)
     if links:
         seen = {_identity(path) for path in files}
@@ -87,6 +94,21 @@ def list_fits(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
                 seen.add(_identity(link))
                 files.append(link)
     return sorted(files)
+
+
+def watchable(path: Path) -> bool:
+    """True for a regular file (symlinks followed) this process can read: Snakemake may take it
+    as an input (it reads small inputs to record their checksums, so an unreadable one would
+    fail every run with "Error recording metadata", and a FIFO would block it)."""
+    return path.is_file() and os.access(path, os.R_OK)
+
+
+def shown(path: str | Path) -> str:
+    """A file name as messages print it: as it is, or repr-escaped when it holds a newline, a
+    tab, another control character or bytes that are not UTF-8, so the message stays one line
+    and names the real file."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
 
 
 def output_conflict(output: Path, input_dir: Path, master_dirs: Mapping[str, Path]) -> str:
@@ -187,7 +209,15 @@ def _format(value: Any) -> str:
         return "1" if value else "0"
     if isinstance(value, float):
         return repr(value)
-    return str(value).replace("\t", " ").replace("\n", " ")
+    return str(value)
+
+
+def _field(text: str) -> str:
+    """A TSV field, quoted as the csv module quotes (and reads back), and also when it holds a
+    carriage return, which csv would leave bare (a file name may hold one)."""
+    if any(char in text for char in '\t\n\r"'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
 
 
 def _parse(column: str, text: str) -> Any:
@@ -203,18 +233,19 @@ def _parse(column: str, text: str) -> Any:
 
 
 def write_tsv(path: Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] = COLUMNS) -> None:
-    """Write rows as a tab-separated table (atomically: temporary file, then rename)."""
+    """Write rows as a tab-separated table (atomically: temporary file, then rename). Any file
+    name is kept exactly: tabs, newlines and bytes that are not UTF-8 (as Python's
+    surrogate escapes) included."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-        writer.writerow(columns)
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        handle.write("\t".join(map(_field, columns)) + "\n")
         for row in rows:
-            writer.writerow([_format(row.get(column)) for column in columns])
+            handle.write("\t".join(_field(_format(row.get(column))) for column in columns) + "\n")
     os.replace(tmp, path)
 
 
 def read_tsv(path: Path) -> list[dict[str, Any]]:
     """Read a table written by :func:`write_tsv`, with numbers and flags parsed back."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         return [{key: _parse(key, value) for key, value in row.items()} for row in reader]

@@ -30,9 +30,9 @@ ROLES = ("bias", "dark", "flat")
 MASTER_DIR = Path("masters")
 #: Columns of ``work/masters.tsv`` (a master's metadata uses the manifest's column names).
 COLUMNS = (
-    "path", "folder", "role", "status", "reason", "members", "n_frames", "bias", "dark", "dark_scale",
-    "is_master", "object", "filter", "exptime", "date_obs", "instrume", "gain", "offset", "readoutm",
-    "set_temp", "xbinning", "ybinning", "ny", "nx",
+    "path", "folder", "role", "status", "reason", "members", "members_id", "n_frames", "bias", "dark",
+    "dark_scale", "is_master", "object", "filter", "exptime", "date_obs", "instrume", "gain", "offset",
+    "readoutm", "set_temp", "xbinning", "ybinning", "ny", "nx",
 )  # fmt: skip
 _META = (
     "filter",
@@ -91,6 +91,14 @@ def master_name(role: str, members: Sequence[Mapping[str, Any]]) -> str:
     return f"master_{role}{label[role]}_{digest}.fits"
 
 
+def members_id(members: Sequence[Mapping[str, Any]]) -> str:
+    """Digest of the raw frames' paths, sizes, modification and change times: a param of the
+    master's build job, so a frame rewritten with its old size and modification time (which
+    Snakemake does not see) rebuilds the master."""
+    files = sorted([m["path"], m.get("size"), m.get("mtime_ns"), m.get("ctime_ns")] for m in members)
+    return hashlib.sha1(repr(files).encode()).hexdigest()[:16]
+
+
 def _as_master_row(role: str, members: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     first = members[0]
     dates = [datetime.fromisoformat(m["date_obs"]) for m in members if m.get("date_obs")]
@@ -98,6 +106,7 @@ def _as_master_row(role: str, members: Sequence[Mapping[str, Any]]) -> dict[str,
     row.update(
         path=str(MASTER_DIR / master_name(role, members)), folder=role, role=role, is_master=True, status=OK,
         reason="", object=None, members=";".join(sorted(m["path"] for m in members)), n_frames=len(members),
+        members_id=members_id(members),
         date_obs=mean_time(dates).isoformat(timespec="milliseconds") if dates else None,
     )  # fmt: skip
     return row

@@ -17,22 +17,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from imgproc.manifest import OK, SKIPPED
+from imgproc.manifest import OK, SKIPPED, shown
 from imgproc.masters import MasterSettings, plan_masters
 from imgproc.matching import DEFAULT_CRITERIA, DEFAULT_TOLERANCE, match_light
 from imgproc.naming import mean_time, mid_exposure, output_name, safe_part
 
 #: Plan columns, in order.
 COLUMNS = (
-    "frame_id", "path", "size", "mtime_ns", "hdu", "status", "reason", "sequence", "reference", "output",
-    "n_group", "mid", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch", "pub_kind", "thumb",
-    "pierside", "ny", "nx",
+    "frame_id", "path", "size", "mtime_ns", "ctime_ns", "hdu", "status", "reason", "sequence", "reference",
+    "output", "n_group", "mid", "exptime", "bias", "dark", "dark_scale", "flat", "cal_batch", "pub_batch",
+    "pub_kind", "thumb", "pierside", "ny", "nx",
 )  # fmt: skip
 #: Largest binning factor (``-b``; the config schema's ``bin`` maximum).
 MAX_BIN = 64
 #: Lone calibrated frames with a thumbnail in the report: at most this many, evenly spread over
 #: the night (every stack and aligned frame has one).
 REPORT_FRAMES = 48
+#: Pixels of one unit of batch work (:func:`frame_work`): a 2048² frame.
+UNIT_PIXELS = 2048 * 2048
 #: Outputs that align or stack are spread over up to this many times ``batches`` publish jobs.
 HEAVY_JOBS = 4
 WORK = Path("work")
@@ -68,7 +70,7 @@ class PlanSettings:
 def frame_id(path: str) -> str:
     """Stable, file-name-safe id of a light: its name stem plus a digest of its full path."""
     stem = Path(path).name.split(".")[0]
-    return f"{safe_part(stem, 'frame')[:40]}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+    return f"{safe_part(stem, 'frame')[:40]}-{hashlib.sha1(os.fsencode(path)).hexdigest()[:8]}"
 
 
 def intermediate(fid: str) -> Path:
@@ -100,10 +102,28 @@ def sequence_key(light: Mapping[str, Any]) -> str:
     )  # fmt: skip
 
 
-def _batches(n: int, settings: PlanSettings) -> int:
-    """Items per batch: about ``settings.batches`` batches of ``min_batch``..``max_batch`` items."""
-    size = math.ceil(n / max(1, settings.batches))
-    return max(1, min(settings.max_batch, max(settings.min_batch, size)))
+def frame_work(entry: Mapping[str, Any]) -> float:
+    """Work of calibrating (or publishing) one light, in frames of :data:`UNIT_PIXELS`: a
+    61-megapixel frame is 14.6 units, anything of 2048² pixels or fewer is 1 (its job's fixed
+    costs dominate)."""
+    return max(1.0, int(entry["ny"]) * int(entry["nx"]) / UNIT_PIXELS)
+
+
+def cut_batches(work: Sequence[float], jobs: int, smallest: int, largest: int) -> list[int]:
+    """Batch index of each item of ``work`` (in order): consecutive items in about ``jobs``
+    batches of equal work, each of at least ``smallest`` units of work (fewer, larger jobs for a
+    small night) and at most ``largest`` units and ``largest`` items. An item heavier than a
+    batch's share is a batch of its own, so ten 61-megapixel frames are ten jobs that the cores
+    share evenly, where ten small frames are one."""
+    share = max(1, min(largest, max(smallest, math.ceil(sum(work) / max(1, jobs) - 1e-9))))
+    batches: list[int] = []
+    index, load, count = 0, 0.0, 0
+    for units in work:
+        if count and (load + units > share + 1e-9 or count >= largest):
+            index, load, count = index + 1, 0.0, 0
+        batches.append(index)
+        load, count = load + units, count + 1
+    return batches
 
 
 def make_plan(
@@ -132,10 +152,11 @@ def make_plan(
             continue
         entry = {
             "frame_id": frame_id(row["path"]), "path": row["path"], "size": row["size"],
-            "mtime_ns": row["mtime_ns"], "hdu": row["hdu"],
+            "mtime_ns": row["mtime_ns"], "ctime_ns": row.get("ctime_ns"), "hdu": row["hdu"],
             "status": OK, "reason": "", "pierside": row.get("pierside"), "ny": row["ny"], "nx": row["nx"],
             "sequence": sequence_key(row),
             "mid": mid_exposure(datetime.fromisoformat(row["date_obs"]), row["exptime"]),
+            "exptime": row["exptime"],
         }  # fmt: skip
         matches = match_light(row, wanted, settings.criteria, settings.tolerance, settings.dark_scaling)
         for role, match in matches.items():
@@ -210,15 +231,17 @@ def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
 
 def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
     ok = sorted((entry for entry in plan if entry["status"] == OK), key=lambda e: (e["sequence"], e["mid"]))
-    size = _batches(len(ok), settings)
-    for index, entry in enumerate(ok):
-        entry["cal_batch"] = f"c{index // size:04d}"
-    kinds = {entry["output"]: entry["pub_kind"] for entry in ok}
-    work = [name for name, kind in kinds.items() if kind != "link"]
-    # aligning or stacking is heavy per output: a job each, up to 4 x `batches` jobs, so the
-    # night's last job (which may run alone on a core) is short
-    size = max(1, min(settings.max_batch, math.ceil(len(work) / max(1, HEAVY_JOBS * settings.batches))))
-    pub = {name: index // size for index, name in enumerate(work)}
+    cal = cut_batches([frame_work(e) for e in ok], settings.batches, settings.min_batch, settings.max_batch)
+    for entry, index in zip(ok, cal, strict=True):
+        entry["cal_batch"] = f"c{index:04d}"
+    work: dict[str, float] = defaultdict(float)  # outputs that align or stack: their frames' work
+    for entry in ok:
+        if entry["pub_kind"] != "link":
+            work[entry["output"]] += frame_work(entry)
+    # aligning or stacking is heavy per output: up to 4 x `batches` jobs, so the night's last
+    # job (which may run alone on a core) is short
+    heavy = cut_batches(list(work.values()), HEAVY_JOBS * settings.batches, 1, settings.max_batch)
+    pub = dict(zip(work, heavy, strict=True))
     first = max(pub.values(), default=-1) + 1
     # Publishing a lone unaligned frame is a hard link: each calibrate batch's links are one
     # publish batch, which runs as soon as those frames are calibrated, not after the night.
@@ -252,11 +275,12 @@ def master_label(entry: Mapping[str, Any], role: str) -> str:
 
 
 def _short_names(paths: Sequence[str]) -> dict[str, str]:
-    """Each path below the folder that holds them all (the file name in a flat folder)."""
+    """Each path below the folder that holds them all (the file name in a flat folder), as
+    messages show it (:func:`imgproc.manifest.shown`)."""
     if not paths:
         return {}
     common = os.path.commonpath([os.path.dirname(path) for path in paths]) or "."
-    return {path: os.path.relpath(path, common) for path in paths}
+    return {path: shown(os.path.relpath(path, common)) for path in paths}
 
 
 #: What is not done to the lights when a master folder is not given, by role.
@@ -312,14 +336,14 @@ def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[st
     other filters) or skipped. Files are named by their path below the light folder."""
     header = ("light", "sequence", "group", "bias", "dark", "flat", "output / reason")
     others = [row for row in manifest if row["folder"] == "light" and row["status"] != OK]
-    shown = _short_names([entry["path"] for entry in plan] + [row["path"] for row in others])
+    names = _short_names([entry["path"] for entry in plan] + [row["path"] for row in others])
     rows = []
     for entry in sorted(plan, key=lambda e: (e["sequence"] or "", e["mid"] or "", e["path"])):
         masters = [master_label(entry, role) for role in ("bias", "dark", "flat")]
         outcome = entry["output"] if entry["status"] == OK else f"SKIPPED: {entry['reason']}"
         group = f"{entry['n_group']} frames" if (entry.get("n_group") or 1) > 1 else "single"
-        rows.append((shown[entry["path"]], entry["sequence"] or "-", group, *masters, outcome))
-    rows += [(shown[r["path"]], *["-"] * 5, f"{r['status'].upper()}: {r['reason']}") for r in others]
+        rows.append((names[entry["path"]], entry["sequence"] or "-", group, *masters, outcome))
+    rows += [(names[r["path"]], *["-"] * 5, f"{r['status'].upper()}: {r['reason']}") for r in others]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + str(r[-1])
              for r in [header, *rows]]  # fmt: skip

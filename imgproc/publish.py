@@ -1,12 +1,15 @@
 """Publishing: final named outputs from calibrated intermediates.
 
-A group of one unaligned frame is published as a hard link of its intermediate (no copy); an
+A group of one unaligned frame is published as a hard link of its intermediate (no copy; the
+intermediate is only ever replaced, never changed in place, and a reused output is checked
+against its recorded size and DATASUM, so a damaged link is made again); an
 aligned single is resampled onto its sequence's reference grid; a group of several frames is
 registered (with ``-a``) and combined in row strips, so memory stays within the budget.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from collections import defaultdict
@@ -31,7 +34,7 @@ from imgproc.align import (
     superpixels,
 )
 from imgproc.cache import FileCache
-from imgproc.fitsio import Float32Rows, link_atomic, read_header, read_image, write_atomic
+from imgproc.fitsio import Float32Rows, checksum_problem, link_atomic, read_header, read_image, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
 from imgproc.progress import Progress
@@ -42,7 +45,9 @@ from imgproc.stages import problem_item
 from imgproc.stamps import digest, read_json, write_json
 from imgproc.stars import find_stars
 from imgproc.timecards import apply_time_cards, header_airmass, kept_history, mean_card_airmass
+from imgproc.verify import file_record, size_problem
 
+log = logging.getLogger("imgproc")
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
 _FILES = ("BIASFILE", "DARKFILE", "FLATFILE")
 
@@ -472,8 +477,15 @@ def publish_group(
         ref_stamp = (read_json(workdir / "cal" / f"{reference['frame_id']}.json") or {}).get("stamp")
     stamp = digest([name, [stamps[m.frame_id] for m in members], ref_stamp, asdict(settings), __version__])
     if target.exists() and previous.get("stamp") == stamp:
-        kept_keys = ("ncombine", "excluded", "shifts", "quality", "reference")
-        return {key: previous[key] for key in kept_keys if key in previous} | {"status": "reused"}
+        problem = size_problem(target, previous) or checksum_problem(target)
+        if not problem:
+            kept = ("ncombine", "excluded", "shifts", "size")
+            optional = ("quality", "reference")
+            reused = {key: previous.get(key) for key in kept} | {
+                k: previous[k] for k in optional if k in previous
+            }
+            return reused | {"status": "reused"}
+        log.warning("%s: made again", problem)
     write_json(stamp_path, {"sources": sources, "stamp": None})
     shifts: list[Shift | None] = [None] * len(members)
     qualities: list[FrameQuality | None] = [None] * len(members)
@@ -561,6 +573,7 @@ def publish_group(
         item["quality"] = quality
     if settings.align and reference is not None:
         item["reference"] = str(reference["frame_id"])
+    item |= file_record(target)
     write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})
     return item
 

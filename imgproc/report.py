@@ -859,6 +859,6 @@ def write_report(
     text = build_report(outdir, receipts, config)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8", errors="backslashreplace")  # a non-UTF-8 file name
     os.replace(tmp, target)
     return target

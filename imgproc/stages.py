@@ -2,7 +2,8 @@
 
 Each stage reads and writes files under the output folder and is what one workflow rule runs.
 Calibrate and publish skip work whose inputs are unchanged: every intermediate and output has a
-stamp (a digest of its inputs' paths, sizes and modification times and of the settings), so a
+stamp (a digest of its inputs' paths, sizes, modification and change times and of the settings),
+and is checked against its recorded size and its DATASUM before it is reused (:mod:`imgproc.verify`), so a
 rerun after a crash, or after adding frames, redoes only what changed.
 """
 
@@ -22,9 +23,9 @@ import numpy as np
 
 from imgproc import __version__
 from imgproc.calibrate import MASTERS, ROLES, MasterCache, calibrate_frame
-from imgproc.fitsio import FitsError, read_image, write_atomic
+from imgproc.fitsio import FitsError, checksum_problem, read_image, write_atomic
 from imgproc.keywords import normalise
-from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, write_tsv
+from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, shown, write_tsv
 from imgproc.masterbuild import build_master
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
 from imgproc.masters import plan_masters
@@ -46,6 +47,7 @@ from imgproc.scan import ScanRequest, scan
 from imgproc.stamps import digest, file_id, read_json, receipt_items, write_json
 from imgproc.timecards import VERSION as TIMECARDS_VERSION
 from imgproc.timecards import airmass_problem
+from imgproc.verify import file_record, is_transient, size_problem
 
 log = logging.getLogger("imgproc")
 _HANDLERS_LOCK = threading.Lock()
@@ -91,14 +93,19 @@ def problem_item(exc: Exception, subject: str, what: str, inputs: Iterable[str |
     logged, with ``what`` failed (``calibration failed``) as the reason.
 
     A problem of its input files (a :class:`~imgproc.fitsio.FitsError`, which also covers an
-    unusable master, or an OSError about one of ``inputs``) is ``skipped``; anything else is an
-    internal error: ``failed``, its traceback in the job log and its type in the reason.
+    unusable master, or an OSError about one of ``inputs``) is ``skipped``; so is a passing fault
+    of the machine (a full disk: :func:`imgproc.verify.is_transient`), marked ``retry`` so that the
+    next run tries it again; anything else is an internal error: ``failed``, its traceback in the
+    job log and its type in the reason.
     """
+    if is_transient(exc):
+        log.error("%s: %s: %s (tried again on the next run)", subject, what, exc)
+        return {"status": SKIPPED, "retry": True, "reason": f"{what}: {exc} (tried again on the next run)"}
     about_input = isinstance(exc, OSError) and str(exc.filename) in {str(path) for path in inputs}
     if isinstance(exc, FitsError) or about_input:
-        log.error("%s: %s: %s", subject, what, exc)
+        log.error("%s: %s: %s", shown(subject), what, exc)
         return {"status": SKIPPED, "reason": f"{what}: {exc}"}
-    log.error("%s: %s: internal error", subject, what, exc_info=exc)
+    log.error("%s: %s: internal error", shown(subject), what, exc_info=exc)
     return {"status": FAILED, "reason": f"{what}: internal error {type(exc).__name__}: {exc}"}
 
 
@@ -114,7 +121,7 @@ def run_scan(request: ScanRequest, manifest: Path, cache: Path, workers: int = 1
     write_tsv(cache, rows)
     for row in rows:
         if row["status"] == SKIPPED:
-            log.warning("skipped %s: %s", row["path"], row["reason"])
+            log.warning("skipped %s: %s", shown(row["path"]), row["reason"])
     return rows
 
 
@@ -131,7 +138,7 @@ def run_plan(manifest: Path, plan_path: Path, masters_path: Path, settings: Plan
             log.warning("raw %s frames not combined: %s", master["role"], master["reason"])
     for entry in plan:
         if entry["status"] != OK:
-            log.warning("skipped %s: %s", entry["path"], entry["reason"])
+            log.warning("skipped %s: %s", shown(entry["path"]), entry["reason"])
     for pattern, paths in sorted(colour_lights(plan, rows).items()):
         log.warning("%s", colour_message(pattern, len(paths)))
     return plan
@@ -181,30 +188,37 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     stamp_path = target.with_suffix(".json")
     stamp = calibration_stamp(entry, observer, binning)
     previous = read_json(stamp_path) or {}
-    if previous.get("stamp") == stamp and target.exists():
-        if quality and "quality" not in previous:  # calibrated by a run that did not measure
-            data, header = read_image(target)
-            previous["quality"] = measure_quality(data, mosaic=bool(normalise(header)["bayerpat"])).record()
-            write_json(stamp_path, previous)
-        return {
-            "status": "reused",
-            "stamp": stamp,
-            "no_airmass": previous.get("no_airmass", ""),
-        } | previous.get("stats", {})
+    if previous.get("stamp") == stamp:
+        problem = size_problem(target, previous) or checksum_problem(target)
+        if not problem:
+            if quality and "quality" not in previous:  # calibrated by a run that did not measure
+                data, header = read_image(target)
+                previous["quality"] = measure_quality(
+                    data, mosaic=bool(normalise(header)["bayerpat"])
+                ).record()
+                write_json(stamp_path, previous)
+            return {
+                "status": "reused",
+                "stamp": stamp,
+                "no_airmass": previous.get("no_airmass", ""),
+                "size": previous.get("size"),
+            } | previous.get("stats", {})
+        log.warning("%s: %s: calibrated again", entry["path"], problem)
     data, header = calibrate_frame(
         Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target,
-        observer=observer, mid=datetime.fromisoformat(entry["mid"]), binning=binning,
+        observer=observer, mid=datetime.fromisoformat(entry["mid"]), exptime=float(entry["exptime"]),
+        binning=binning,
         dark_scale=entry.get("dark_scale") if entry.get("dark") else None,
     )  # fmt: skip
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
-    stats, no_airmass = frame_statistics(data), airmass_problem(header)
-    record = {"stamp": stamp, "source": entry["path"], "stats": stats, "no_airmass": no_airmass}
+    stats, no_airmass, size = frame_statistics(data), airmass_problem(header), file_record(target)
+    record = {"stamp": stamp, "source": entry["path"], "stats": stats, "no_airmass": no_airmass, **size}
     if quality:
         record["quality"] = measure_quality(data, mosaic=bool(normalise(header)["bayerpat"])).record()
     write_json(stamp_path, record)
     log.debug("%s", frame_diagnostics(entry, stats))
-    return {"status": "calibrated", "stamp": stamp, "no_airmass": no_airmass, **stats}
+    return {"status": "calibrated", "stamp": stamp, "no_airmass": no_airmass, **stats, **size}
 
 
 def run_calibrate_batch(
@@ -322,18 +336,22 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines += [
         f"  output {n} FAILED: {r} (traceback in logs/publish/)" for n, r in summary["failed_outputs"].items()
     ]
-    lines += [f"  light {s['file']} FAILED: {s['reason']} (traceback in logs/calibrate/)"
+    lines += [f"  light {shown(s['file'])} FAILED: {s['reason']} (traceback in logs/calibrate/)"
               for s in summary["failed_frames"]]  # fmt: skip
-    lines += [f"  skipped {s['file']}: {s['reason']}" for s in summary["skipped"]]
+    lines += [f"  skipped {shown(s['file'])}: {s['reason']}" for s in summary["skipped"]]
     lines += [f"  output {n} not written: {r}" for n, r in summary["skipped_outputs"].items()]
     lines += [f"  {note}" for note in calibration_notes(summary)]
-    lines += [f"  master {s['file']} not used: {s['reason']}" for s in summary["masters_skipped"]]
+    lines += [f"  master {shown(s['file'])} not used: {s['reason']}" for s in summary["masters_skipped"]]
     lines += [f"  built master {path}" for path in summary["masters_built"]]
-    lines += [
-        f"  raw {m['role']} frames {', '.join(Path(f).name for f in m['frames'])} not combined: {m['reason']}"
-        for m in summary["masters_not_built"]
-    ]
-    lines += [f"  listed {s['file']}: {s['reason']}" for s in summary["listed"]]
+    for m in summary["masters_not_built"]:
+        frames = ", ".join(shown(Path(f).name) for f in m["frames"])
+        lines.append(f"  raw {m['role']} frames {frames} not combined: {m['reason']}")
+    lines += [f"  listed {shown(s['file'])}: {s['reason']}" for s in summary["listed"]]
+    if summary.get("superseded"):
+        lines.append(
+            f"  {len(summary['superseded'])} outputs of earlier settings are in {SUPERSEDED}/ "
+            "(made from these lights with another -S, -s or -b; delete the folder when not needed)"
+        )
     if summary["outputs_failed"] or frames_failed:
         lines.append("FAILED: internal errors (see above and the tracebacks in logs/)")
     else:
@@ -351,17 +369,49 @@ def airmass_gaps(receipts: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     return dict(sorted(reasons.items()))
 
 
+#: Where outputs of settings no longer in force are moved (:func:`supersede_outputs`).
+SUPERSEDED = "superseded"
+
+
+def supersede_outputs(outdir: Path, plan: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Move aside the outputs that earlier runs made from lights the plan now makes into other
+    outputs (another ``-S``, ``-s`` or ``-b``): into ``outdir/superseded/``, with their
+    publishing stamps removed. Outputs of lights not in this plan (another ``-f``, lights
+    taken away) stay, and so does any file imgproc did not make. Returns the names moved."""
+    current = {str(entry["output"]) for entry in plan if entry.get("output")}
+    lights = {str(entry["path"]) for entry in plan}
+    moved = []
+    for stamp_path in sorted((outdir / "work" / "pub").glob("*.json")):
+        name, stamp = stamp_path.stem, read_json(stamp_path) or {}
+        sources = stamp.get("sources") or []
+        target = outdir / name
+        if name in current or not sources or not set(sources) <= lights:
+            continue
+        if target.exists() and not size_problem(target, stamp):
+            (outdir / SUPERSEDED).mkdir(exist_ok=True)
+            target.replace(outdir / SUPERSEDED / name)
+            moved.append(name)
+            log.warning("%s: made from these lights with other settings; moved to %s/", name, SUPERSEDED)
+        stamp_path.unlink()
+    return moved
+
+
 def run_summary(
     manifest: Path, plan: Path, masters: Path, receipts: Sequence[Path], out_json: Path, out_text: Path
 ) -> dict:
-    """Write ``summary.json`` and ``summary.txt`` from the manifest, plan, masters and receipts.
+    """Write ``summary.json`` and ``summary.txt`` from the manifest, plan, masters and receipts,
+    after moving aside the outputs of settings no longer in force (:func:`supersede_outputs`).
 
     Both say what was done, never how long it took: two runs of the same night give the same
     bytes. The batch jobs' time goes to the log.
     """
     receipts_data = [read_json(p) or {} for p in receipts]
-    summary = summarise(read_tsv(manifest), read_tsv(plan), receipts_data, read_tsv(masters))
+    plan_rows = read_tsv(plan)
+    supersede_outputs(out_json.parent, plan_rows)
+    summary = summarise(read_tsv(manifest), plan_rows, receipts_data, read_tsv(masters))
     summary["no_airmass"] = airmass_gaps(receipts_data)
+    superseded = out_json.parent / SUPERSEDED
+    summary["superseded"] = sorted(p.name for p in superseded.iterdir()) if superseded.is_dir() else []
     write_json(out_json, summary)
     text = format_summary(summary)
     out_text.write_text(text, encoding="utf-8")

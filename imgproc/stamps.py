@@ -1,7 +1,7 @@
 """Stamps and JSON records: how a stage knows whether its earlier result is still valid.
 
 Every intermediate, output and batch receipt records a digest of what it was made from (paths,
-sizes and modification times of its inputs, and the settings), written deterministically.
+sizes, modification and change times of its inputs, and the settings), written deterministically.
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ def read_json(path: Path) -> Any:
 
 
 def file_id(path: str | Path) -> list:
-    """Identity of a file for stamps: path, size and modification time (ns)."""
+    """Identity of a file for stamps: path, size, modification and inode change times (ns).
+
+    The kernel sets the change time on every write (and on a change of permissions or links),
+    and no program can set it back, so a file rewritten with its old size and modification
+    time is still seen as changed."""
     stat = os.stat(path)
-    return [str(path), stat.st_size, stat.st_mtime_ns]
+    return [str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 def digest(data: Any) -> str:

@@ -91,7 +91,7 @@ def use_processes(mode: str, cores: int, light_dir: str | os.PathLike[str]) -> b
         return mode == "processes" and cores >= 2
     total = 0
     for path in list_fits(Path(light_dir)):
-        total += path.stat().st_size
+        total += path.stat().st_size if path.is_file() else 0  # not a dangling link, a FIFO...
         if total >= AUTO_MIN_BYTES:
             return True
     return False

@@ -12,6 +12,7 @@ rule scan_headers:
         manifest="work/manifest.tsv",
     params:
         request=LAYOUT.scan_params(),
+        columns=LAYOUT.table_columns("manifest"),
     threads: workflow.cores
     resources:
         mem_mb=1000,
@@ -29,6 +30,7 @@ checkpoint plan_frames:
         masters="work/masters.tsv",
     params:
         settings=LAYOUT.plan_params(),
+        columns=LAYOUT.table_columns("plan", "masters"),
     log:
         "logs/plan_frames.log",
     run:

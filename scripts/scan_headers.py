@@ -14,5 +14,6 @@ with job_logging(sm.log[0], sm.config.get("verbose", False)):
         keywords=params["keywords"],
         filter=params["filter"],
         exclude=[Path(path) for path in params["exclude"]],
+        max_frame_bytes=params["max_frame_bytes"],
     )
     run_scan(request, Path(sm.output.manifest), Path("work/scan-cache.tsv"), workers=sm.threads)

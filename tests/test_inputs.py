@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from astropy.io import fits
-from conftest import REPO, real_set, run_cli
+from conftest import REPO, master_flags, real_set, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -113,7 +116,8 @@ def test_layout_inputs_leave_out_an_output_folder_inside_a_master_folder(tmp_pat
     _touch(tmp_path / "bias" / "2025" / "b.fits")
     _touch(tmp_path / "bias" / "out" / "work" / "cal" / "l-01234567.fits")
     config = {"input_dir": str(tmp_path / "lights"), "bias_dir": str(tmp_path / "bias"),
-              "output_dir": str(tmp_path / "bias" / "out"), "keywords": DEFAULT_KEYWORDS}  # fmt: skip
+              "output_dir": str(tmp_path / "bias" / "out"), "keywords": DEFAULT_KEYWORDS,
+              "limits": {"max_frame_mb": 1024}}  # fmt: skip
     layout = Layout(config)
     assert layout.input_files() == [
         str(tmp_path / "lights" / "l.fits"),
@@ -425,3 +429,24 @@ def test_command_output_inside_a_master_tree_is_not_scanned_as_masters(tmp_path:
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["complete"] and summary["outputs"] == 2 and len(summary["masters_built"]) == 1
     assert (out / summary["masters_built"][0]).is_file()
+
+
+def test_a_plan_with_other_columns_is_made_again(night, tmp_path: Path) -> None:
+    """A folder last run by a version of imgproc whose plan had other columns gets a new plan
+    (the columns are a param of plan_frames), so no light is calibrated from a stale plan."""
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night)) == EXIT_OK
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import imgproc.plan\nimgproc.plan.COLUMNS = (*imgproc.plan.COLUMNS, 'newer')\n", encoding="utf-8"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "imgproc.py"), night.root / "lights", out, *master_flags(night)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == EXIT_OK, result.stderr[-2000:]
+    header = (out / "work" / "plan.tsv").read_text(encoding="utf-8").splitlines()[0].split("\t")
+    assert header[-1] == "newer"
+    assert read_tsv(out / "work" / "plan.tsv")[0]["status"] == OK

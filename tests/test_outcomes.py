@@ -88,6 +88,7 @@ def _entries(night) -> list[dict]:
             "path": str(path),
             "hdu": 0,
             "mid": f"2025-05-02T0{i}:00:00",
+            "exptime": 60.0,
             "pub_kind": "stack",
         }
         for i, path in enumerate(night.lights[:4])

@@ -365,3 +365,30 @@ def test_frames_of_one_sequence_but_two_shapes_are_two_sequences(night) -> None:
         assert sequence.endswith(f"_{entries[0]['nx']}x{entries[0]['ny']}px")
         assert len({e["output"] for e in entries}) == 1  # one stack per shape
         assert {e["reference"] for e in entries} <= {e["frame_id"] for e in entries}
+
+
+def test_batches_share_the_work_of_big_frames_evenly() -> None:
+    from imgproc.plan import UNIT_PIXELS, cut_batches, frame_work
+
+    big = frame_work({"ny": 6388, "nx": 9576})
+    assert big == pytest.approx(6388 * 9576 / UNIT_PIXELS)
+    assert frame_work({"ny": 500, "nx": 650}) == 1.0
+    # ten 61-megapixel frames: ten jobs, which two cores share evenly (not 8 + 2)
+    assert cut_batches([big] * 10, 16, 8, 100) == list(range(10))
+    # 300 frames of 2048²: 16 batches of 19 frames, as counting frames gave
+    small = cut_batches([1.0] * 300, 16, 8, 100)
+    assert sorted(Counter(small).values()) == [15] + [19] * 15
+    assert cut_batches([1.0] * 30, 16, 8, 100) == [i // 8 for i in range(30)]  # at least min_batch
+    assert max(Counter(cut_batches([1.0] * 1000, 2, 8, 100)).values()) == 100  # at most max_batch
+    mixed = cut_batches([1.0] * 20 + [big] * 2, 4, 1, 100)
+    work = Counter()
+    for units, batch in zip([1.0] * 20 + [big] * 2, mixed, strict=True):
+        work[batch] += units
+    assert max(work.values()) <= big + 1e-9 and mixed == sorted(mixed)
+
+
+def test_make_plan_gives_big_frames_a_job_each(rows) -> None:
+    big_rows = [{**row, "ny": 6388, "nx": 9576} for row in rows]
+    plan = make_plan(big_rows, PlanSettings(batches=16, min_batch=8))
+    ok = [entry for entry in plan if entry["status"] == OK]
+    assert len(ok) == 8 and len({entry["cal_batch"] for entry in ok}) == 8

@@ -1,0 +1,138 @@
+"""Verification of earlier work before a run trusts it.
+
+A batch receipt (``work/calibrated/*.json``, ``work/published/*.json``) tells Snakemake that a
+batch is done, and Snakemake looks no further than its modification time. Before each run the
+``imgproc`` command checks every receipt against the files it names and drops a receipt that no
+longer holds, so Snakemake redoes that batch (and the batch then rebuilds only what is bad):
+
+- a file the batch wrote is missing, or its size is not the size recorded when it was written
+  (a truncated intermediate, and a hard-linked output with it);
+- an item failed with an internal error or with a passing fault of the machine (a full disk,
+  an I/O error, memory): it is tried again;
+- a light or master the batch used was rewritten since (its size, modification time or inode
+  change time differ: the kernel sets the change time on every write and no program can set it
+  back, so a file rewritten with its old size and modification time is caught too).
+
+Reading every file to check its DATASUM before each run would cost as much as reading the whole
+night again, so it is asked for (``imgproc --verify``); a file that a batch reuses is always
+checked against its own DATASUM
+(:func:`imgproc.fitsio.checksum_problem`). This module reads no FITS file: the command imports it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from imgproc.manifest import FAILED, SKIPPED, read_tsv
+from imgproc.stamps import file_id
+
+#: errno values of faults that pass (space freed, device back): never remembered as results.
+TRANSIENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EAGAIN, errno.ESTALE, errno.ETIMEDOUT}
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fault of the machine that may pass (disk full, I/O error, memory),
+    as opposed to a problem of the input or a bug."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS)
+
+
+def file_record(path: Path) -> dict[str, int]:
+    """What a receipt records of a file it wrote: its size in bytes."""
+    return {"size": path.stat().st_size}
+
+
+def size_problem(path: Path, item: Mapping[str, Any]) -> str:
+    """Why ``path``, written by the batch whose receipt holds ``item``, cannot be trusted ("" if
+    it can): missing, or not of the recorded size."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return f"{path.name} is missing"
+    recorded = item.get("size")
+    if recorded is not None and size != recorded:
+        return f"{path.name} has {size} bytes, {recorded} when it was written"
+    return ""
+
+
+def stale_receipts(output: Path, checksums: bool = False) -> dict[Path, str]:
+    """Receipts under ``output/work`` that no longer hold, with the first reason of each; with
+    ``checksums``, every file they name is also read and checked against its DATASUM."""
+    stale: dict[Path, str] = {}
+
+    def intermediate(frame_id: str) -> Path:
+        return output / "work" / "cal" / f"{frame_id}.fits"
+
+    for folder, target in (("calibrated", intermediate), ("published", output.joinpath)):
+        for receipt in sorted((output / "work" / folder).glob("*.json")):
+            try:
+                items = json.loads(receipt.read_text(encoding="utf-8"))["items"]
+            except (OSError, ValueError, KeyError, TypeError):
+                stale[receipt] = "unreadable receipt"
+                continue
+            for key, item in sorted(items.items()):
+                reason = _item_problem(target(key), item, checksums)
+                if reason:
+                    stale[receipt] = reason
+                    break
+    return stale
+
+
+def _item_problem(path: Path, item: Mapping[str, Any], checksums: bool) -> str:
+    if item.get("retry"):
+        return f"{path.name}: {item.get('reason', 'a passing fault')}"
+    if item.get("status") == FAILED:
+        return f"{path.name} failed: tried again"
+    if item.get("status") == SKIPPED:
+        return ""
+    problem = size_problem(path, item)
+    if not problem and checksums:
+        from imgproc.fitsio import checksum_problem  # astropy: only when asked (--verify)
+
+        problem = checksum_problem(path)
+    return problem
+
+
+def changed_sources(manifest: Path) -> list[str]:
+    """Files of the manifest that changed since the scan read them, in a way Snakemake does not
+    see: same size and modification time, another inode change time."""
+    changed = []
+    for row in read_tsv(manifest) if manifest.exists() else []:
+        try:
+            now = file_id(row["path"])
+        except OSError:
+            continue  # gone: Snakemake sees a missing input itself
+        recorded = row.get("ctime_ns")
+        if recorded is not None and now[1:3] == [row["size"], row["mtime_ns"]] and now[3] != recorded:
+            changed.append(row["path"])
+    return changed
+
+
+def invalidate(output: Path, checksums: bool = False) -> list[str]:
+    """Drop every receipt that no longer holds (:func:`stale_receipts`, which reads every file
+    with ``checksums``); when a file was rewritten behind Snakemake's back
+    (:func:`changed_sources`), drop the manifest and every calibrate receipt, so the files are
+    read again and each batch compares its frames' stamps (which hold the change times: only
+    the frames of a changed light or master are made again). Returns one line per reason.
+
+    The summary goes too whenever anything is dropped: Snakemake does not revisit the jobs
+    behind an up-to-date plan checkpoint, but a missing summary makes it rebuild everything the
+    summary needs."""
+    notes = []
+    rewritten = changed_sources(output / "work" / "manifest.tsv")
+    if rewritten:  # read again, and every batch checks its stamps (only changed frames are redone)
+        (output / "work" / "manifest.tsv").unlink()
+        for receipt in (output / "work" / "calibrated").glob("*.json"):
+            receipt.unlink()
+        notes += [f"{path} was rewritten since it was read: read again" for path in rewritten]
+    for receipt, reason in stale_receipts(output, checksums).items():
+        receipt.unlink(missing_ok=True)
+        notes.append(f"{receipt.parent.name}/{receipt.stem}: {reason}: redone")
+    if notes:
+        (output / "summary.json").unlink(missing_ok=True)
+    return notes
