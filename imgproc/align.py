@@ -451,7 +451,8 @@ class StarRegistrar:
     ``match_radius`` px of where the fit puts it, and the ``model`` is fitted by least squares
     to all pairs, twice, leaving out pairs beyond 3× the RMS distance (blends).
 
-    A frame with fewer than ``min_matches`` matched stars is measured by cross-correlation
+    A frame with fewer than ``min_matches`` matched stars, or whose fit is too loose
+    (``max_error``), is measured by cross-correlation
     instead (a :class:`Registrar`, or a :class:`MosaicRegistrar` for ``mosaic``), translation
     (and 180° flip) only; :attr:`Shift.method` tells which registered it.
 
@@ -468,7 +469,13 @@ class StarRegistrar:
     min_matches
         Fewest matched stars for the star fit to be used.
     match_radius
-        Pairing radius (px) of the refinement.
+        Pairing radius (px) of the refinement (at least half the stars' FWHM).
+    max_error
+        Largest standard error (px) of the fitted position, the matched stars' RMS distance
+        over the square root of their number, for the star fit to be used: wide, faint stars
+        (measured on the UMD ST-8 frames: FWHM 11-17 px, 40 stars, 1-2 px RMS over 12-15
+        matches, and once 6 stars matched at a wrong 16° turn) are left to cross-correlation,
+        which measures them better.
     mosaic
         The frames are colour-sensor mosaics: the fallback measures on 2×2 superpixels.
     options
@@ -484,6 +491,7 @@ class StarRegistrar:
         match_stars: int = 40,
         min_matches: int = 6,
         match_radius: float = 2.0,
+        max_error: float = 0.1,
         mosaic: bool = False,
         **options: float,
     ) -> None:
@@ -493,6 +501,7 @@ class StarRegistrar:
         self.shape: tuple[int, int] = reference.shape
         self.model, self.max_stars, self.match_stars = model, int(max_stars), int(match_stars)
         self.min_matches, self.match_radius = int(min_matches), float(match_radius)
+        self.max_error = float(max_error)
         self.fallback: Registrar | MosaicRegistrar = (MosaicRegistrar if mosaic else Registrar)(
             reference, **options
         )
@@ -536,6 +545,8 @@ class StarRegistrar:
             e = 2.0 * (np.array(binned_shape(self.shape, 2), dtype=np.float64) - 1.0) / 2.0 + 0.5
             shift = 2.0 * shift + (np.eye(2) - total) @ (e - centre)
             rms *= 2.0
+        if rms / np.sqrt(matched) > self.max_error:
+            return self.fallback.measure(image, try_flip=try_flip)
         return shift_from_map(
             total,
             *shift,
@@ -559,6 +570,9 @@ class StarRegistrar:
         if len(hypotheses) == 0:
             return None
         similarity, kind = _model_class("similarity"), _model_class(self.model)
+        # wide stars (seeing, focus) have looser centroids: the radius grows with their FWHM
+        widths = [w for w in (stars.median_fwhm(), self.reference_stars.median_fwhm()) if np.isfinite(w)]
+        radius = max([self.match_radius, *(0.5 * w for w in widths)])
         tree, frame_xy, ref_xy = cKDTree(self._ref_yx[:, ::-1]), yx[:, ::-1], self._ref_yx[:, ::-1]
         # every matched triangle is a hypothesis: the one that pairs the most stars wins (the
         # first of equals: deterministic)
@@ -567,13 +581,13 @@ class StarRegistrar:
             model = similarity.from_estimate(frame_xy[frame_tri[1][t]], ref_xy[ref_tri[1][r]])
             if not model:
                 continue
-            distance, _ = tree.query(model(frame_xy), distance_upper_bound=self.match_radius)
+            distance, _ = tree.query(model(frame_xy), distance_upper_bound=radius)
             count = int(np.isfinite(distance).sum())
             if count > best_count:
                 best, best_count = model, count
         if best is None or best_count < self.min_matches:
             return None
-        model, limit = best, self.match_radius
+        model, limit = best, radius
         for _ in range(3):
             distance, index = tree.query(model(frame_xy), distance_upper_bound=limit)
             paired = np.isfinite(distance)
@@ -589,7 +603,7 @@ class StarRegistrar:
                 return None
             model = refit
             rms = float(np.sqrt(np.mean(model.residuals(frame_xy[paired], ref_xy[index[paired]]) ** 2)))
-            limit = min(self.match_radius, max(3.0 * rms, 0.05))
+            limit = min(radius, max(3.0 * rms, 0.05))
         matrix = np.asarray(model.params, dtype=np.float64)
         linear = matrix[:2, :2][::-1, ::-1]  # (x, y) -> (y, x) order
         offset = matrix[:2, 2][::-1]
@@ -615,7 +629,7 @@ def _model_class(name: str) -> type:
 #: Nearest neighbours (the star itself included) that form a star's triangles, and the largest
 #: distance of two triangles' side ratios that still matches them.
 _NEIGHBOURS = 5
-_INVARIANT_TOL = 0.01
+_INVARIANT_TOL = 0.02
 
 
 def _triangles(yx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

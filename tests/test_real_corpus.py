@@ -107,7 +107,11 @@ def test_umd_aligned_stack_of_the_whole_sequence(run) -> None:
     header = fits.getheader(stack)
     assert header["NCOMBINE"] == 9 and (header["NAXIS1"], header["NAXIS2"]) == (1530, 1020)
     shifts = result.shifts()
-    assert len(shifts) == 9 and min(s["significance"] for s in shifts.values()) > 50
+    # wide faint stars (FWHM 11-17 px, ~40 a frame): too loose a star fit, cross-correlation instead
+    # (but the reference frame itself, whose stars match exactly)
+    others = [s for s in shifts.values() if s["dx"] or s["dy"]]
+    assert len(shifts) == 9 and len(others) == 8 and all(s["method"] == "correlation" for s in others)
+    assert min(s["significance"] for s in others) > 50
     assert max(abs(s["dy"]) + abs(s["dx"]) for s in shifts.values()) > 40  # the field drifts
 
 
@@ -171,7 +175,10 @@ def test_seestar_sequences_stack_aligned_on_superpixels(run) -> None:
     assert result.status == EXIT_OK and result.summary["complete"]
     assert sorted(fits.getheader(p)["NCOMBINE"] for p in result.outputs()) == [2, 4]  # 10 s and 20 s
     shifts = result.shifts()
-    assert len(shifts) == 6 and min(s["significance"] for s in shifts.values()) > 50
+    # stars matched on superpixels: the alt-az frames of 2024 turn by 0.05° a frame
+    assert len(shifts) == 6 and all(s["method"] == "stars" and s["stars"] >= 100 for s in shifts.values())
+    assert max(s["residual"] for s in shifts.values()) < 0.6
+    assert max(abs(s["rotation"]) for s in shifts.values()) > 0.1
 
 
 # --- INDI ASI224MC: the type in FRAME, RGGB, 1304x976 ------------------------------------------
