@@ -43,6 +43,7 @@ $(BENCH_STAMP): pyproject.toml
 bench: $(BENCH_STAMP)
 	command -v siril-cli >/dev/null || (apt-get update -qq && apt-get install -y -qq siril) || echo "make bench: no Siril; bench/siril.py will be skipped"
 	$(BENCH_VENV)/bin/python bench/run.py --repeat 2
+	$(BENCH_VENV)/bin/python bench/register.py
 	if command -v siril-cli >/dev/null; then $(BENCH_VENV)/bin/python bench/siril.py; fi
 
 clean:

@@ -114,12 +114,19 @@ class Layout:
         return {
             "align": self.config["align"],
             "method": stacking["method"],
+            "normalize": stacking["normalize"],
+            "reference": alignment["reference"],
             "sigma_low": stacking["sigma_low"],
             "sigma_high": stacking["sigma_high"],
             "memory_budget": stacking["memory_budget_mb"] * 1024**2,
             "upsample": alignment["upsample"],
             "min_significance": alignment["min_significance"],
             "order": alignment["order"],
+            "registration": alignment["method"],
+            "model": alignment["model"],
+            "reject_fwhm_ratio": self.config["quality"]["fwhm_ratio"],
+            "reject_stars_ratio": self.config["quality"]["stars_ratio"],
+            "reject_roundness_drop": self.config["quality"]["roundness_drop"],
         }
 
 
@@ -221,15 +228,24 @@ class WorkflowInputs:
         """Wall-time limit (minutes) of a publish job (alignment and stacking: ~30 s per frame)."""
         return attempt * _runtime(self._members("pub_batch", wildcards.pub_batch), 0.5)
 
+    def _reference_rows(self, members: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Plan rows the members may be aligned to: their references, or with ``reference:
+        best`` every light of their sequences (the best is chosen once they are measured)."""
+        refs = {row["reference"] for row in members if row.get("reference")}
+        if self.layout.config["alignment"]["reference"] != "best":
+            return [row for row in self.plan() if row["frame_id"] in refs]
+        sequences = {row["sequence"] for row in members if row.get("reference")}
+        return [row for row in self.plan() if row.get("reference") and row["sequence"] in sequences]
+
     def publish_inputs(self, wildcards: Any) -> list[str]:
-        """Receipts of the calibrate batches holding the batch's frames, their references and the
-        green frames a colour channel frame is registered by."""
-        plan = self.plan()
+        """Receipts of the calibrate batches holding the batch's frames, the frames they may be
+        aligned to (:meth:`_reference_rows`) and the green frames a colour channel frame (and its
+        reference) is registered by."""
         members = self._members("pub_batch", wildcards.pub_batch)
-        aligned = [row for row in members if row.get("reference")]
-        refs = {row[key] for row in aligned for key in ("reference", "measure") if row.get(key)}
-        batches = {row["cal_batch"] for row in members}
-        batches |= {row["cal_batch"] for row in plan if row["frame_id"] in refs}
+        rows = [*members, *self._reference_rows(members)]
+        measured = {row["measure"] for row in rows if row.get("reference") and row.get("measure")}
+        batches = {row["cal_batch"] for row in rows}
+        batches |= {row["cal_batch"] for row in self.plan() if row["frame_id"] in measured}
         return [f"work/calibrated/{batch}.json" for batch in sorted(batches)]
 
     def publish_entries(self, wildcards: Any) -> list[dict[str, Any]]:
@@ -237,9 +253,9 @@ class WorkflowInputs:
         return [_entry(row) for row in self._members("pub_batch", wildcards.pub_batch)]
 
     def publish_references(self, wildcards: Any) -> dict[str, dict[str, Any]]:
-        """Plan rows of the reference frames the batch aligns to."""
-        refs = {row["reference"] for row in self._members("pub_batch", wildcards.pub_batch)}
-        return {row["frame_id"]: _entry(row) for row in self.plan() if row["frame_id"] in refs}
+        """Plan rows of the reference frames the batch may align to (see :meth:`_reference_rows`)."""
+        members = self._members("pub_batch", wildcards.pub_batch)
+        return {row["frame_id"]: _entry(row) for row in self._reference_rows(members)}
 
     def publish_threads(self, cores: int) -> Callable[[Any], int]:
         """Threads of a publish job: the ``cores`` spread over the publish batches that align or

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ import numpy as np
 from astropy.io import fits
 
 from imgproc import __version__
-from imgproc.align import MosaicRegistrar, Registrar, Shift, apply_shift, pier_side_flip
+from imgproc.align import (
+    MosaicRegistrar,
+    Registrar,
+    Shift,
+    StarRegistrar,
+    apply_shift,
+    pier_side_flip,
+    superpixels,
+)
 from imgproc.cache import FileCache
 from imgproc.colour import flipped_channel_shift, read_frame, write_cube
 from imgproc.fitsio import Float32Rows, checksum_problem, link_atomic, read_header, read_image, write_atomic
@@ -31,10 +40,12 @@ from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
 from imgproc.progress import Progress
 from imgproc.provenance import provenance_cards, recognised_stamp
+from imgproc.quality import FrameQuality, QualityRules, best_frame, frame_quality, rejections
 from imgproc.report import cached_thumbnail
-from imgproc.stack import MEMORY, combine
+from imgproc.stack import MEMORY, ArraySource, combine
 from imgproc.stages import problem_item
 from imgproc.stamps import digest, read_json, write_json
+from imgproc.stars import find_stars
 from imgproc.timecards import apply_time_cards, header_airmass, kept_history, mean_card_airmass
 from imgproc.verify import file_record, size_problem
 
@@ -59,7 +70,19 @@ class StackSettings:
     memory_budget: int = 2 * 1024**3
     upsample: int = 20
     min_significance: float = 15.0
-    order: int = 1
+    order: int = 3
+    registration: str = "stars"
+    model: str = "similarity"
+    reject_fwhm_ratio: float | None = 1.5
+    reject_stars_ratio: float | None = 0.5
+    reject_roundness_drop: float | None = 0.15
+    normalize: str = "additive"
+    reference: str = "first"
+
+    @property
+    def rules(self) -> QualityRules:
+        """The frame quality rules of aligned stacks."""
+        return QualityRules(self.reject_fwhm_ratio, self.reject_stars_ratio, self.reject_roundness_drop)
 
 
 @dataclass(frozen=True)
@@ -136,20 +159,26 @@ KEEP_FRAMES_SHARE = 0.25
 
 #: Registrars of this process's publish jobs (threads of the workflow's process), built once
 #: per reference intermediate and settings.
-REGISTRARS: FileCache[Registrar | MosaicRegistrar] = FileCache(512 * 1024**2)
+AnyRegistrar = Registrar | MosaicRegistrar | StarRegistrar
+REGISTRARS: FileCache[AnyRegistrar] = FileCache(512 * 1024**2)
 
 
-def registrar_for(reference: Path, settings: StackSettings) -> Registrar | MosaicRegistrar:
+def registrar_for(reference: Path, settings: StackSettings) -> AnyRegistrar:
     """The registrar built on the reference frame's intermediate (see :data:`REGISTRARS`): a
+    :class:`StarRegistrar` (``registration: stars``), else a :class:`Registrar`, or a
     :class:`MosaicRegistrar` for a colour sensor's frames (a CFA pattern in the header)."""
 
-    def build() -> Registrar | MosaicRegistrar:
+    def build() -> AnyRegistrar:
         data, header = read_frame(reference)
         data = green(data)
-        kind = MosaicRegistrar if normalise(header)["bayerpat"] else Registrar  # colour sensors
-        return kind(data, upsample=settings.upsample, min_significance=settings.min_significance)
+        mosaic = bool(normalise(header)["bayerpat"])  # colour sensors
+        options = {"upsample": settings.upsample, "min_significance": settings.min_significance}
+        if settings.registration == "stars":
+            return StarRegistrar(data, model=settings.model, mosaic=mosaic, **options)
+        return (MosaicRegistrar if mosaic else Registrar)(data, **options)
 
-    return REGISTRARS.get((settings.upsample, settings.min_significance), str(reference), build)
+    key = (settings.upsample, settings.min_significance, settings.registration, settings.model)
+    return REGISTRARS.get(key, str(reference), build)
 
 
 def green(data: np.ndarray) -> np.ndarray:
@@ -159,26 +188,43 @@ def green(data: np.ndarray) -> np.ndarray:
 
 
 def measure(
-    member: Member, data: np.ndarray, registrar: Registrar | MosaicRegistrar, reference_pierside: str | None
-) -> Shift:
-    """The shift that puts ``member`` (its pixels ``data``) on the reference grid.
+    member: Member, data: np.ndarray, registrar: AnyRegistrar, reference_pierside: str | None
+) -> tuple[Shift, FrameQuality]:
+    """The shift that puts ``member`` (its pixels ``data``) on the reference grid, and the
+    frame's quality (from the stars the star registrar matches, or found for it alone).
 
     A frame whose PIERSIDE differs from the reference's is rotated by 180° (meridian flip)
     before measuring; when either pier side is unknown, the registrar also tries the rotation
-    and keeps it if its peak is clearly stronger. A rotated red or blue channel frame, measured
-    on its light's green frame, gets its site's correction (:func:`imgproc.colour.flipped_channel_shift`).
+    and keeps it if its peak is clearly stronger (star matching finds any rotation itself). A
+    rotated red or blue channel frame, measured on its light's green frame, gets its site's
+    correction (:func:`imgproc.colour.flipped_channel_shift`).
     """
-    if pier_side_flip(reference_pierside, member.pierside):
-        shift = registrar.measure(np.rot90(data, 2))
-        shift = Shift(shift.dy, shift.dx, True, shift.quality, shift.significance)
+    turned = pier_side_flip(reference_pierside, member.pierside)
+    image = np.rot90(data, 2) if turned else data
+    if isinstance(registrar, StarRegistrar):
+        stars, factor = registrar.find_stars(image), registrar.factor
     else:
-        # the rotation is worth trying only when the pier sides do not say it is the same
-        known = bool(reference_pierside) and bool(member.pierside)
-        shift = registrar.measure(data, try_flip=not known)
+        factor = 2 if isinstance(registrar, MosaicRegistrar) else 1
+        stars = find_stars(image if factor == 1 else superpixels(image))
+    # the rotation is worth trying only when the pier sides do not say it is the same
+    try_flip = not turned and not (bool(reference_pierside) and bool(member.pierside))
+    if isinstance(registrar, StarRegistrar):
+        shift = registrar.measure(image, try_flip=try_flip, stars=stars)
+    else:
+        shift = registrar.measure(image, try_flip=try_flip)
+    if turned:
+        shift = replace(shift, flipped=not shift.flipped)  # two 180° turns make none
     if shift.flipped and member.cfa and member.channel in ("R", "B"):  # measured on green
         dy, dx = flipped_channel_shift(shift.dy, shift.dx, member.cfa, member.channel)
-        shift = Shift(dy, dx, True, shift.quality, shift.significance)
-    return shift
+        shift = replace(shift, dy=dy, dx=dx)
+    return shift, frame_quality(stars, factor=factor, transparency=shift.transparency)
+
+
+def reference_sky(registrar: AnyRegistrar) -> float | None:
+    """Sky level (ADU per pixel) of a star registrar's reference (None for the others)."""
+    if not isinstance(registrar, StarRegistrar):
+        return None
+    return frame_quality(registrar.reference_stars, factor=registrar.factor).sky
 
 
 def combine_cards(settings: StackSettings) -> list[tuple[str, str, str]]:
@@ -199,12 +245,15 @@ def stack_header(
     members: Sequence[Member],
     shifts: Sequence[Shift | None],
     settings: StackSettings | None = None,
+    qualities: Sequence[FrameQuality | None] | None = None,
+    notes: Sequence[str] = (),
 ) -> fits.Header:
     """Header of a stack: its first frame's, plus NCOMBINE, LIVETIME (summed exposure), how it
     was combined (:func:`combine_cards`), the UTC time cards of the frames and their mean
     AIRMASS (:func:`imgproc.timecards.apply_time_cards`), calibration flags true only if true
-    for every frame, and HISTORY cards listing every input with its masters and applied shift
-    (and the camera's time cards the first frame replaced)."""
+    for every frame, and HISTORY cards listing every input with its masters, applied shift and
+    measured quality (and the camera's time cards the first frame replaced), and ``notes`` (the
+    reference frame, the frames the quality rules left out)."""
     out = headers[0].copy() if shifts[0] is None else aligned_header(headers[0], shifts[0])
     replaced = kept_history(out)
     out.remove("HISTORY", ignore_missing=True, remove_all=True)
@@ -222,58 +271,110 @@ def stack_header(
     out.set("LIVETIME", float(sum(exptimes)), "[s] summed exposure")
     for key in _CAL:
         out.set(key, all(bool(h.get(key, False)) for h in headers))
-    for key in ("ALIGNDX", "ALIGNDY", "ALIGNFLP"):
+    for key in _ALIGN_CARDS:
         out.remove(key, ignore_missing=True)
     out.add_history(f"Calibrated and stacked by imgproc {__version__}")
-    for header, member, shift in zip(headers, members, shifts, strict=True):
+    for key in _QUALITY_CARDS:
+        out.remove(key, ignore_missing=True)
+    for header, member, shift, quality in zip(
+        headers, members, shifts, qualities or [None] * len(members), strict=True
+    ):
         masters = ",".join(str(header.get(key, "-")) for key in _FILES)
-        moved = (
-            ""
-            if shift is None
-            else f" dx={shift.dx:+.3f} dy={shift.dy:+.3f}{' flip' if shift.flipped else ''}"
-        )
-        out.add_history(f"input {member.source} masters={masters}{moved}")
+        moved = "" if shift is None else " " + _shift_text(shift)
+        measured = "" if quality is None else " " + quality.text()
+        out.add_history(f"input {member.source} masters={masters}{moved}{measured}")
+    for line in notes:
+        out.add_history(line)
     return out
 
 
-def aligned_header(header: fits.Header, shift: Shift) -> fits.Header:
-    """A single frame's header after resampling: ALIGNDX/ALIGNDY/ALIGNFLP, and its WCS moved
-    with the pixels (CRPIX shifted; a 180° flip also reflects CRPIX and negates CD/PC)."""
+#: Cards of an aligned single that describe its own registration (not a stack's).
+_ALIGN_CARDS = (
+    "ALIGNDX", "ALIGNDY", "ALIGNFLP", "ALIGNROT", "ALIGNSCL", "ALIGNMTH", "ALIGNNST", "ALIGNRMS", "ALIGNREF"
+)  # fmt: skip
+
+
+def _shift_text(shift: Shift) -> str:
+    """One line of a stack's HISTORY: how a frame was registered."""
+    text = f"dx={shift.dx:+.3f} dy={shift.dy:+.3f}{' flip' if shift.flipped else ''}"
+    if shift.linear is not None:
+        text += f" rot={shift.rotation:+.4f} scale={shift.scale:.6f}"
+    if shift.method == "stars":
+        return f"{text} by {shift.stars} stars rms={shift.residual:.3f}px"
+    return f"{text} by correlation"
+
+
+#: Cards of an aligned single's measured quality.
+_QUALITY_CARDS = ("QFWHM", "QROUND", "QSTARS", "QSKY", "QNOISE", "QTRANSP")
+
+
+def aligned_header(header: fits.Header, shift: Shift, quality: FrameQuality | None = None) -> fits.Header:
+    """A single frame's header after resampling: ALIGN* cards, its measured quality (Q* cards),
+    and its WCS moved with the pixels (CRPIX mapped as the pixels are; CD/PC multiplied by the
+    inverse of the map's matrix: negated by a plain 180° flip)."""
     out = header.copy()
     ny, nx = int(out["NAXIS2"]), int(out["NAXIS1"])
-    if shift.flipped:
-        for axis, n in ((1, nx), (2, ny)):
-            if f"CRPIX{axis}" in out:
-                out[f"CRPIX{axis}"] = n + 1 - float(out[f"CRPIX{axis}"])
-        for key in [k for k in out if k[:2] in ("CD", "PC") and k[2:3].isdigit()]:
-            out[key] = -float(out[key])
-    for axis, delta in ((1, shift.dx), (2, shift.dy)):
-        if f"CRPIX{axis}" in out:
-            out[f"CRPIX{axis}"] = float(out[f"CRPIX{axis}"]) + delta
+    total = shift.total()[::-1, ::-1]  # (x, y) order, as the FITS axes 1, 2
+    centre = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0])
+    if "CRPIX1" in out and "CRPIX2" in out:
+        crpix = np.array([float(out["CRPIX1"]), float(out["CRPIX2"])]) - 1.0  # 0-based
+        moved = total @ (crpix - centre) + centre + np.array([shift.dx, shift.dy])
+        out["CRPIX1"], out["CRPIX2"] = (float(v) for v in moved + 1.0)
+    if not np.array_equal(total, np.eye(2)):
+        inverse = np.linalg.inv(total)
+        for prefix, diagonal in (("CD", 0.0), ("PC", 1.0)):  # absent elements as the standard says
+            keys = [(i, j, f"{prefix}{i + 1}_{j + 1}") for i in (0, 1) for j in (0, 1)]
+            if not any(key in out for _, _, key in keys):
+                continue
+            matrix = np.zeros((2, 2))
+            for i, j, key in keys:
+                matrix[i, j] = float(out.get(key, diagonal if i == j else 0.0))
+            matrix = matrix @ inverse
+            for i, j, key in keys:
+                if key in out or matrix[i, j] != 0.0:
+                    out[key] = float(matrix[i, j])
     out.set("ALIGNDX", round(shift.dx, 4), "[px] x shift applied to reach the reference grid")
     out.set("ALIGNDY", round(shift.dy, 4), "[px] y shift applied to reach the reference grid")
     out.set("ALIGNFLP", shift.flipped, "rotated 180 deg (meridian flip) before shifting")
+    if shift.linear is not None:
+        out.set("ALIGNROT", round(shift.rotation, 5), "[deg] rotation applied after the flip")
+        out.set("ALIGNSCL", round(shift.scale, 7), "scale applied")
+    out.set("ALIGNMTH", shift.method, "registered by: stars, correlation")
+    if shift.method == "stars":
+        out.set("ALIGNNST", shift.stars, "stars matched with the reference")
+        out.set("ALIGNRMS", round(shift.residual, 4), "[px] RMS of the matched stars")
+    if quality is not None:
+        values = quality.record()
+        comments = {"fwhm": "[px] median FWHM of the stars", "roundness": "median minor/major axis of stars",
+                    "stars": "stars detected", "sky": "[adu] median sky level", "noise": "[adu] noise sigma",
+                    "transparency": "star flux / reference's (matched stars)"}  # fmt: skip
+        for key, (name, comment) in zip(_QUALITY_CARDS, comments.items(), strict=True):
+            if values[name] is not None:
+                out.set(key, values[name], comment)
     return out
 
 
 def publish_single_aligned(
-    member: Member, shift: Shift, target: Path, order: int, cards: Sequence[tuple[str, str, str]] = ()
+    member: Member,
+    shift: Shift,
+    target: Path,
+    order: int,
+    quality: FrameQuality | None = None,
+    reference: str | None = None,
+    cards: Sequence[tuple[str, str, str]] = (),
 ) -> None:
-    """Resample one frame (each plane of an RGB cube alike) onto the reference grid and write it
-    to ``target``, with ``cards`` (keyword, value, comment) set in its header."""
+    """Resample one frame (each plane of an RGB cube alike) onto the reference grid (of the light
+    named ``reference``) and write it to ``target``, with ``cards`` (keyword, value, comment)
+    set in its header."""
     data, header = read_frame(member.path)
-    header = aligned_header(header, shift)
+    out = aligned_header(header, shift, quality)
+    if reference:
+        out.set("ALIGNREF", reference, "reference frame (raw light)")
     for key, value, comment in cards:
-        header.set(key, value, comment)
+        out.set(key, value, comment)
     planes = data if data.ndim == 3 else data[None]
-    moved = np.stack(
-        [
-            apply_shift(np.rot90(plane, 2).copy() if shift.flipped else plane,
-                        Shift(shift.dy, shift.dx, False, shift.quality), order=order)
-            for plane in planes
-        ]
-    )  # fmt: skip
-    write_output(target, moved if data.ndim == 3 else moved[0], header)
+    moved = np.stack([apply_shift(plane, shift, order=order) for plane in planes])
+    write_output(target, moved if data.ndim == 3 else moved[0], out)
 
 
 def write_output(target: Path, data: np.ndarray, header: fits.Header) -> None:
@@ -284,6 +385,21 @@ def write_output(target: Path, data: np.ndarray, header: fits.Header) -> None:
         write_atomic(target, data, header)
 
 
+def whole_frames(settings: StackSettings) -> bool:
+    """True when an aligned stack's frames are resampled whole, once registered, rather than a
+    strip at a time while combining: star matching gives rotations, which read rows from all
+    over the frame, and a cubic spline's prefilter reaches the whole frame (strips of the
+    prefiltered frame would depend on the strip height, and so on the budget and threads)."""
+    return settings.align and (settings.registration == "stars" or settings.order != 1)
+
+
+def _spill(data: np.ndarray, path: Path) -> np.ndarray:
+    """``data`` saved to ``path`` and mapped back read-only (a resampled frame that is not
+    kept in memory)."""
+    np.save(path, data)
+    return np.load(path, mmap_mode="r")
+
+
 def publish_stack(
     members: Sequence[Member],
     shifts: Sequence[Shift | None],
@@ -292,13 +408,22 @@ def publish_stack(
     threads: int = 1,
     frames: Sequence[tuple[np.ndarray, fits.Header]] | None = None,
     cards: Sequence[tuple[str, str, str]] = (),
+    resampled: bool = False,
+    qualities: Sequence[FrameQuality | None] | None = None,
+    notes: Sequence[str] = (),
+    sky: float | None = None,
 ) -> tuple[np.ndarray, fits.Header]:
     """Combine ``members`` (each resampled by its shift, if any) into ``target``, with ``cards``
     (keyword, value, comment) set in its header; returns the stack and its header.
 
     ``frames`` are the members' pixels and headers when the caller holds them (it read them to
     register them): the combine then gets :data:`KEEP_FRAMES_SHARE` less of the budget. Without
-    them each member is read from its intermediate, a strip at a time.
+    them each member is read from its intermediate, a strip at a time.  ``resampled``: the
+    ``frames`` are already on the reference grid (``shifts`` only go into the header).
+    ``qualities`` and ``notes`` go into its HISTORY (:func:`stack_header`).  With
+    ``settings.normalize == 'additive'``, a ``sky`` level and every frame's quality, each frame
+    is offset so that its sky (``FrameQuality.sky``) is ``sky`` before the rejection: a sky
+    that brightens through the night is not taken for outliers.
     """
     if frames is None:
         headers = [read_header(member.path)[0] for member in members]
@@ -310,21 +435,31 @@ def publish_stack(
         budget = int(settings.memory_budget * (1 - KEEP_FRAMES_SHARE))
     no_shift = Shift(0.0, 0.0, False, 1.0)
     cube = frames is not None and frames[0][0].ndim == 3
+    offsets = None  # an RGB cube's sky is measured on green only: its planes are not offset
+    measured = bool(qualities) and None not in qualities  # type: ignore[operator]
+    if settings.normalize == "additive" and sky is not None and measured and not cube:
+        offsets = [sky - q.sky for q in qualities]  # type: ignore[union-attr]
     # an RGB cube is combined plane by plane, each plane moved by its frame's shift
     layers = [[ArrayRows(data[plane]) for data, _ in frames] for plane in range(3)] if cube else [rows]  # type: ignore[union-attr]
     planes = [
         combine(
-            [ShiftedSource(r, s or no_shift, settings.order) for r, s in zip(layer, shifts, strict=True)],
+            [
+                ArraySource(r.data) if resampled else ShiftedSource(r, s or no_shift, settings.order)  # type: ignore[union-attr]
+                for r, s in zip(layer, shifts, strict=True)
+            ],
             method=settings.method,
             sigma_low=settings.sigma_low,
             sigma_high=settings.sigma_high,
             memory_budget=budget,
             threads=threads,
+            offsets=offsets,
         )
         for layer in layers
     ]
     data = np.stack(planes) if cube else planes[0]
-    header = stack_header(headers, members, shifts, settings)
+    header = stack_header(headers, members, shifts, settings, qualities, notes)
+    if offsets is not None:
+        header.add_history(f"sky of every frame offset to {sky:.3f} (additive normalisation)")
     for key, value, comment in cards:
         header.set(key, value, comment)
     write_output(target, data, header)
@@ -332,11 +467,17 @@ def publish_stack(
 
 
 def _shift_record(shift: Shift) -> dict[str, Any]:
-    return {"dy": round(shift.dy, 4), "dx": round(shift.dx, 4), "flipped": shift.flipped,
-            "quality": round(shift.quality, 4), "significance": round(shift.significance, 1)}  # fmt: skip
+    record = {"dy": round(shift.dy, 4), "dx": round(shift.dx, 4), "flipped": shift.flipped,
+              "quality": round(shift.quality, 4), "method": shift.method}  # fmt: skip
+    if shift.method == "stars":
+        record |= {"rotation": round(shift.rotation, 5), "scale": round(shift.scale, 7), "stars": shift.stars,
+                   "residual": round(shift.residual, 4)}  # fmt: skip
+    else:
+        record["significance"] = round(shift.significance, 1)
+    return record
 
 
-def check_shift(shift: Shift, registrar: Registrar | MosaicRegistrar) -> str:
+def check_shift(shift: Shift, registrar: AnyRegistrar) -> str:
     """Why a measured shift cannot be used ('' when it can)."""
     if registrar.accepts(shift):
         return ""
@@ -413,7 +554,11 @@ def publish_group(
         problem = size_problem(target, previous) or checksum_problem(target)
         if not problem:
             kept = ("ncombine", "excluded", "shifts", "size")
-            return {key: previous.get(key) for key in kept} | {"status": "reused"}
+            optional = ("quality", "reference")
+            reused = {key: previous.get(key) for key in kept} | {
+                k: previous[k] for k in optional if k in previous
+            }
+            return reused | {"status": "reused"}
         log.warning("%s: made again", problem)
     linked = len(members) == 1 and not settings.align  # the output is the intermediate: its stamp
     if recognised is not None and recognised == (stamps[members[0].frame_id] if linked else stamp):
@@ -424,54 +569,126 @@ def publish_group(
         return item
     write_json(stamp_path, {"sources": sources, "stamp": None})
     shifts: list[Shift | None] = [None] * len(members)
+    qualities: list[FrameQuality | None] = [None] * len(members)
+    measured_quality: dict[str, FrameQuality] = {}
+    notes: list[str] = []
+    sky: float | None = None  # the reference's, which aligned stacks are normalised to
     frames: list[tuple[np.ndarray, fits.Header]] | None = None
-    if settings.align and entries[0].get("pub_kind") != "link":  # a mosaic is never resampled
-        if reference is None or not (workdir / "cal" / f"{reference['frame_id']}.fits").exists():
-            return {
-                "status": SKIPPED,
-                "reason": "the sequence's reference frame was not calibrated",
-                "excluded": excluded,
-            }
-        registrar = registrar_for(workdir / "cal" / f"{reference['frame_id']}.fits", settings)
-        pierside = reference.get("pierside")
-        group_bytes = len(members) * registrar.shape[0] * registrar.shape[1] * 4
-        keep = len(members) > 1 and group_bytes <= MEMORY.budget(settings.memory_budget) * KEEP_FRAMES_SHARE
+    resample = False
+    with tempfile.TemporaryDirectory(prefix="resampled-", dir=stamp_path.parent) as scratch:
+        if settings.align and entries[0].get("pub_kind") != "link":  # a mosaic is never resampled
+            if reference is None or not (workdir / "cal" / f"{reference['frame_id']}.fits").exists():
+                return {
+                    "status": SKIPPED,
+                    "reason": "the sequence's reference frame was not calibrated",
+                    "excluded": excluded,
+                }
+            registrar = registrar_for(workdir / "cal" / f"{reference['frame_id']}.fits", settings)
+            sky = reference_sky(registrar)
+            notes.append(f"registered to {Path(str(reference['path'])).name} ({settings.reference} frame)")
+            pierside = reference.get("pierside")
+            group_bytes = len(members) * registrar.shape[0] * registrar.shape[1] * 4
+            budget = MEMORY.budget(settings.memory_budget) * KEEP_FRAMES_SHARE
+            keep = len(members) > 1 and group_bytes <= budget
+            resample = len(members) > 1 and whole_frames(settings)
 
-        def register(member: Member) -> tuple[Shift, tuple[np.ndarray, fits.Header] | None]:
-            data, header = read_frame(member.path)
-            probe = green(data) if member.measure is None else read_image(member.measure)[0]
-            held = (data, header) if keep or data.ndim == 3 else None  # cubes are combined in memory
-            return measure(member, probe, registrar, pierside), held
+            def register(
+                member: Member,
+            ) -> tuple[Shift, FrameQuality, tuple[np.ndarray, fits.Header] | None]:
+                data, header = read_frame(member.path)
+                probe = green(data) if member.measure is None else read_image(member.measure)[0]
+                shift, quality = measure(member, probe, registrar, pierside)
+                if resample and not check_shift(shift, registrar):  # see whole_frames
+                    planes = data if data.ndim == 3 else data[None]
+                    moved = np.stack([apply_shift(plane, shift, order=settings.order) for plane in planes])
+                    data = moved if data.ndim == 3 else moved[0]
+                    if not keep and data.ndim == 2:
+                        data = _spill(data, Path(scratch) / f"{member.frame_id}.npy")
+                    return shift, quality, (data, header)
+                held = (data, header) if keep or data.ndim == 3 else None  # cubes are combined in memory
+                return shift, quality, held
 
-        with ThreadPoolExecutor(threads) as pool:
-            measured = list(pool.map(register, members))
-        for member, (shift, _) in zip(members, measured, strict=True):
-            problem = check_shift(shift, registrar)
-            if problem:
-                excluded[member.frame_id] = problem
-        kept = [(m, *r) for m, r in zip(members, measured, strict=True) if m.frame_id not in excluded]
-        if not kept:
-            return {"status": SKIPPED, "reason": "no frame could be aligned", "excluded": excluded}
-        members, shifts = [m for m, _, _ in kept], [s for _, s, _ in kept]
-        frames = [f for _, _, f in kept] if kept[0][2] is not None else None  # type: ignore[misc]
-    if frames is None and len(members) > 1 and entries[0].get("channel") == "RGB":  # cubes: in memory
-        frames = [read_frame(member.path) for member in members]
-    single_shift = shifts[0]
-    cards = provenance_cards(stamp, sources)
-    made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
-    if len(members) > 1:
-        made = publish_stack(members, shifts, target, settings, threads, frames, cards)
-    elif single_shift is None:
-        link_atomic(members[0].path, target)
-    else:
-        publish_single_aligned(members[0], single_shift, target, settings.order, cards)
+            with ThreadPoolExecutor(threads) as pool:
+                measured = list(pool.map(register, members))
+            for member, (shift, quality, _) in zip(members, measured, strict=True):
+                measured_quality[member.frame_id] = quality
+                problem = check_shift(shift, registrar)
+                if problem:
+                    excluded[member.frame_id] = problem
+            aligned = [
+                (m, r[1]) for m, r in zip(members, measured, strict=True) if m.frame_id not in excluded
+            ]
+            for index, reason in rejections([q for _, q in aligned], settings.rules).items():
+                member = aligned[index][0]
+                excluded[member.frame_id] = reason
+                notes.append(f"rejected {member.source}: {reason.removeprefix('rejected by quality: ')}")
+            kept = [(m, *r) for m, r in zip(members, measured, strict=True) if m.frame_id not in excluded]
+            del measured
+            if not kept:
+                return {"status": SKIPPED, "reason": "no frame could be aligned", "excluded": excluded}
+            members, shifts = [m for m, _, _, _ in kept], [s for _, s, _, _ in kept]
+            qualities = [q for _, _, q, _ in kept]
+            if sky is None:  # registered by cross-correlation: the group's median sky
+                sky = float(np.median([q.sky for q in qualities if q is not None]))
+            frames = [f for _, _, _, f in kept] if kept[0][3] is not None else None  # type: ignore[misc]
+            del kept
+        if frames is None and len(members) > 1 and entries[0].get("channel") == "RGB":  # cubes: in memory
+            frames = [read_frame(member.path) for member in members]
+        single_shift = shifts[0]
+        cards = provenance_cards(stamp, sources)
+        made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
+        if len(members) > 1:
+            made = publish_stack(
+                members, shifts, target, settings, threads, frames, cards, resample, qualities, notes, sky
+            )
+        elif single_shift is None:
+            link_atomic(members[0].path, target)
+        else:
+            publish_single_aligned(
+                members[0],
+                single_shift,
+                target,
+                settings.order,
+                qualities[0],
+                Path(str(reference["path"])).name,
+                cards,
+            )
     if any(entry.get("thumb") for entry in entries):  # here, in parallel jobs, not in the report
         cached_thumbnail(target, workdir / "thumbs", data=made[0], header=made[1])
     records = {m.frame_id: _shift_record(s) for m, s in zip(members, shifts, strict=True) if s is not None}
+    quality = {fid: q.record() for fid, q in measured_quality.items()}
     item = {"status": "written", "ncombine": len(members), "excluded": excluded, "shifts": records}
+    if quality:
+        item["quality"] = quality
+    if settings.align and reference is not None:
+        item["reference"] = str(reference["frame_id"])
     item |= file_record(target)
     write_json(stamp_path, {"sources": sources, "stamp": stamp, **item})
     return item
+
+
+def choose_reference(
+    entry: Mapping[str, Any],
+    references: Mapping[str, Mapping[str, Any]],
+    workdir: Path,
+    settings: StackSettings,
+) -> Mapping[str, Any] | None:
+    """The plan row of the frame ``entry`` (a plan row) is aligned to: the plan's reference,
+    or with ``settings.reference == 'best'`` the best frame of its sequence by the quality
+    measured at calibration (:func:`imgproc.quality.best_frame`; every publish job of the
+    sequence reads the same measurements, so they all choose the same frame), the plan's
+    when none is measured."""
+    planned = references.get(str(entry.get("reference") or ""))
+    if settings.reference != "best" or planned is None or entry.get("measure"):
+        return planned  # colour channel frames: registered by the plan's green reference
+    qualities = {}
+    for fid, row in references.items():
+        if row.get("sequence") == entry.get("sequence"):
+            record = (read_json(workdir / "cal" / f"{fid}.json") or {}).get("quality")
+            if record and (workdir / "cal" / f"{fid}.fits").exists():
+                qualities[fid] = FrameQuality.from_record(record)
+    best = best_frame(qualities, settings.rules)
+    return references[best] if best is not None else planned
 
 
 def run_publish_batch(
@@ -494,7 +711,7 @@ def run_publish_batch(
     results: dict[str, dict] = {}
     progress = Progress(f"publish {receipt.stem}", len(groups))
     for done, (name, group) in enumerate(sorted(groups.items()), start=1):
-        reference = references.get(str(group[0].get("reference") or ""))
+        reference = choose_reference(group[0], references, workdir, settings)
         try:
             results[name] = publish_group(name, group, reference, workdir, outdir, settings, threads)
         except Exception as exc:  # one output's error, whatever it is, must not stop the batch

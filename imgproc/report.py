@@ -432,9 +432,11 @@ def frame_rows(
     """One row per planned light: its header facts, statistics, shift, masters, output, status."""
     shifts: dict[str, dict] = {}
     excluded: dict[str, str] = {}
+    quality: dict[str, dict] = {}
     for item in published.values():
         shifts.update(item.get("shifts") or {})
         excluded.update(item.get("excluded") or {})
+        quality.update(item.get("quality") or {})
     rows = []
     for entry in plan:
         fid, path = str(entry["frame_id"]), str(entry["path"])
@@ -469,6 +471,7 @@ def frame_rows(
                 "sky": cal.get("sky"),
                 "noise": cal.get("noise"),
                 "shift": shifts.get(fid),
+                "quality": quality.get(fid) or {},
                 "masters": {role: entry.get(role) for role in ROLES if entry.get(role)},
                 "output": output,
                 "status": status,
@@ -595,8 +598,8 @@ def _thumbnails_html(outdir: Path, names: Sequence[str], published: Mapping[str,
 
 def _frames_html(rows: Sequence[Mapping[str, Any]]) -> str:
     headers = (
-        "#", "Light", "Object", "Filter", "Exp (s)", "Mid-exposure (UTC)", "Sky", "Noise", "dx", "dy",
-        "Quality", "Masters", "Output", "Status",
+        "#", "Light", "Object", "Filter", "Exp (s)", "Mid-exposure (UTC)", "Sky", "Noise", "FWHM (px)",
+        "Round", "Stars", "dx", "dy", "Rot (°)", "Quality", "Masters", "Output", "Status",
     )  # fmt: skip
     body = []
     for index, row in enumerate(rows, 1):
@@ -605,7 +608,12 @@ def _frames_html(rows: Sequence[Mapping[str, Any]]) -> str:
             f'{role}: <span title="{_e(path)}">{_e(Path(path).name)}</span>'
             for role, path in row["masters"].items()
         )
+        measured = row.get("quality") or {}
         quality = _num(shift.get("quality"), 3) + (" flipped" if shift.get("flipped") else "")
+        if shift.get("method") == "stars":
+            quality += f" ({shift['stars']} stars, rms {shift['residual']:.3f} px)"
+        elif shift.get("method"):
+            quality += " (correlation)"
         status = _e(row["status"]) + (f": {_e(row['reason'])}" if row["reason"] else "")
         cells = (
             ("num", str(index)),
@@ -616,8 +624,12 @@ def _frames_html(rows: Sequence[Mapping[str, Any]]) -> str:
             ("nowrap", _e(row["mid"][:19].replace("T", " "))),
             ("num", _num(row["sky"])),
             ("num", _num(row["noise"])),
+            ("num", _num(measured.get("fwhm"))),
+            ("num", _num(measured.get("roundness"))),
+            ("num", _num(measured.get("stars"), 0)),
             ("num", _num(shift.get("dx"), 3)),
             ("num", _num(shift.get("dy"), 3)),
+            ("num", _num(shift.get("rotation"), 3)),
             ("num", quality),
             ("nowrap", masters),
             ("file", _e(row["output"])),
@@ -672,7 +684,23 @@ def _plots_html(rows: Sequence[Mapping[str, Any]]) -> str:
             else svg_plot(f"Alignment shift, filter {filt} (not aligned)", [], origin, "shift (px)")
         )
         sky_plot = svg_plot(f"Sky level, filter {filt}", [("sky", sky)], origin, "median (ADU)")
-        blocks.append(f'<div class="plots" data-filter="{_e(filt)}">{shift_plot}{sky_plot}</div>')
+        measured = {
+            key: [
+                (t, float(r["quality"][key]), f"{r['name']}: {key}={r['quality'][key]}", r["sequence"])
+                for r, t in frames
+                if (r.get("quality") or {}).get(key) is not None
+            ]
+            for key in ("fwhm", "stars")
+        }
+        quality_plots = (
+            svg_plot(f"Star FWHM, filter {filt}", [("FWHM", measured["fwhm"])], origin, "median (px)")
+            + svg_plot(f"Stars detected, filter {filt}", [("stars", measured["stars"])], origin, "stars")
+            if measured["fwhm"]
+            else ""
+        )
+        blocks.append(
+            f'<div class="plots" data-filter="{_e(filt)}">{shift_plot}{sky_plot}{quality_plots}</div>'
+        )
     return note + "".join(blocks)
 
 
@@ -809,10 +837,12 @@ def build_report(
         _sampling_note(plan, outputs),
         _thumbnails_html(outdir, [name for name in outputs if name in shown], published),
         f'<h2 id="lights">Lights ({len(rows)})</h2>',
-        '<p class="muted">Sky and noise: median and 1.4826&times;MAD of the calibrated frame; dx, dy: '
-        "shift (px) applied to reach the sequence's reference; quality: normalised correlation peak.</p>",
+        '<p class="muted">Sky and noise: median and 1.4826&times;MAD of the calibrated frame; FWHM, '
+        "roundness (minor/major axis) and stars: measured while aligning (imgproc.stars); dx, dy, rot: "
+        "shift of the frame's centre and rotation applied to reach the sequence's reference; quality: "
+        "fraction of the stars matched (star registration) or normalised correlation peak.</p>",
         _frames_html(rows),
-        '<h2 id="plots">Alignment and sky against time</h2>',
+        '<h2 id="plots">Alignment, sky and frame quality against time</h2>',
         '<p class="muted">Per filter; lines join the frames of one sequence (OBJECT, filter, exposure, '
         "binning), whose shifts are measured against the same reference frame.</p>",
         _plots_html(rows),

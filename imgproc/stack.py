@@ -46,9 +46,16 @@ PER_PIXEL_BYTES = 32
 #: the heap instead of being page-faulted anew for every strip (a 40-frame 2048² stack
 #: combined in 1.1 s instead of 1.45 s on 2 threads).
 STRIP_BYTES = 30 * 1024**2
-METHODS = ("sigclip", "median", "mean")
+METHODS = ("sigclip", "winsorized", "median", "mean")
 WIDTHS = ("std", "mad")
 _MAD_TO_STD = 1.482602218505602
+#: Winsorized sigma clipping (Siril's): values beyond ``median ± WINSOR_CLAMP × width`` are
+#: clamped there and the width taken again (× ``WINSOR_GAIN``, making a Gaussian's clamped
+#: standard deviation unbiased), ``WINSOR_ITERS`` times (Siril iterates to convergence, which
+#: takes 3-5 rounds; a fixed count keeps the result independent of the strips).
+WINSOR_CLAMP = 1.5
+WINSOR_GAIN = 1.134
+WINSOR_ITERS = 5
 
 
 def strip_rows(n_frames: int, shape: tuple[int, int], memory_budget: int) -> int:
@@ -189,6 +196,7 @@ def combine(
     max_iters: int = 1,
     width: str = "std",
     threads: int = 1,
+    offsets: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Combine equally-shaped frames into a float32 image, in row strips, NaN-aware.
 
@@ -205,12 +213,17 @@ def combine(
         ``'mean'`` are plain NaN-ignoring median and mean.  With ``width='std'`` a single
         outlier among ``n`` values lies at most ``(n-1)/sqrt(n)`` widths from the centre, so at
         least 11 frames are needed to reject it at 3 sigma; ``'mad'`` has no such limit.
+        ``'winsorized'`` is ``'sigclip'`` with the width of the values winsorized about the
+        median (see :data:`WINSOR_CLAMP`): robust to the outliers themselves, as ``'mad'``,
+        with the efficiency of the standard deviation.
     memory_budget
         Bytes allowed for the working sets of all strips in flight (see :func:`strip_rows`), of
         which this process may use its :data:`MEMORY` share.
     threads
         Strips reduced at once; each gets its share of the budget, and there are at least two
         strips per thread, so that reading one overlaps reducing another.
+    offsets
+        Added to each source's values before combining (additive background normalisation).
 
     NaN inputs are ignored; a pixel with no valid input is NaN.
     """
@@ -223,6 +236,8 @@ def combine(
     sources = list(sources)
     if not sources:
         raise ValueError("no frames to combine")
+    if offsets is not None and len(offsets) != len(sources):
+        raise ValueError(f"{len(offsets)} offsets for {len(sources)} frames")
     shape = tuple(sources[0].shape)
     for src in sources[1:]:
         if tuple(src.shape) != shape:
@@ -247,6 +262,8 @@ def combine(
                 if block.shape != (r1 - r0, n_cols):
                     raise ValueError(f"source {i} returned shape {block.shape} for rows {r0}:{r1}")
                 planes[i] = block
+                if offsets is not None and offsets[i]:
+                    planes[i] += np.float32(offsets[i])
             cube = np.ascontiguousarray(np.moveaxis(planes, 0, -1))
             del planes
             out[r0:r1] = _reduce(cube, method, sigma_low, sigma_high, max_iters, width)
@@ -274,7 +291,9 @@ def _reduce(
     for iteration in range(max_iters):
         if iteration:
             centre = nanmedian_last(cube)
-        if width == "std":
+        if method == "winsorized":
+            spread = _winsorized_std(cube, centre)
+        elif width == "std":
             spread = bn.nanstd(cube, axis=-1)
         else:
             deviation = np.abs(cube - centre[..., None])
@@ -289,6 +308,18 @@ def _reduce(
         np.copyto(cube, np.float32(np.nan), where=reject)
         del reject
     return _centred_mean(cube, centre)
+
+
+def _winsorized_std(cube: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Standard deviation along the last axis of the values winsorized about ``centre``
+    (:data:`WINSOR_CLAMP`, :data:`WINSOR_GAIN`, :data:`WINSOR_ITERS`)."""
+    values = cube.copy()
+    spread = bn.nanstd(values, axis=-1)
+    for _ in range(WINSOR_ITERS):
+        reach = np.float32(WINSOR_CLAMP) * spread
+        np.clip(values, (centre - reach)[..., None], (centre + reach)[..., None], out=values)  # NaN stays
+        spread = np.float32(WINSOR_GAIN) * bn.nanstd(values, axis=-1)
+    return spread
 
 
 def nanmedian_last(cube: np.ndarray) -> np.ndarray:

@@ -23,7 +23,9 @@ import numpy as np
 
 from imgproc import __version__
 from imgproc.calibrate import HEADER_CARDS, MASTERS, ROLES, MasterCache, calibrate_frame
+from imgproc.colour import read_frame
 from imgproc.fitsio import FitsError, checksum_problem, write_atomic
+from imgproc.keywords import normalise
 from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, shown, write_tsv
 from imgproc.masterbuild import build_master
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
@@ -41,6 +43,7 @@ from imgproc.plan import (
 )
 from imgproc.progress import Progress
 from imgproc.provenance import provenance_cards
+from imgproc.quality import measure_quality
 from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail, robust_background
 from imgproc.scan import ScanRequest, scan
 from imgproc.stamps import digest, file_id, read_json, receipt_items, write_json
@@ -181,8 +184,11 @@ def frame_diagnostics(entry: Mapping[str, Any], stats: Mapping[str, float]) -> s
 
 
 def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache, observer: str,
-                    binning: int) -> dict[str, Any]:  # fmt: skip
-    """Calibrate one light to its intermediate, unless an up-to-date one exists; its receipt item."""
+                    binning: int, quality: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Calibrate one light to its intermediate, unless an up-to-date one exists; its receipt item.
+
+    With ``quality`` the frame's stars are measured too (:func:`imgproc.quality.measure_quality`:
+    the choice of a sequence's best reference frame), kept beside the intermediate."""
     target = workdir.parent / intermediate(entry["frame_id"])
     stamp_path = target.with_suffix(".json")
     stamp = calibration_stamp(entry, observer, binning)
@@ -190,6 +196,12 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     if previous.get("stamp") == stamp:
         problem = size_problem(target, previous) or checksum_problem(target)
         if not problem:
+            if quality and "quality" not in previous:  # calibrated by a run that did not measure
+                data, header = read_frame(target)
+                previous["quality"] = measure_quality(
+                    data[1] if data.ndim == 3 else data, mosaic=bool(normalise(header)["bayerpat"])
+                ).record()
+                write_json(stamp_path, previous)
             return {
                 "status": "reused",
                 "stamp": stamp,
@@ -209,23 +221,31 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
     frame = data[1] if data.ndim == 3 else data  # an RGB cube: its green plane
     stats, no_airmass, size = frame_statistics(frame), airmass_problem(header), file_record(target)
-    write_json(
-        stamp_path,
-        {"stamp": stamp, "source": entry["path"], "stats": stats, "no_airmass": no_airmass, **size},
-    )
+    record = {"stamp": stamp, "source": entry["path"], "stats": stats, "no_airmass": no_airmass, **size}
+    if quality:
+        record["quality"] = measure_quality(frame, mosaic=bool(normalise(header)["bayerpat"])).record()
+    write_json(stamp_path, record)
     log.debug("%s", frame_diagnostics(entry, stats))
     return {"status": "calibrated", "stamp": stamp, "no_airmass": no_airmass, **stats, **size}
 
 
 def run_calibrate_batch(
-    entries: Sequence[Mapping[str, Any]], workdir: Path, receipt: Path, *, observer: str, binning: int
+    entries: Sequence[Mapping[str, Any]],
+    workdir: Path,
+    receipt: Path,
+    *,
+    observer: str,
+    binning: int,
+    quality: bool = False,
 ) -> dict[str, dict]:
-    """Calibrate the lights of one batch to their intermediates; write the batch receipt."""
+    """Calibrate the lights of one batch to their intermediates (``quality``: and measure the
+    stars of those that are aligned, see :func:`calibrate_entry`); write the batch receipt."""
     results: dict[str, dict] = {}
     progress = Progress(f"calibrate {receipt.stem}", len(entries))
     for done, entry in enumerate(entries, start=1):
         try:
-            results[entry["frame_id"]] = calibrate_entry(entry, workdir, MASTERS, observer, binning)
+            measure = quality and bool(entry.get("reference"))
+            results[entry["frame_id"]] = calibrate_entry(entry, workdir, MASTERS, observer, binning, measure)
         except Exception as exc:  # one frame's error, whatever it is, must not stop the batch
             inputs = [entry["path"], *(entry[role] for role in ROLES if entry.get(role))]
             results[entry["frame_id"]] = problem_item(exc, entry["path"], "calibration failed", inputs)

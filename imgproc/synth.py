@@ -68,6 +68,7 @@ def star_field(
     fwhm: float = 2.5,
     shift: tuple[float, float] = (0.0, 0.0),
     rotate180: bool = False,
+    rotation: float = 0.0,
 ) -> np.ndarray:
     """Render Gaussian stars into a float32 image.
 
@@ -86,17 +87,17 @@ def star_field(
     rotate180
         Render the 180-degree rotated view (meridian flip): a star lands at
         ``(ny-1-(y+dy), nx-1-(x+dx))``.
+    rotation
+        Degrees (counter-clockwise with y up) the field turns about the image centre ``c``
+        before ``shift``: a star lands at ``R (p - c) + c + shift`` (then rotated 180° with
+        ``rotate180``); see :func:`field_positions`.
 
     Each star is rendered only in a ``±ceil(4 fwhm)`` cutout, normalised so that a star fully
     inside the image sums to ``flux``; all stars are accumulated in one ``np.bincount``.
     """
     ny, nx = int(shape[0]), int(shape[1])
     s = np.asarray(stars, dtype=np.float64).reshape(-1, 3)
-    y = s[:, 0] + float(shift[0])
-    x = s[:, 1] + float(shift[1])
-    if rotate180:
-        y = (ny - 1) - y
-        x = (nx - 1) - x
+    y, x = field_positions((ny, nx), s[:, :2], shift=shift, rotate180=rotate180, rotation=rotation).T
     r = max(1, math.ceil(4.0 * fwhm))
     off = np.arange(-r, r + 1)
     iy = np.floor(y + 0.5).astype(np.int64)
@@ -119,6 +120,31 @@ def star_field(
     index = rows[:, :, None] * nx + cols[:, None, :]
     img = np.bincount(index[inside], weights=stamps[inside], minlength=ny * nx)
     return img.reshape(ny, nx).astype(np.float32)
+
+
+def field_positions(
+    shape: tuple[int, int],
+    yx: np.ndarray,
+    *,
+    shift: tuple[float, float] = (0.0, 0.0),
+    rotate180: bool = False,
+    rotation: float = 0.0,
+) -> np.ndarray:
+    """(n, 2) positions ``(y, x)`` where :func:`star_field` puts stars at reference ``yx``."""
+    ny, nx = int(shape[0]), int(shape[1])
+    yx = np.asarray(yx, dtype=np.float64).reshape(-1, 2)
+    y, x = yx[:, 0].copy(), yx[:, 1].copy()
+    if rotation:
+        t = np.radians(rotation)
+        cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
+        ry, rx = y - cy, x - cx
+        y, x = cy + np.sin(t) * rx + np.cos(t) * ry, cx + np.cos(t) * rx - np.sin(t) * ry
+    y = y + float(shift[0])
+    x = x + float(shift[1])
+    if rotate180:
+        y = (ny - 1) - y
+        x = (nx - 1) - x
+    return np.column_stack([y, x])
 
 
 def random_stars(
@@ -199,6 +225,7 @@ class NightSpec:
     seed: int = 0
     fwhm: float = 2.5  # star FWHM in pixels
     meridian_flip: bool = False  # second half of the lights: PIERSIDE='East', rotated 180°
+    field_rotation: float = 0.0  # degrees the field turns from one light to the next (alt-az)
 
 
 @dataclass
@@ -263,8 +290,11 @@ def _master_header(
     return hdr
 
 
-def _wcs_cards(shape: tuple[int, int], shift: tuple[float, float], rotate180: bool) -> dict[str, Any]:
-    """Simple TAN WCS of a frame whose sky is moved by ``shift`` (and maybe rotated 180°)."""
+def _wcs_cards(
+    shape: tuple[int, int], shift: tuple[float, float], rotate180: bool, rotation: float = 0.0
+) -> dict[str, Any]:
+    """Simple TAN WCS of a frame whose sky is turned by ``rotation`` degrees and moved by
+    ``shift`` (and maybe rotated 180°), as :func:`star_field` renders it."""
     ny, nx = shape
     scale = round(206.265 * _PIXSZ / _FOCALLEN / 3600.0, 12)  # deg/px; short repr for FITS
     ref = WCS(naxis=2)
@@ -272,10 +302,15 @@ def _wcs_cards(shape: tuple[int, int], shift: tuple[float, float], rotate180: bo
     ref.wcs.crpix = [(nx + 1) / 2.0, (ny + 1) / 2.0]
     ref.wcs.crval = [_RA0, _DEC0]
     ref.wcs.cd = [[-scale, 0.0], [0.0, scale]]
-    # The frame centre shows the reference-frame pixel centre - shift (also when rotated).
+    # The frame centre shows the reference-frame pixel centre - R^-1 shift (also when rotated
+    # 180°); the CD matrix is the reference's times R^-1 (x, y order), negated by a 180° turn.
     cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
-    ra, dec = ref.wcs_pix2world([[cx - shift[1], cy - shift[0]]], 0)[0]
+    t = math.radians(rotation)
+    back = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])  # R^-1 in (x, y)
+    bx, by = back @ np.array([shift[1], shift[0]])
+    ra, dec = ref.wcs_pix2world([[cx - bx, cy - by]], 0)[0]
     sign = -1.0 if rotate180 else 1.0
+    cd = sign * np.array([[-scale, 0.0], [0.0, scale]]) @ back if rotation else None
     return {
         "CTYPE1": "RA---TAN",
         "CTYPE2": "DEC--TAN",
@@ -285,10 +320,10 @@ def _wcs_cards(shape: tuple[int, int], shift: tuple[float, float], rotate180: bo
         "CRVAL2": round(float(dec), 8),
         "CUNIT1": "deg",
         "CUNIT2": "deg",
-        "CD1_1": sign * -scale,
-        "CD1_2": 0.0,
-        "CD2_1": 0.0,
-        "CD2_2": sign * scale,
+        "CD1_1": sign * -scale if cd is None else float(cd[0, 0]),
+        "CD1_2": 0.0 if cd is None else float(cd[0, 1]),
+        "CD2_1": 0.0 if cd is None else float(cd[1, 0]),
+        "CD2_2": sign * scale if cd is None else float(cd[1, 1]),
         "EQUINOX": 2000.0,
         "RADESYS": "ICRS",
     }
@@ -430,6 +465,7 @@ def make_night(root: Path, spec: NightSpec = _DEFAULT_SPEC) -> Night:
     expected: dict[str, dict[str, str]] = {}
     offsets: dict[str, tuple[float, float]] = {}
     rotated: dict[str, bool] = {}
+    rotation_of: dict[str, float] = {}
     filter_of: dict[str, str] = {}
     date_obs: dict[str, str] = {}
     first_of: dict[str, np.ndarray] = {}
@@ -442,8 +478,9 @@ def make_night(root: Path, spec: NightSpec = _DEFAULT_SPEC) -> Night:
         name = f"{obj}_{t:%Y-%m-%d_%H-%M-%S}_{_slug(f)}_{spec.exptime:.2f}s_{k:04d}.fits"
         rng = _rng(spec.seed, "light", k)
 
+        turn = spec.field_rotation * k
         sky_stars = spec.sky + star_field(
-            shape, stars, fwhm=spec.fwhm, shift=(float(off[0]), float(off[1])), rotate180=flip
+            shape, stars, fwhm=spec.fwhm, shift=(float(off[0]), float(off[1])), rotate180=flip, rotation=turn
         )
         signal = dark + flats[f] * sky_stars
         sigma = np.sqrt(spec.read_noise**2 + np.clip(signal, 0.0, None))
@@ -463,7 +500,7 @@ def make_night(root: Path, spec: NightSpec = _DEFAULT_SPEC) -> Night:
             "DEC": _DEC0,
             "PIERSIDE": "East" if flip else "West",
             "OBSERVER": _OBSERVER,
-            **_wcs_cards(shape, (float(off[0]), float(off[1])), flip),
+            **_wcs_cards(shape, (float(off[0]), float(off[1])), flip, turn),
         }
         path = light_dir / name
         write_fits(path, raw, hdr, dtype=spec.dtype)
@@ -471,6 +508,7 @@ def make_night(root: Path, spec: NightSpec = _DEFAULT_SPEC) -> Night:
         shifts[name] = (float(off[0] - first[0]), float(off[1] - first[1]))
         offsets[name] = (float(off[0]), float(off[1]))
         rotated[name] = flip
+        rotation_of[name] = turn
         filter_of[name] = f
         date_obs[name] = hdr["DATE-OBS"]
         expected[name] = {"bias": bias_name, "dark": dark_name, "flat": flat_names[f]}
@@ -480,6 +518,7 @@ def make_night(root: Path, spec: NightSpec = _DEFAULT_SPEC) -> Night:
         "stars": stars,  # (n, 3) y, x, flux in the reference frame (offset (0, 0))
         "offsets": offsets,  # light -> (dy, dx) applied to `stars` (star_field's `shift`)
         "rotate180": rotated,  # light -> rendered with rotate180 (after the meridian flip)
+        "rotation": rotation_of,  # light -> degrees the field turned (star_field's `rotation`)
         "filter": filter_of,
         "date_obs": date_obs,
         "bias": bias,  # noise-free bias frame (ADU)

@@ -8,6 +8,8 @@ rule calibrate_batch:
         entries=INPUTS.calibrate_entries,
         observer=config["observer"],
         binning=config["bin"],
+        # aligned to each sequence's best frame: every aligned light's stars are measured
+        quality=config["align"] and config["alignment"]["reference"] == "best",
     resources:
         mem_mb=INPUTS.calibrate_mem_mb,
         runtime=INPUTS.calibrate_runtime,

@@ -12,4 +12,5 @@ with job_logging(sm.log[0], sm.config.get("verbose", False)):
         Path(sm.output.receipt),
         observer=sm.params.observer,
         binning=sm.params.binning,
+        quality=sm.params.quality,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -94,3 +95,14 @@ def run_cli_process(
 def sha256_tree(folder: Path, pattern: str = "*.fits") -> dict[str, str]:
     """Digest of every matching file directly in ``folder``."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob(pattern))}
+
+
+def reference_light(out: Path, output: str | None = None) -> Path:
+    """The raw light that an aligned output of the run in ``out`` (any, or the one named
+    ``output``) was registered to, from the publish receipts."""
+    for receipt in sorted((out / "work" / "published").glob("*.json")):
+        for name, item in json.loads(receipt.read_text())["items"].items():
+            if item.get("reference") and output in (None, name):
+                cal = json.loads((out / "work" / "cal" / f"{item['reference']}.json").read_text())
+                return Path(cal["source"])
+    raise AssertionError(f"no aligned output in {out}")

@@ -107,7 +107,11 @@ def test_umd_aligned_stack_of_the_whole_sequence(run) -> None:
     header = fits.getheader(stack)
     assert header["NCOMBINE"] == 9 and (header["NAXIS1"], header["NAXIS2"]) == (1530, 1020)
     shifts = result.shifts()
-    assert len(shifts) == 9 and min(s["significance"] for s in shifts.values()) > 50
+    # wide faint stars (FWHM 11-17 px, ~40 a frame): too loose a star fit, cross-correlation instead
+    # (but the reference frame itself, whose stars match exactly)
+    others = [s for s in shifts.values() if s["dx"] or s["dy"]]
+    assert len(shifts) == 9 and len(others) == 8 and all(s["method"] == "correlation" for s in others)
+    assert min(s["significance"] for s in others) > 50
     assert max(abs(s["dy"]) + abs(s["dx"]) for s in shifts.values()) > 40  # the field drifts
 
 
@@ -172,7 +176,11 @@ def test_seestar_sequences_stack_aligned_on_superpixels(run) -> None:
     # 10 s and 20 s, each channel stacked, registered on its green frame
     assert sorted(fits.getheader(p)["NCOMBINE"] for p in result.outputs()) == [2, 2, 2, 4, 4, 4]
     shifts = result.shifts()
-    assert len(shifts) == 18 and min(s["significance"] for s in shifts.values()) > 50
+    # stars matched on each light's green frame, every channel moved alike: the alt-az frames of
+    # 2024 turn by 0.05° a frame
+    assert len(shifts) == 18 and all(s["method"] == "stars" and s["stars"] >= 100 for s in shifts.values())
+    assert max(s["residual"] for s in shifts.values()) < 0.6
+    assert max(abs(s["rotation"]) for s in shifts.values()) > 0.1
     by_light = {}
     for fid, shift in shifts.items():
         by_light.setdefault(fid.rsplit("-", 1)[0], set()).add((shift["dy"], shift["dx"]))

@@ -347,3 +347,37 @@ def test_a_worker_process_keeps_to_its_share_of_the_budget(monkeypatch) -> None:
     half = [CountingSource(f) for f in frames]
     combine(half, memory_budget=budget)
     assert whole[0].reads[:2] == [(0, 10), (10, 20)] and half[0].reads[:2] == [(0, 5), (5, 10)]
+
+
+def test_winsorized_clipping_rejects_an_outlier_among_few_frames():
+    rng = np.random.default_rng(4)
+    frames = [(100.0 + rng.normal(0.0, 1.0, (23, 31))).astype(np.float32) for _ in range(6)]
+    frames[2][5, 7] = 400.0  # a cosmic ray: with 6 frames the plain width cannot reject it
+    sources = [ArraySource(f) for f in frames]
+    clean = np.mean([f for i, f in enumerate(frames) if i != 2], axis=0)[5, 7]
+    assert combine(sources, method="sigclip")[5, 7] > 140.0
+    winsorized = combine(sources, method="winsorized")
+    assert winsorized[5, 7] == pytest.approx(clean, abs=1e-4)
+    # elsewhere the noise is that of a mean of about 6 frames (few values rejected)
+    rest = winsorized[10:, 10:]
+    assert abs(float(rest.mean()) - 100.0) < 0.05 and float(rest.std()) < 1.15 / np.sqrt(6)
+
+
+def test_offsets_normalise_a_brightening_sky_before_rejection():
+    rng = np.random.default_rng(5)
+    star = np.zeros((41, 53), np.float32)
+    star[20, 26] = 50.0
+    skies = [100.0, 130.0, 160.0, 190.0, 220.0, 250.0, 280.0, 310.0, 340.0, 370.0, 400.0, 430.0]
+    frames = [(s + star + rng.normal(0.0, 1.0, star.shape)).astype(np.float32) for s in skies]
+    frames[4][30, :] += 40.0  # a satellite trail
+    sources = [ArraySource(f) for f in frames]
+    offsets = [100.0 - s for s in skies]
+    normalised = combine(sources, offsets=offsets)
+    assert abs(float(np.mean(normalised[:25])) - 100.0) < 0.05
+    assert normalised[20, 26] == pytest.approx(150.0, abs=1.0)
+    # the trail is rejected once the skies agree; against the sky's trend it is not
+    assert abs(float(np.mean(normalised[30])) - 100.0) < 0.3
+    plain = combine(sources)
+    assert float(np.mean(plain[30] - plain[29])) == pytest.approx(40.0 / 12, abs=0.5)
+    with pytest.raises(ValueError, match="offsets"):
+        combine(sources, offsets=offsets[:3])

@@ -13,7 +13,7 @@ import yaml
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
-from conftest import master_flags, run_cli, sha256_tree
+from conftest import master_flags, reference_light, run_cli, sha256_tree
 
 from imgproc import publish
 from imgproc.align import Registrar
@@ -72,13 +72,17 @@ def test_aligned_singles_record_the_shift_and_share_one_grid(night, tmp_path: Pa
             (p for p in out.glob(f"*_{filt}_*.fits")), key=lambda p: fits.getheader(p)["DATE-AVG"]
         )
         assert len(outputs) == len(frames)
-        reference = fits.getdata(outputs[0])
-        ref_wcs = WCS(fits.getheader(outputs[0]))
+        # one reference (the sharpest frame) for the whole sequence
+        [ref_name] = {fits.getheader(p)["ALIGNREF"] for p in outputs}
+        ref_output = outputs[[p.name for p in frames].index(ref_name)]
+        reference = fits.getdata(ref_output)
+        ref_wcs = WCS(fits.getheader(ref_output))
+        ref_dy, ref_dx = night.shifts[ref_name]
         for light, output in zip(frames, outputs, strict=True):
             header, data = fits.getheader(output), fits.getdata(output)
             true_dy, true_dx = night.shifts[light.name]
-            assert header["ALIGNDY"] == pytest.approx(-true_dy, abs=0.1)
-            assert header["ALIGNDX"] == pytest.approx(-true_dx, abs=0.1)
+            assert header["ALIGNDY"] == pytest.approx(ref_dy - true_dy, abs=0.1)
+            assert header["ALIGNDX"] == pytest.approx(ref_dx - true_dx, abs=0.1)
             assert header["ALIGNFLP"] is False
             # borders shifted in from outside the frame are NaN, never zeros
             if header["ALIGNDX"] > 0.5:
@@ -126,28 +130,38 @@ def test_frames_kept_from_registering_to_combining_give_the_same_stack(
     night, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An aligned group small enough is combined from the frames read to register it; with a
-    budget too small to keep them, they are read again from their intermediates, and the stack
-    is the same bytes either way."""
+    budget too small to keep them, they are read again from their intermediates (translation
+    and bilinear: a strip at a time) or spilled to disk once resampled (stars or cubic: whole
+    frames), and the stack is the same bytes either way."""
     out = tmp_path / "out"
     assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_OK
     plan = read_tsv(out / "work" / "plan.tsv")
-    settings = StackSettings(**Layout(yaml.safe_load((out / "imgproc.yaml").read_text())).stack_params())
-    kept: list[int] = []
-    monkeypatch.setattr(publish, "ArrayRows", lambda data: kept.append(data.size) or ArrayRows(data))
+    default = StackSettings(**Layout(yaml.safe_load((out / "imgproc.yaml").read_text())).stack_params())
+    spilled: list[bool] = []
+    monkeypatch.setattr(
+        publish, "ArrayRows", lambda data: spilled.append(isinstance(data, np.memmap)) or ArrayRows(data)
+    )
     for made in sorted(out.glob("*.fits")):
         group = [row for row in plan if row["output"] == made.name]
-        reference = next(row for row in plan if row["frame_id"] == group[0]["reference"])
-        for label, budget in (("kept", settings.memory_budget), ("read-again", 1)):
-            folder = tmp_path / label
-            folder.mkdir(exist_ok=True)
-            before = len(kept)
-            item = publish.publish_group(
-                made.name, group, reference, out / "work", folder, replace(settings, memory_budget=budget)
-            )
-            assert item["status"] == "written" and item["ncombine"] == 4
-            assert (folder / made.name).read_bytes() == made.read_bytes()
-            assert len(kept) - before == (4 if label == "kept" else 0)
-    assert kept == [64 * 64] * 8
+        ref_light = str(reference_light(out, made.name))
+        reference = next(row for row in plan if row["path"] == ref_light)
+        for settings in (default, replace(default, registration="correlation", order=1)):
+            stacks = []
+            for label, budget in (("kept", settings.memory_budget), ("read-again", 1)):
+                folder = tmp_path / f"{label}-{settings.registration}"
+                folder.mkdir(exist_ok=True)
+                before = len(spilled)
+                item = publish.publish_group(
+                    made.name, group, reference, out / "work", folder, replace(settings, memory_budget=budget)
+                )
+                assert item["status"] == "written" and item["ncombine"] == 4
+                stacks.append((folder / made.name).read_bytes())
+                whole = settings.registration == "stars"
+                assert spilled[before:] == [label != "kept"] * (4 if whole or label == "kept" else 0)
+            assert stacks[0] == stacks[1]
+            if settings == default:
+                assert stacks[0] == made.read_bytes()
+    assert not list((out / "work" / "pub").glob("resampled-*"))  # the spilled frames are removed
 
 
 def test_meridian_flip_is_rotated_before_registration(tmp_path: Path) -> None:
@@ -157,11 +171,13 @@ def test_meridian_flip_is_rotated_before_registration(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert run_cli(night.root / "lights", out, *master_flags(night), "-a") == EXIT_OK
     outputs = sorted(out.glob("*.fits"), key=lambda p: fits.getheader(p)["DATE-AVG"])
+    lights = sorted(night.lights, key=mid)
+    ref = lights.index(reference_light(out))
     flips = [fits.getheader(p)["ALIGNFLP"] for p in outputs]
-    assert flips == [False, False, True, True]
-    reference = fits.getdata(outputs[0])
+    assert flips == [(k < 2) != (ref < 2) for k in range(4)]  # the second half is rotated by 180°
+    reference = fits.getdata(outputs[ref])
     registrar = Registrar(np.nan_to_num(reference, nan=np.nanmedian(reference)))
-    for path in outputs[1:]:
+    for path in outputs:
         data = fits.getdata(path)
         residual = registrar.measure(np.nan_to_num(data, nan=np.nanmedian(data)))
         assert abs(residual.dy) < 0.15 and abs(residual.dx) < 0.15 and not residual.flipped

@@ -1,0 +1,305 @@
+"""Measurements of one frame: sky background, noise, and its stars (position, flux, FWHM, roundness).
+
+:func:`find_stars` is what registration matches and what frame quality is made of:
+
+1. the sky is a median background mesh (:func:`background`), subtracted; NaN pixels become 0
+   (background); the noise sigma is the MAD of every 4th row and column; hot pixels and 2-pixel
+   hot clusters are flattened (:func:`despike`);
+2. candidates are the local maxima (5×5) of the frame smoothed by a Gaussian of 1 px sigma that
+   stand ``threshold`` noise sigmas (of the smoothed frame) above the sky, away from the edges;
+   the brightest ``max_stars`` of them are kept (ties broken by position: deterministic);
+3. each is measured in a stamp around its peak by Gaussian-windowed moments (SExtractor's
+   ``XWIN``/``YWIN``): the centroid is iterated with a window of the stars' typical width, which
+   is unbiased for symmetric stars and weighs the noisy wings little; the windowed second
+   moments, corrected for the window, give the FWHM and the axis ratio (roundness, 1 = round);
+4. a candidate within a stamp radius of a brighter one (a saturated star's flat top, a close
+   pair) is dropped.
+
+Measured on generated fields (Gaussian stars, FWHM 2.5-6 px, peak SNR 10-1000): the centroids
+are within 0.02-0.05 px of the truth for stars of SNR > 30; FWHM within 3 %.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import bottleneck as bn
+import numpy as np
+
+__all__ = ["Stars", "background", "despike", "find_stars", "noise_sigma"]
+
+MAD_TO_STD = 1.4826
+_FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+#: Subsampling step used for the background / noise estimates of a frame.
+STAT_STEP = 4
+#: Despike candidates and margin, in noise sigmas.
+_DESPIKE_SIGMA = 5.0
+#: Centroid iterations (the windowed centroid converges to 1e-3 px in 4-6).
+_ITERATIONS = 8
+
+
+@dataclass(frozen=True)
+class Stars:
+    """Stars of one frame, brightest first, and its sky.
+
+    Attributes
+    ----------
+    y, x
+        Centroids (px, 0-based, pixel centres at integers).
+    flux
+        Background-subtracted sum within the stamp (ADU).
+    fwhm
+        Per-star FWHM (px) from the window-corrected second moments (geometric mean of the axes).
+    roundness
+        Minor / major axis ratio (1 = round; trailed stars are lower).
+    sky
+        Median background level (ADU).
+    noise
+        Noise sigma of the background-subtracted frame (ADU).
+    """
+
+    y: np.ndarray
+    x: np.ndarray
+    flux: np.ndarray
+    fwhm: np.ndarray
+    roundness: np.ndarray
+    sky: float
+    noise: float
+
+    def __len__(self) -> int:
+        return int(self.y.size)
+
+    @property
+    def yx(self) -> np.ndarray:
+        """(n, 2) float64 positions (y, x)."""
+        return np.column_stack([self.y, self.x])
+
+    def median_fwhm(self) -> float:
+        """Median FWHM (px) of the stars, NaN without any."""
+        return float(np.median(self.fwhm)) if len(self) else float("nan")
+
+    def median_roundness(self) -> float:
+        """Median roundness of the stars, NaN without any."""
+        return float(np.median(self.roundness)) if len(self) else float("nan")
+
+
+def noise_sigma(data: np.ndarray) -> float:
+    """Robust noise sigma (1.4826 × MAD of every :data:`STAT_STEP`-th row and column)."""
+    sample = data[::STAT_STEP, ::STAT_STEP]
+    return MAD_TO_STD * float(bn.nanmedian(np.abs(sample - bn.nanmedian(sample))))
+
+
+def find_stars(
+    image: np.ndarray,
+    *,
+    max_stars: int = 200,
+    threshold: float = 6.0,
+    box: int = 64,
+    radius: int | None = None,
+) -> Stars:
+    """Detect and measure the stars of a 2-D frame (NaN allowed); see the module docstring.
+
+    Parameters
+    ----------
+    image
+        2-D frame.
+    max_stars
+        The brightest this many candidates are measured.
+    threshold
+        Detection threshold in noise sigmas of the smoothed frame.
+    box
+        Cell size (px) of the background mesh.
+    radius
+        Stamp half-size (px); None = from the stars' typical width (3 sigma + 1, 4 to 15).
+    """
+    import scipy.ndimage
+
+    data = np.array(image, dtype=np.float32, copy=True)
+    if data.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {data.shape}")
+    invalid = ~np.isfinite(data)
+    sky_map = background(data, box)
+    sky = float(bn.nanmedian(sky_map)) if sky_map.size else 0.0
+    data -= sky_map
+    data[invalid] = 0.0
+    sigma = noise_sigma(data)
+    empty = np.zeros(0)
+    if not sigma > 0:  # noiseless frame: only its zero-valued pixels tell
+        sigma = max(float(np.max(np.abs(data))) * 1e-6, np.finfo(np.float32).tiny)
+    despike(data, sigma)
+    smooth = scipy.ndimage.gaussian_filter(data, 1.0, mode="constant", truncate=3.0)
+    smooth_sigma = noise_sigma(smooth) or sigma * 0.28
+    iy, ix = _peaks(smooth, threshold * smooth_sigma, edge=4)
+    if iy.size == 0:
+        return Stars(empty, empty, empty, empty, empty, sky, sigma)
+    order = np.lexsort((ix, iy, -smooth[iy, ix]))[: 3 * max_stars]  # brightest first, then position
+    iy, ix = iy[order], ix[order]
+    # first pass with a 2 px window sets the typical width; then measured with a matched window
+    y, x, width, _ = _windowed(data, iy, ix, 2.0, 5)
+    measured = width[np.isfinite(width)]
+    typical = float(np.clip(np.median(measured) if measured.size else 1.5, 0.8, 4.5))
+    r = int(radius) if radius is not None else int(np.clip(np.ceil(3.0 * typical) + 1, 4, 15))
+    y, x, width, ratio = _windowed(data, iy, ix, typical, r)
+    flux = _stamp_sum(data, iy, ix, r)
+    ny, nx = data.shape
+    good = np.isfinite(y) & np.isfinite(width) & (flux > 0)
+    good &= (y > -0.5) & (y < ny - 0.5) & (x > -0.5) & (x < nx - 0.5)
+    y, x, width, ratio, flux = y[good], x[good], width[good], ratio[good], flux[good]
+    keep = _isolated(y, x, r)
+    y, x, width, ratio, flux = (a[keep][:max_stars] for a in (y, x, width, ratio, flux))
+    return Stars(y, x, flux, width * _FWHM_PER_SIGMA, ratio, sky, sigma)
+
+
+def _peaks(smooth: np.ndarray, threshold: float, edge: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the pixels above ``threshold`` that are the maximum of their 5×5
+    neighbourhood, at least ``edge`` px from the border (only the pixels above the threshold
+    are compared: 10× faster than a maximum filter of the whole frame)."""
+    ny, nx = smooth.shape
+    inner = smooth[edge : ny - edge, edge : nx - edge]
+    above = np.flatnonzero(inner > threshold)
+    if above.size == 0:
+        return np.zeros(0, int), np.zeros(0, int)
+    iy, ix = np.divmod(above, nx - 2 * edge)
+    iy += edge
+    ix += edge
+    flat = smooth.ravel()
+    centre = iy * nx + ix
+    offsets = np.array([dy * nx + dx for dy in range(-2, 3) for dx in range(-2, 3)])
+    peak = flat[centre] >= flat[centre[:, None] + offsets].max(axis=1)
+    return iy[peak], ix[peak]
+
+
+def _stamps(data: np.ndarray, iy: np.ndarray, ix: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 2r+1, 2r+1) stamps around the peaks (zero outside the frame) and their offsets."""
+    off = np.arange(-r, r + 1)
+    padded = np.pad(data, r)
+    rows = (iy + r)[:, None, None] + off[None, :, None]
+    cols = (ix + r)[:, None, None] + off[None, None, :]
+    return padded[rows, cols].astype(np.float64), off.astype(np.float64)
+
+
+def _stamp_sum(data: np.ndarray, iy: np.ndarray, ix: np.ndarray, r: int) -> np.ndarray:
+    stamps, _ = _stamps(data, iy, ix, r)
+    return stamps.sum(axis=(1, 2))
+
+
+def _windowed(
+    data: np.ndarray, iy: np.ndarray, ix: np.ndarray, window: float, r: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gaussian-windowed centroids (y, x), star sigma (geometric mean of the axes) and axis
+    ratio of the stamps around integer peaks (``window``: the window's sigma, px)."""
+    stamps, off = _stamps(data, iy, ix, r)
+    np.maximum(stamps, 0.0, out=stamps)  # negative noise would pull the moments
+    dy = np.zeros(iy.size)
+    dx = np.zeros(iy.size)
+    inv = 1.0 / (2.0 * window**2)
+    for _ in range(_ITERATIONS):
+        ry = off[None, :, None] - dy[:, None, None]
+        rx = off[None, None, :] - dx[:, None, None]
+        w = stamps * np.exp(-(ry**2 + rx**2) * inv)
+        total = w.sum(axis=(1, 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # 2 × the windowed first moment: the XWIN iteration (converges for Gaussian stars)
+            step_y = 2.0 * (w * ry).sum(axis=(1, 2)) / total
+            step_x = 2.0 * (w * rx).sum(axis=(1, 2)) / total
+        dy = np.clip(dy + step_y, -r / 2, r / 2)
+        dx = np.clip(dx + step_x, -r / 2, r / 2)
+    ry = off[None, :, None] - dy[:, None, None]
+    rx = off[None, None, :] - dx[:, None, None]
+    w = stamps * np.exp(-(ry**2 + rx**2) * inv)
+    total = w.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        myy = (w * ry * ry).sum(axis=(1, 2)) / total
+        mxx = (w * rx * rx).sum(axis=(1, 2)) / total
+        mxy = (w * rx * ry).sum(axis=(1, 2)) / total
+        half, diff = 0.5 * (myy + mxx), np.sqrt(0.25 * (myy - mxx) ** 2 + mxy**2)
+        lam = np.stack([half + diff, half - diff])  # windowed variances along the axes
+        # a Gaussian of variance s² seen through a Gaussian window of variance W² has variance
+        # s²W²/(s²+W²): undo the window
+        w2 = window**2
+        star = np.where(lam < 0.95 * w2, lam * w2 / np.maximum(w2 - lam, 1e-12), np.nan)
+        star = np.where(lam > 0, star, np.nan)
+        width = np.sqrt(np.sqrt(star[0] * star[1]))
+        ratio = np.sqrt(star[1] / star[0])
+    bad = ~(total > 0)
+    y, x = iy + dy, ix + dx
+    y[bad] = x[bad] = np.nan
+    return y, x, width, ratio
+
+
+def _isolated(y: np.ndarray, x: np.ndarray, r: float) -> np.ndarray:
+    """Mask of the stars (brightest first) with no brighter star within ``r`` px."""
+    from scipy.spatial import cKDTree
+
+    keep = np.ones(y.size, bool)
+    if y.size < 2:
+        return keep
+    pairs = cKDTree(np.column_stack([y, x])).query_pairs(r, output_type="ndarray")
+    if pairs.size:
+        keep[np.unique(pairs.max(axis=1))] = False  # the fainter of each close pair
+    return keep
+
+
+def despike(data: np.ndarray, sigma: float) -> None:
+    """Flatten hot pixels and 2-pixel hot clusters in place (background-subtracted ``data``).
+
+    A pixel above ``5 sigma`` brighter than twice the second brightest of its 8 neighbours
+    (plus ``5 sigma``) is not a star (even a 2 px FWHM star has four neighbours at half its
+    peak): it is set to that second brightest neighbour.  Only the candidates above ``5 sigma``
+    are examined, so this costs little more than one comparison pass.
+    """
+    threshold = np.float32(_DESPIKE_SIGMA * sigma)
+    nx = data.shape[1]
+    candidates = np.flatnonzero(data > threshold)
+    if candidates.size == 0:
+        return
+    padded = np.pad(data, 1).ravel()  # zero (= background) border
+    y, x = np.divmod(candidates, nx)
+    centre = (y + 1) * (nx + 2) + (x + 1)
+    offsets = np.array([dy * (nx + 2) + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
+    neighbours = padded[centre[:, None] + offsets]
+    second = np.partition(neighbours, 6, axis=1)[:, 6]
+    values = data.ravel()[candidates]
+    hot = values > 2.0 * second + threshold
+    data.ravel()[candidates[hot]] = second[hot]
+
+
+def background(data: np.ndarray, box: int) -> np.ndarray:
+    """Smooth background: medians of ``box``-sized cells, bilinearly interpolated (float32).
+
+    Any frame shape: the frame is cut into ``my × mx`` cells of ``hy × hx`` px (the last
+    ``ny mod my`` rows and ``nx mod mx`` columns are in no cell: they take the surface
+    extrapolated from the cell centres), and each cell's
+    median uses every ``step``-th row and column *of that cell* (step 4 for cells of 32 px or
+    more: about 290 of a 68 × 66 cell); cells without valid pixels take the median of the others.
+
+    Kept hand-written rather than photutils' ``Background2D`` (box 64, ``MedianBackground``,
+    ``filter_size=1``), measured on one core with a tilted sky, noise 5 and 300 stars: a 2048²
+    float32 frame 8 ms here against 301 ms (587 ms with its default sigma clip), 3326 × 2504
+    17 ms against 636 ms (867 ms); every frame is prepared once or twice per registration.
+    Its all-pixel medians follow the tilt closer (rms error 0.10 against 0.27, i.e. 0.02σ
+    against 0.05σ), which the clipped star maps do not need.
+    """
+    ny, nx = data.shape
+    my, mx = max(1, ny // box), max(1, nx // box)
+    hy, hx = ny // my, nx // mx
+    step = max(1, min(4, min(hy, hx) // 8))
+    cells = data[: my * hy, : mx * hx].reshape(my, hy, mx, hx)[:, ::step, :, ::step]
+    mesh = bn.nanmedian(cells.transpose(0, 2, 1, 3).reshape(my, mx, -1), axis=-1)
+    if not np.isfinite(mesh).all():
+        fill = bn.nanmedian(mesh)
+        mesh = np.where(np.isfinite(mesh), mesh, 0.0 if np.isnan(fill) else fill)
+    return (_interp_matrix(ny, hy, my) @ mesh.astype(np.float32)) @ _interp_matrix(nx, hx, mx).T
+
+
+def _interp_matrix(n: int, cell: int, m: int) -> np.ndarray:
+    """(n, m) linear weights from cell centres to pixels, extrapolated beyond the end centres."""
+    pos = (np.arange(n) + 0.5) / cell - 0.5
+    if m == 1:
+        return np.ones((n, 1), np.float32)
+    lo = np.clip(np.floor(pos).astype(int), 0, m - 2)
+    frac = pos - lo
+    weights = np.zeros((n, m), np.float32)
+    weights[np.arange(n), lo] = 1.0 - frac
+    weights[np.arange(n), lo + 1] = frac
+    return weights

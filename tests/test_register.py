@@ -1,0 +1,188 @@
+"""Star-matched registration (imgproc.align.StarRegistrar), whole-frame resampling and the
+measurements of imgproc.stars, on generated star fields (imgproc.synth) checked against the
+true star positions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from imgproc.align import Shift, StarRegistrar, apply_shift, shift_from_map
+from imgproc.publish import Member, aligned_header, measure
+from imgproc.stars import find_stars
+from imgproc.synth import field_positions, random_stars, star_field
+
+SKY, NOISE = 200.0, 6.0
+
+
+def _sky(shape: tuple[int, int], n: int, seed: int) -> np.ndarray:
+    """Stars (y, x, flux) over twice the frame around it: rotated views stay full."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    stars = random_stars((2 * ny, 2 * nx), n, rng, flux_range=(3e3, 3e5))
+    stars[:, 0] -= ny / 2
+    stars[:, 1] -= nx / 2
+    return stars
+
+
+def _frame(shape, stars, seed, fwhm=3.0, **view) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = star_field(shape, stars, fwhm=fwhm, **view) + SKY
+    return (image + rng.normal(0.0, NOISE, shape)).astype(np.float32)
+
+
+def _truth_rms(fit: Shift, shape, stars, **view) -> float:
+    """RMS (px) of where the measured map puts the frame's true star positions against the
+    true reference positions, over the stars inside both frames."""
+    ny, nx = shape
+    frame = field_positions(shape, stars[:, :2], **view)
+    reference = stars[:, :2]
+
+    def inside(p: np.ndarray) -> np.ndarray:
+        return (p[:, 0] >= 0) & (p[:, 0] <= ny - 1) & (p[:, 1] >= 0) & (p[:, 1] <= nx - 1)
+
+    both = inside(frame) & inside(reference)
+    assert both.sum() >= 20
+    if fit.flipped:  # the map applies to the frame turned by 180°
+        frame = np.array([ny - 1, nx - 1]) - frame
+    centre = (np.array(shape) - 1.0) / 2.0
+    mapped = (frame[both] - centre) @ fit.matrix().T + centre + (fit.dy, fit.dx)
+    return float(np.sqrt(np.mean(np.sum((mapped - reference[both]) ** 2, axis=1))))
+
+
+@pytest.mark.parametrize(
+    ("rotation", "shift", "rotate180"),
+    [
+        (0.5, (3.3, -7.6), False),
+        (5.0, (-80.4, 120.2), False),  # a third of the frame's height
+        (90.0, (20.7, -35.1), False),
+        (180.0, (-12.2, 60.9), False),
+        (-0.5, (80.1, -124.6), True),
+        (5.0, (-40.6, 30.3), True),
+        (90.0, (7.7, 8.8), True),
+        (180.0, (0.4, -0.4), True),
+        (-137.0, (15.0, 5.0), False),
+    ],
+)
+def test_star_registration_matches_the_truth_at_any_rotation(rotation, shift, rotate180):
+    shape = (241, 373)  # odd, not square
+    stars = _sky(shape, 900, seed=int(abs(rotation) * 10) + rotate180)
+    registrar = StarRegistrar(_frame(shape, stars, seed=1))
+    view = {"shift": shift, "rotate180": rotate180, "rotation": rotation}
+    image = _frame(shape, stars, seed=2, **view)
+    measured = registrar.measure(image)
+    assert measured.method == "stars" and measured.stars >= 20
+    assert _truth_rms(measured, shape, stars, **view) <= 0.05
+    # PIERSIDE: the frame turned before measuring, and the turn composed back
+    member = Member("f", None, "f.fits", None, pierside="WEST")  # type: ignore[arg-type]
+    via_pier, _ = measure(member, image, registrar, "EAST")
+    np.testing.assert_allclose(via_pier.total(), measured.total(), atol=1e-5)  # the same map
+    assert _truth_rms(via_pier, shape, stars, **view) <= 0.05
+
+
+def test_star_registration_of_a_mosaic_works_in_full_resolution_pixels():
+    shape = (301, 437)
+    stars = _sky(shape, 900, seed=7)
+    view = {"shift": (31.3, -17.8), "rotation": 3.0}
+    registrar = StarRegistrar(_frame(shape, stars, seed=1, fwhm=4.0), mosaic=True)
+    measured = registrar.measure(_frame(shape, stars, seed=2, fwhm=4.0, **view))
+    assert measured.method == "stars"
+    assert _truth_rms(measured, shape, stars, **view) <= 0.05
+
+
+def test_too_few_stars_fall_back_to_cross_correlation():
+    shape = (181, 243)
+    stars = np.array([[60.2, 70.7, 5e4], [120.4, 180.1, 8e4], [90.0, 40.0, 3e4]])
+    registrar = StarRegistrar(_frame(shape, stars, seed=1))
+    measured = registrar.measure(_frame(shape, stars, seed=2, shift=(4.3, -6.6)))
+    assert measured.method == "correlation" and measured.linear is None and measured.stars == 0
+    assert registrar.accepts(measured)
+    assert measured.dy == pytest.approx(-4.3, abs=0.1) and measured.dx == pytest.approx(6.6, abs=0.1)
+
+
+def test_star_registration_is_deterministic():
+    shape = (211, 263)
+    stars = _sky(shape, 500, seed=3)
+    reference = _frame(shape, stars, seed=1)
+    image = _frame(shape, stars, seed=2, rotation=20.0, shift=(5.0, -3.0))
+    assert StarRegistrar(reference).measure(image) == StarRegistrar(reference).measure(image)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_resampled_rotated_frame_lands_on_the_reference_stars(order):
+    shape = (223, 317)
+    stars = _sky(shape, 500, seed=11)
+    reference = _frame(shape, stars, seed=1)
+    view = {"shift": (12.4, -20.7), "rotation": 7.0}
+    frame = _frame(shape, stars, seed=2, **view)
+    measured = StarRegistrar(reference).measure(frame)
+    aligned = apply_shift(frame, measured, order=order)
+    # outside the frame: NaN, never zero; inside: the reference's stars
+    assert np.isnan(aligned).any() and not (aligned == 0).any()
+    found = find_stars(np.nan_to_num(aligned, nan=SKY))
+    ref_found = find_stars(reference)
+    from scipy.spatial import cKDTree
+
+    distance, _ = cKDTree(ref_found.yx).query(found.yx)
+    assert np.median(distance) < 0.05
+    ratio = found.median_fwhm() / find_stars(frame).median_fwhm()
+    assert ratio <= (1.05 if order == 3 else 1.2)
+
+
+def test_cubic_resampling_keeps_the_flux_of_a_star():
+    shape = (101, 131)
+    star = np.array([[50.3, 60.6, 1e5]])
+    frame = star_field(shape, star, fwhm=3.0)
+    turned = shift_from_map(np.array([[np.cos(0.3), np.sin(0.3)], [-np.sin(0.3), np.cos(0.3)]]), 2.2, -3.1)
+    aligned = apply_shift(frame, turned, order=3)
+    assert np.nansum(aligned) == pytest.approx(1e5, rel=2e-3)
+    assert np.nanmin(aligned) > -0.02 * np.nanmax(aligned)  # ringing of the spline only
+
+
+def test_nan_pixels_spread_only_within_the_kernel_reach():
+    shape = (97, 123)
+    frame = np.full(shape, 5.0, np.float32)
+    frame[40, 60] = np.nan
+    turned = shift_from_map(np.array([[np.cos(0.2), np.sin(0.2)], [-np.sin(0.2), np.cos(0.2)]]), 0.4, 0.3)
+    for order, most in ((1, 9), (3, 36)):
+        aligned = apply_shift(frame, turned, order=order)
+        inner = aligned[10:-10, 10:-10]
+        assert 1 <= np.isnan(inner).sum() <= most
+        assert np.allclose(inner[np.isfinite(inner)], 5.0, atol=1e-4)
+
+
+def test_find_stars_measures_fwhm_roundness_sky_and_noise():
+    shape = (257, 311)
+    stars = _sky(shape, 300, seed=5)
+    found = find_stars(_frame(shape, stars, seed=1, fwhm=4.0))
+    assert len(found) > 40
+    assert found.median_fwhm() == pytest.approx(4.0, rel=0.05)
+    assert found.median_roundness() > 0.95
+    assert found.sky == pytest.approx(SKY, abs=2.0)
+    assert found.noise == pytest.approx(NOISE, rel=0.15)
+    # trailed stars: the sum of a row of shifted images is elongated along x
+    trail = sum(star_field(shape, stars, fwhm=4.0, shift=(0.0, dx)) / 7 for dx in np.linspace(-4, 4, 7))
+    trailed = find_stars((trail + SKY + np.random.default_rng(2).normal(0, NOISE, shape)).astype(np.float32))
+    assert trailed.median_roundness() < 0.75
+
+
+def test_aligned_header_moves_the_wcs_with_the_pixels():
+    shape = (151, 201)
+    header = fits.Header()
+    header["NAXIS"], header["NAXIS1"], header["NAXIS2"] = 2, shape[1], shape[0]
+    header.update({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 150.0, "CRVAL2": 30.0})
+    header.update({"CRPIX1": 80.5, "CRPIX2": 70.2})
+    header.update({"CD1_1": -2e-4, "CD1_2": 1e-5, "CD2_1": 1e-5, "CD2_2": 2e-4})
+    total = np.array([[np.cos(0.4), np.sin(0.4)], [-np.sin(0.4), np.cos(0.4)]])
+    for flip in (False, True):
+        shift = shift_from_map(-total if flip else total, 6.5, -9.25, flip_beyond=180.0 if not flip else 0.0)
+        out = aligned_header(header, shift)
+        assert out["ALIGNMTH"] == "correlation" and out["ALIGNROT"] == pytest.approx(shift.rotation, abs=1e-4)
+        frame_px = np.array([[10.0, 20.0], [140.0, 180.0], [75.0, 100.0]])  # (y, x)
+        centre = (np.array(shape) - 1.0) / 2.0
+        grid_px = (frame_px - centre) @ shift.total().T + centre + (shift.dy, shift.dx)
+        before = WCS(header).all_pix2world(frame_px[:, ::-1], 0)
+        after = WCS(out).all_pix2world(grid_px[:, ::-1], 0)
+        np.testing.assert_allclose(after, before, atol=1e-9)
