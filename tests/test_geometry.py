@@ -188,9 +188,13 @@ def test_taper_on_tiny_and_odd_sides(n: int) -> None:
 # -- resampling ----------------------------------------------------------------------------------
 
 
+#: Shifts that are whole or clearly fractional: within 1e-3 px of a whole number, whether the
+#: resampler copies or interpolates is a tolerance, not a property (hypothesis found dx=1e-6).
+SHIFTS = st.floats(-6.0, 6.0).filter(lambda v: v == round(v) or abs(v - round(v)) > 1e-3)
+
+
 @SETTINGS
-@given(shape=shapes(16, 200), dy=st.floats(-6.0, 6.0), dx=st.floats(-6.0, 6.0), flip=st.booleans(),
-       order=st.sampled_from([1, 3]))  # fmt: skip
+@given(shape=shapes(16, 200), dy=SHIFTS, dx=SHIFTS, flip=st.booleans(), order=st.sampled_from([1, 3]))
 def test_apply_shift_moves_a_plane_on_any_shape(
     shape: tuple[int, int], dy: float, dx: float, flip: bool, order: int
 ) -> None:
