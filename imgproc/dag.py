@@ -229,13 +229,16 @@ class WorkflowInputs:
         return attempt * _runtime(self._members("pub_batch", wildcards.pub_batch), 0.5)
 
     def _reference_rows(self, members: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Plan rows the members may be aligned to: their references, or with ``reference:
-        best`` every light of their sequences (the best is chosen once they are measured)."""
+        """Plan rows the members may be aligned to: their references (a colour channel frame's is
+        its reference light's green frame), and with ``reference: best`` every light of their
+        sequences too (the best is chosen once they are measured)."""
         refs = {row["reference"] for row in members if row.get("reference")}
+        planned = [row for row in self.plan() if row["frame_id"] in refs]
         if self.layout.config["alignment"]["reference"] != "best":
-            return [row for row in self.plan() if row["frame_id"] in refs]
+            return planned
         sequences = {row["sequence"] for row in members if row.get("reference")}
-        return [row for row in self.plan() if row.get("reference") and row["sequence"] in sequences]
+        candidates = [row for row in self.plan() if row.get("reference") and row["sequence"] in sequences]
+        return planned + [row for row in candidates if row["frame_id"] not in refs]
 
     def publish_inputs(self, wildcards: Any) -> list[str]:
         """Receipts of the calibrate batches holding the batch's frames, the frames they may be
