@@ -17,7 +17,9 @@ from pathlib import Path
 SNAKEMAKE_LOG = Path("logs") / "snakemake.log"
 #: Warnings and errors shown on the terminal without ``-v``; the rest are only in the log.
 NOTICES_MAX = 10
-_QUIET = re.compile(r"^(INFO|DEBUG) imgproc: ")
+#: A job's progress, and the indented lines of Snakemake's job descriptions (``    reason: Params
+#: have changed ...`` quotes the manifest's columns, one of which is ``error``).
+_QUIET = re.compile(r"^(INFO|DEBUG) imgproc: |^\s+[a-z_]+: ")
 _JOB_LEVEL = re.compile(r"^(WARNING|ERROR|CRITICAL) imgproc: ")
 _NOTEWORTHY = re.compile(
     r"^(WARNING|ERROR|CRITICAL) imgproc: |\b(errors?|exception|warnings?)\b"

@@ -90,6 +90,8 @@ def test_verbose_shows_snakemakes_log(night, tmp_path: Path) -> None:
         ("INFO imgproc: a.fits: no error", False),
         ("Finished jobid: 3 (Rule: calibrate_batch)", False),
         ("[Thu Dec  3 07:09:02 2026]", False),
+        ("    reason: Params have changed since last execution: {'manifest': ['path', 'error']}", False),
+        ("    log: logs/calibrate/c0001.log (check log file(s) for error details)", False),
     ],
 )
 def test_only_warnings_and_errors_of_snakemakes_log_are_shown(line: str, shown: bool) -> None:
