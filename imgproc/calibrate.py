@@ -9,6 +9,7 @@ A dark of another exposure is scaled by k = light / dark exposure (only with a b
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -133,26 +134,33 @@ def _set_fitting(header: fits.Header, key: str, value: str, comment: str) -> Non
     header.set(key, value, comment if len(comment) <= room else "")
 
 
+@dataclass(frozen=True)
+class LightSettings:
+    """What calibrating one light takes besides its pixels and masters (a plan row's values)."""
+
+    observer: str  # the OBSERVER card
+    mid: datetime  # mid-exposure time (UTC)
+    exptime: float  # exposure (s), as the plan read it
+    binning: int = 1
+    dark_scale: float | None = None  # the dark's multiplier (one of another exposure)
+    cfa: str | None = None  # a colour light's CFA pattern as stored
+    channel: str | None = None  # the output channel of a colour light
+    object_name: str | None = None  # OBJECT for a light without one (--object)
+    cards: Sequence[tuple[str, str, str]] = ()  # (keyword, value, comment) set last
+
+
 def calibrated_header(
-    header: fits.Header,
-    masters: Mapping[str, str | None],
-    *,
-    observer: str,
-    mid: datetime,
-    exptime: float,
-    binning: int,
-    dark_scale: float | None = None,
-    object_name: str | None = None,
-    cards: Sequence[tuple[str, str, str]] = (),
+    header: fits.Header, masters: Mapping[str, str | None], light: LightSettings
 ) -> fits.Header:
     """The light's header with calibration flags, master file names, OBSERVER, binning and a
     HISTORY line; scaling and checksum cards removed, and EQUINOX or EPOCH if not a number; the
-    UTC time cards of mid-exposure ``mid`` and exposure ``exptime`` (s, as the plan read it) and
+    UTC time cards of ``light``'s mid-exposure and exposure and
     AIRMASS (:func:`imgproc.timecards.apply_time_cards`). A scaled dark gets DARKSCAL and a HISTORY
     line naming the dark and the ratio. The light's own OBSERVER, when it differs from
-    ``observer``, is kept as ORIGOBS; ``object_name`` (``--object``, for a light without OBJECT)
-    becomes OBJECT. ``cards`` (keyword, value, comment) are set last."""
-    out = bin_header(header, binning)
+    ``light.observer``, is kept as ORIGOBS; ``light.object_name`` (``--object``, for a light
+    without OBJECT) becomes OBJECT. ``light.cards`` (keyword, value, comment) are set last."""
+    observer, mid, exptime, dark_scale = light.observer, light.mid, light.exptime, light.dark_scale
+    out = bin_header(header, light.binning)
     for key in _DROP:
         out.remove(key, ignore_missing=True, remove_all=True)
     for key in _NUMBERS:
@@ -171,14 +179,14 @@ def calibrated_header(
     if isinstance(original, str) and original.strip() and original != observer:
         _set_fitting(out, "ORIGOBS", original, "camera's OBSERVER")
     out.set("OBSERVER", observer, "observer code")
-    if object_name:
-        _set_fitting(out, "OBJECT", object_name, "from imgproc --object: none in the header")
+    if light.object_name:
+        _set_fitting(out, "OBJECT", light.object_name, "from imgproc --object: none in the header")
     apply_time_cards(out, [(mid - timedelta(seconds=exptime / 2.0), exptime)], header_airmass(header, [mid]))
     out.add_history(f"Calibrated by imgproc {__version__}")
     if masters.get("dark") is not None and dark_scale is not None:
         out.set("DARKSCAL", float(dark_scale), "dark scaled by the exposure ratio light/dark")
         out.add_history(f"dark {Path(masters['dark']).name} scaled by {dark_scale:.6g} (exposure ratio)")
-    for key, value, comment in cards:
+    for key, value, comment in light.cards:
         out.set(key, value, comment)
     return out
 
@@ -189,40 +197,25 @@ def calibrate_frame(
     masters: Mapping[str, str | None],
     cache: MasterCache,
     target: Path,
-    *,
-    observer: str,
-    mid: datetime,
-    exptime: float,
-    binning: int,
-    dark_scale: float | None = None,
-    cfa: str | None = None,
-    channel: str | None = None,
-    object_name: str | None = None,
-    cards: Sequence[tuple[str, str, str]] = (),
+    light: LightSettings,
 ) -> tuple[np.ndarray, fits.Header]:
     """Read, calibrate and bin one light into the float32 FITS file ``target``; returns its
-    pixels and header. ``dark_scale`` multiplies the dark (one of another exposure). A colour
-    light (``cfa`` its pattern as stored) is calibrated in the mosaic and becomes its output
-    ``channel`` (:func:`calibrate_colour_frame`).
+    pixels and header. ``light.dark_scale`` multiplies the dark (one of another exposure). A
+    colour light (``light.cfa`` its pattern as stored) is calibrated in the mosaic and becomes its
+    output ``light.channel`` (:func:`calibrate_colour_frame`).
 
     The frame streams through in blocks of rows (a multiple of ``binning``) that stay in the
     CPU cache from the read through calibration and binning to the write, instead of a
     dozen passes over the whole frame. The pixels are the same as :func:`calibrate_image`
     and :func:`bin_image` of the whole frame give.
     """
-    if cfa:
-        return calibrate_colour_frame(
-            light_path, hdu, masters, cache, target, observer=observer, mid=mid, exptime=exptime,
-            binning=binning, dark_scale=dark_scale, cfa=cfa, channel=channel or "G",
-            object_name=object_name, cards=cards,
-        )  # fmt: skip
+    if light.cfa:
+        return calibrate_colour_frame(light_path, hdu, masters, cache, target, light)
+    binning, dark_scale = light.binning, light.dark_scale
     header, image, blocks = read_image_blocks(light_path, hdu, multiple=binning)
     frames = {role: cache.get(role, path) for role, path in masters.items() if path is not None}
     check_master_shapes(image.shape, frames)  # whole frames: each block's slices would agree
-    out_header = calibrated_header(
-        header, masters, observer=observer, mid=mid, exptime=exptime, binning=binning,
-        dark_scale=dark_scale, object_name=object_name, cards=cards,
-    )  # fmt: skip
+    out_header = calibrated_header(header, masters, light)
     binned = image if binning == 1 else np.empty(binned_shape(image.shape, binning), np.float32)
     with ImageWriter(target, out_header, binned.shape) as out:
         for rows in blocks:
@@ -244,31 +237,21 @@ def calibrate_colour_frame(
     masters: Mapping[str, str | None],
     cache: MasterCache,
     target: Path,
-    *,
-    observer: str,
-    mid: datetime,
-    exptime: float,
-    binning: int,
-    cfa: str,
-    channel: str,
-    dark_scale: float | None = None,
-    object_name: str | None = None,
-    cards: Sequence[tuple[str, str, str]] = (),
+    light: LightSettings,
 ) -> tuple[np.ndarray, fits.Header]:
     """Calibrate a colour light in its mosaic, pixel by pixel (the flat normalised per colour),
-    and write its ``channel`` (:func:`imgproc.colour.colour_image`) to ``target``; the header
-    as :func:`calibrated_header` makes it."""
+    and write its ``light.channel`` (:func:`imgproc.colour.colour_image`, green by default) to
+    ``target``; the header as :func:`calibrated_header` makes it (binned afterwards with the
+    channel)."""
+    cfa = str(light.cfa)
     image, header = read_image(light_path, hdu)
     frames = {role: cache.get_colour(role, path, cfa) for role, path in masters.items() if path is not None}
     check_master_shapes(image.shape, frames)
     mosaic = calibrate_image(
-        image, *(frames.get(role) for role in ROLES), dark_scale=dark_scale, in_place=True
+        image, *(frames.get(role) for role in ROLES), dark_scale=light.dark_scale, in_place=True
     )
-    out_header = calibrated_header(
-        header, masters, observer=observer, mid=mid, exptime=exptime, binning=1, dark_scale=dark_scale,
-        object_name=object_name, cards=cards,
-    )  # fmt: skip
-    data, out_header = colour_image(mosaic, out_header, cfa, channel, binning)
+    out_header = calibrated_header(header, masters, replace(light, binning=1))
+    data, out_header = colour_image(mosaic, out_header, cfa, light.channel or "G", light.binning)
     if data.ndim == 3:
         write_cube(target, data, out_header)
     else:

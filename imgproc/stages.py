@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from imgproc import __version__
-from imgproc.calibrate import HEADER_CARDS, MASTERS, ROLES, MasterCache, calibrate_frame
+from imgproc.calibrate import HEADER_CARDS, MASTERS, ROLES, LightSettings, MasterCache, calibrate_frame
 from imgproc.colour import read_frame
 from imgproc.fitsio import FitsError, checksum_problem, write_atomic
 from imgproc.keywords import normalise
@@ -209,14 +209,15 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
                 "size": previous.get("size"),
             } | previous.get("stats", {})
         log.warning("%s: %s: calibrated again", entry["path"], problem)
-    data, header = calibrate_frame(
-        Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target,
+    light = LightSettings(
         observer=observer, mid=datetime.fromisoformat(entry["mid"]), exptime=float(entry["exptime"]),
-        binning=binning,
-        dark_scale=entry.get("dark_scale") if entry.get("dark") else None,
+        binning=binning, dark_scale=entry.get("dark_scale") if entry.get("dark") else None,
         cfa=entry.get("cfa") or None, channel=entry.get("channel") or None,
         object_name=entry.get("object_set") or None, cards=provenance_cards(stamp, [entry["path"]]),
     )  # fmt: skip
+    data, header = calibrate_frame(
+        Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target, light
+    )
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
     frame = data[1] if data.ndim == 3 else data  # an RGB cube: its green plane

@@ -10,7 +10,14 @@ import pytest
 from astropy.io import fits
 
 from imgproc.binning import bin_image
-from imgproc.calibrate import MasterCache, calibrate_frame, calibrate_image, calibrated_header, normalise_flat
+from imgproc.calibrate import (
+    LightSettings,
+    MasterCache,
+    calibrate_frame,
+    calibrate_image,
+    calibrated_header,
+    normalise_flat,
+)
 from imgproc.fitsio import FitsError
 
 SHAPE = (6, 7)
@@ -184,7 +191,7 @@ MID = datetime(2025, 5, 1, 21, 0, 30, 250000)
 )
 def test_calibrated_header_master_cards(masters):
     header = _raw_header()
-    out = calibrated_header(header, masters, observer="DGAH", mid=MID, exptime=60.0, binning=1)
+    out = calibrated_header(header, masters, LightSettings("DGAH", MID, 60.0))
     for role, cal, file_card in (
         ("bias", "BIASCAL", "BIASFILE"),
         ("dark", "DARKCAL", "DARKFILE"),
@@ -200,9 +207,7 @@ def test_calibrated_header_master_cards(masters):
 
 
 def test_calibrated_header_observer_date_avg_history():
-    out = calibrated_header(
-        _raw_header(), {"bias": "/b/bias.fits"}, observer="DGAH", mid=MID, exptime=60.0, binning=1
-    )
+    out = calibrated_header(_raw_header(), {"bias": "/b/bias.fits"}, LightSettings("DGAH", MID, 60.0))
     assert out["OBSERVER"] == "DGAH"
     assert out["DATE-AVG"] == "2025-05-01T21:00:30.250"
     history = " ".join(str(line) for line in out["HISTORY"])
@@ -217,7 +222,7 @@ def test_calibrated_header_observer_date_avg_history():
 def test_calibrated_header_removes_scaling_and_checksum_cards():
     header = _raw_header()
     header.append(("BZERO", 0), useblanks=False, bottom=True)  # a duplicate must go too
-    out = calibrated_header(header, {}, observer="DGAH", mid=MID, exptime=60.0, binning=1)
+    out = calibrated_header(header, {}, LightSettings("DGAH", MID, 60.0))
     for key in ("BZERO", "BSCALE", "CHECKSUM", "DATASUM"):
         assert key not in out
 
@@ -226,7 +231,7 @@ def test_calibrated_header_removes_an_equinox_that_is_not_a_number():
     header = _raw_header()
     header["EQUINOX"] = ""  # PANOPTES rotation.fits: fitsverify rejects it
     header["EPOCH"] = 2000.0
-    out = calibrated_header(header, {}, observer="DGAH", mid=MID, exptime=60.0, binning=1)
+    out = calibrated_header(header, {}, LightSettings("DGAH", MID, 60.0))
     assert "EQUINOX" not in out and out["EPOCH"] == 2000.0
     assert "imgproc removed EQUINOX = '': not a number" in [str(h) for h in out["HISTORY"]]
 
@@ -234,13 +239,13 @@ def test_calibrated_header_removes_an_equinox_that_is_not_a_number():
 def test_calibrated_header_does_not_modify_input():
     header = _raw_header()
     before = header.tostring()
-    calibrated_header(header, {"bias": "/b/bias.fits"}, observer="DGAH", mid=MID, exptime=60.0, binning=2)
+    calibrated_header(header, {"bias": "/b/bias.fits"}, LightSettings("DGAH", MID, 60.0, binning=2))
     assert header.tostring() == before
 
 
 @pytest.mark.parametrize("binning", [1, 2, 3])
 def test_calibrated_header_binning_cards(binning):
-    out = calibrated_header(_raw_header(), {}, observer="DGAH", mid=MID, exptime=60.0, binning=binning)
+    out = calibrated_header(_raw_header(), {}, LightSettings("DGAH", MID, 60.0, binning=binning))
     assert out["XBINNING"] == binning
     assert out["YBINNING"] == binning
     assert out["XPIXSZ"] == pytest.approx(4.63 * binning)
@@ -310,7 +315,7 @@ def test_calibrate_frame_streams_the_same_pixels_as_whole_frame_calibration(tmp_
     target = tmp_path / "out" / "calibrated.fits"
     data, header = calibrate_frame(
         tmp_path / "light.fits", 0, masters, MasterCache(), target,
-        observer="ABC", mid=datetime(2025, 5, 1, 21), exptime=0.0, binning=binning,
+        LightSettings("ABC", datetime(2025, 5, 1, 21), 0.0, binning=binning),
     )  # fmt: skip
     expected = bin_image(calibrate_image(raw.astype(np.float32), bias, dark, normalise_flat(flat)), binning)
     assert np.array_equal(data, expected, equal_nan=True)
@@ -330,5 +335,5 @@ def test_calibrate_frame_of_a_truncated_light_leaves_no_file(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(FitsError, match="truncated"):
         calibrate_frame(tmp_path / "light.fits", 0, {}, MasterCache(), out / "calibrated.fits",
-                        observer="ABC", mid=datetime(2025, 5, 1), exptime=0.0, binning=1)  # fmt: skip
+                        LightSettings("ABC", datetime(2025, 5, 1), 0.0))  # fmt: skip
     assert not out.exists() or list(out.iterdir()) == []  # refused before the writer starts, or cleaned

@@ -17,7 +17,7 @@ from conftest import SMALL, real_set, run_cli, sha256_tree
 
 from imgproc.align import Registrar
 from imgproc.binning import bin_image
-from imgproc.calibrate import MasterCache, calibrate_frame
+from imgproc.calibrate import LightSettings, MasterCache, calibrate_frame
 from imgproc.cli import EXIT_OK
 from imgproc.colour import debayer_bilinear, normalise_colour_flat, superpixel
 from imgproc.keywords import normalise, stored_pattern
@@ -74,8 +74,8 @@ def _calibrate(
 ) -> tuple[np.ndarray, fits.Header]:
     cfa = normalise(fits.getheader(path))["bayerpat"]
     return calibrate_frame(
-        path, 0, {"flat": str(flat)}, MasterCache(), target, observer="DGAH", mid=MID, exptime=30.0,
-        binning=binning, cfa=cfa, channel=channel,
+        path, 0, {"flat": str(flat)}, MasterCache(), target,
+        LightSettings("DGAH", MID, 30.0, binning=binning, cfa=cfa, channel=channel),
     )  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import yaml
 from astropy.io import fits
 from conftest import master_flags, run_cli
 
-from imgproc.calibrate import calibrated_header
+from imgproc.calibrate import LightSettings, calibrated_header
 from imgproc.cli import EXIT_OK, EXIT_USAGE, build_parser
 from imgproc.overrides import OverrideError, apply_overrides, take_snakemake_config
 from imgproc.provenance import provenance_cards
@@ -88,8 +88,9 @@ def test_new_cards_fit_without_truncation() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = calibrated_header(
-            header, {}, observer="X", mid=datetime(2025, 5, 1), exptime=1.0, binning=1,
-            object_name="N" * 68, cards=provenance_cards("f" * 40, ["/a.fits"]),
+            header, {},
+            LightSettings("X", datetime(2025, 5, 1), 1.0, object_name="N" * 68,
+                          cards=provenance_cards("f" * 40, ["/a.fits"])),
         )  # fmt: skip
         for key, value, comment in combine_cards(settings):
             out.set(key, value, comment)
