@@ -50,7 +50,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from imgproc.binning import binned_shape, block_sum
-from imgproc.stars import Stars, background, despike, find_stars
+from imgproc.stars import MAD_TO_STD, STAT_STEP, Stars, background, despike, find_stars, noise_sigma
 
 __all__ = [
     "MODELS",
@@ -65,9 +65,6 @@ __all__ = [
     "superpixels",
 ]
 
-_MAD_TO_STD = 1.4826
-#: Subsampling step used for the background / noise estimates of a frame.
-_STAT_STEP = 4
 #: Side (px) of the central part of the overlap that the sub-pixel refinement correlates.
 REFINE_MAX = 1024
 #: Frames with both sides at least this long are binned 2×2 for the integer stage (binning
@@ -329,9 +326,9 @@ class Registrar:
         ny, nx = self._ref_coarse.shape
         corr = scipy.fft.irfft2(cross, s=(ny, nx), workers=1)
         iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
-        sample = corr[::_STAT_STEP, ::_STAT_STEP]
+        sample = corr[::STAT_STEP, ::STAT_STEP]
         centre = float(np.median(sample))
-        spread = _MAD_TO_STD * float(np.median(np.abs(sample - centre)))
+        spread = MAD_TO_STD * float(np.median(np.abs(sample - centre)))
         value = float(corr[iy, ix])
         significance = (value - centre) / spread if spread > 0 else float("inf")
         return (_wrap_int(int(iy), ny), _wrap_int(int(ix), nx)), value, significance
@@ -780,8 +777,7 @@ def _prepare(image: np.ndarray, box: int) -> tuple[np.ndarray, float, np.ndarray
     data -= background(data, box)
     if invalid is not None:
         data[invalid] = 0.0
-    sample = data[::_STAT_STEP, ::_STAT_STEP]
-    sigma = _MAD_TO_STD * float(bn.median(np.abs(sample - bn.median(sample))))
+    sigma = noise_sigma(data)
     if sigma > 0:
         despike(data, sigma)
     return data, sigma, invalid
