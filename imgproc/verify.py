@@ -69,11 +69,15 @@ def size_problem(path: Path, item: Mapping[str, Any]) -> str:
     return ""
 
 
-def stale_receipts(output: Path, checksums: bool = False, cleaned: Collection[str] = ()) -> dict[Path, str]:
+def stale_receipts(
+    output: Path, checksums: bool = False, cleaned: Collection[str] = ()
+) -> tuple[dict[Path, str], dict[Path, str]]:
     """Receipts under ``output/work`` that no longer hold, with the first reason of each; with
     ``checksums``, every file they name is also read and checked against its DATASUM. The
-    intermediates of ``cleaned`` frames may be missing."""
+    intermediates of ``cleaned`` frames may be missing: the calibrate receipts that hold only
+    because of that come second, with the first such missing file."""
     stale: dict[Path, str] = {}
+    deferred: dict[Path, str] = {}
 
     def intermediate(frame_id: str) -> Path:
         return output / "work" / "cal" / f"{frame_id}.fits"
@@ -87,12 +91,13 @@ def stale_receipts(output: Path, checksums: bool = False, cleaned: Collection[st
                 continue
             for key, item in sorted(items.items()):
                 if folder == "calibrated" and key in cleaned and not target(key).exists():
+                    deferred.setdefault(receipt, f"{target(key).name} is missing")
                     continue
                 reason = _item_problem(target(key), item, checksums)
                 if reason:
                     stale[receipt] = reason
                     break
-    return stale
+    return stale, {receipt: reason for receipt, reason in deferred.items() if receipt not in stale}
 
 
 def _item_problem(path: Path, item: Mapping[str, Any], checksums: bool) -> str:
@@ -142,10 +147,10 @@ def invalidate(output: Path, checksums: bool = False) -> list[str]:
         for receipt in (output / "work" / "calibrated").glob("*.json"):
             receipt.unlink()
         notes += [f"{path} was rewritten since it was read: read again" for path in rewritten]
-    stale = stale_receipts(output, checksums, cleaned_frames(output))
+    stale, deferred = stale_receipts(output, checksums, cleaned_frames(output))
     if any(receipt.parent.name == "published" for receipt in stale):  # may need cleaned intermediates
         (output / "work" / CLEANED_NAME).unlink(missing_ok=True)
-        stale = stale_receipts(output, checksums)
+        stale |= deferred
     for receipt, reason in stale.items():
         receipt.unlink(missing_ok=True)
         notes.append(f"{receipt.parent.name}/{receipt.stem}: {reason}: redone")
