@@ -17,6 +17,7 @@ from conftest import master_flags, reference_light, run_cli, sha256_tree
 
 from imgproc import publish
 from imgproc.align import Registrar
+from imgproc.cache import FileCache
 from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
 from imgproc.dag import Layout
 from imgproc.manifest import read_tsv
@@ -162,6 +163,40 @@ def test_frames_kept_from_registering_to_combining_give_the_same_stack(
             if settings == default:
                 assert stacks[0] == made.read_bytes()
     assert not list((out / "work" / "pub").glob("resampled-*"))  # the spilled frames are removed
+
+
+def test_stars_measured_at_calibration_are_not_found_again_and_give_the_same_stack(
+    night, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calibration keeps each aligned frame's stars beside it; registration matches those (no
+    second detection) and the stack is the same bytes as with stars found again."""
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_OK
+    plan = read_tsv(out / "work" / "plan.tsv")
+    settings = StackSettings(**Layout(yaml.safe_load((out / "imgproc.yaml").read_text())).stack_params())
+    found: list[tuple[int, int]] = []
+    original = publish.registration_stars
+    monkeypatch.setattr(
+        publish, "registration_stars", lambda image, **kw: found.append(image.shape) or original(image, **kw)
+    )
+    monkeypatch.setattr(publish, "REGISTRARS", FileCache(1 << 30))
+    made = sorted(out.glob("*.fits"))[0]
+    group = [row for row in plan if row["output"] == made.name]
+    reference = next(row for row in plan if row["path"] == str(reference_light(out, made.name)))
+    saved = publish.publish_group(made.name, group, reference, out / "work", tmp_path / "saved", settings)
+    assert saved["status"] == "written" and found == []
+    for row in group:  # as calibrated by a run that did not keep them
+        record_path = out / "work" / "cal" / f"{row['frame_id']}.json"
+        record = json.loads(record_path.read_text())
+        assert len(record["stars"]["y"]) == record["quality"]["stars"] > 10
+        del record["stars"]
+        record_path.write_text(json.dumps(record))
+    monkeypatch.setattr(publish, "REGISTRARS", FileCache(1 << 30))
+    again = publish.publish_group(made.name, group, reference, out / "work", tmp_path / "found", settings)
+    assert (
+        again["status"] == "written" and len(found) == 4
+    )  # the frames' stars (the reference's: its registrar)
+    assert (tmp_path / "found" / made.name).read_bytes() == (tmp_path / "saved" / made.name).read_bytes()
 
 
 def test_meridian_flip_is_rotated_before_registration(tmp_path: Path) -> None:
