@@ -388,9 +388,14 @@ def publish_single_aligned(
         out.set("ALIGNREF", reference, "reference frame (raw light)")
     for key, value, comment in cards:
         out.set(key, value, comment)
-    planes = data if data.ndim == 3 else data[None]
-    moved = np.stack([apply_shift(plane, shift, kernel=kernel) for plane in planes])
-    write_output(target, moved if data.ndim == 3 else moved[0], out)
+    write_output(target, resampled(data, shift, kernel), out)
+
+
+def resampled(data: np.ndarray, shift: Shift, kernel: str) -> np.ndarray:
+    """A frame, or each plane of an RGB cube alike, resampled by ``shift`` (:func:`apply_shift`)."""
+    if data.ndim == 3:
+        return np.stack([apply_shift(plane, shift, kernel=kernel) for plane in data])
+    return apply_shift(data, shift, kernel=kernel)
 
 
 def write_output(target: Path, data: np.ndarray, header: fits.Header) -> None:
@@ -616,21 +621,24 @@ def publish_group(
             keep = len(members) > 1 and group_bytes <= budget
             resample = len(members) > 1 and whole_frames(settings)
 
+            # a thread's frame, its measured (green) frame and its resampled copy: registrations
+            # wait for room in the stacking budget, as strips of the combine do
+            working = 3 * planes * registrar.shape[0] * registrar.shape[1] * 4
+
             def register(
                 member: Member,
             ) -> tuple[Shift, FrameQuality, tuple[np.ndarray, fits.Header] | None]:
-                data, header = read_frame(member.path)
-                probe = green(data) if member.measure is None else read_image(member.measure)[0]
-                cells, stars = int(header.get("CFACELLS", 1)), saved_stars(member.measure or member.path)
-                shift, quality = measure(member, probe, registrar, pierside, cells, stars)
-                if resample and not check_shift(shift, registrar):  # see whole_frames
-                    planes = data if data.ndim == 3 else data[None]
-                    moved = np.stack([apply_shift(plane, shift, kernel=settings.kernel) for plane in planes])
-                    data = moved if data.ndim == 3 else moved[0]
-                    if not keep:
-                        data = _spill(data, Path(scratch) / f"{member.frame_id}.npy")
-                    return shift, quality, (data, header)
-                return shift, quality, (data, header) if keep else None
+                with MEMORY.reserve(working, settings.memory_budget):
+                    data, header = read_frame(member.path)
+                    probe = green(data) if member.measure is None else read_image(member.measure)[0]
+                    cells, stars = int(header.get("CFACELLS", 1)), saved_stars(member.measure or member.path)
+                    shift, quality = measure(member, probe, registrar, pierside, cells, stars)
+                    if resample and not check_shift(shift, registrar):  # see whole_frames
+                        data = resampled(data, shift, settings.kernel)
+                        if not keep:
+                            data = _spill(data, Path(scratch) / f"{member.frame_id}.npy")
+                        return shift, quality, (data, header)
+                    return shift, quality, (data, header) if keep else None
 
             with ThreadPoolExecutor(threads) as pool:
                 measured = list(pool.map(register, members))
