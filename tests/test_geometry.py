@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from conftest import master_flags, reference_light, run_cli
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from imgproc.align import KERNELS, MosaicRegistrar, Registrar, Shift, _taper, apply_shift
@@ -209,15 +209,26 @@ def test_apply_shift_moves_a_plane_on_any_shape(
     # copied too, except by OpenCV's Lanczos, whose zero-weight taps still see the NaN outside)
     py, px = yy - dy, xx - dx
     below, above = {"bilinear": (0, 1), "spline": (1, 2), "lanczos4": (3, 4)}[kernel]
-    fy, fx = np.floor(py + 1e-6), np.floor(px + 1e-6)
     whole_y, whole_x = np.abs(py - np.rint(py)) < 1e-6, np.abs(px - np.rint(px)) < 1e-6
-    if kernel == "lanczos4" and not (whole_y.all() and whole_x.all()):
+    # OpenCV's taps, -3..+4 of the source's pixel, are -4..+3 of a turned frame's at whole positions
+    lanczos = kernel == "lanczos4" and not (whole_y.all() and whole_x.all())
+    if lanczos:  # OpenCV places samples to 1/32 px (a shift halfway between two places is either)
+        assume(all(abs((64 * v) % 2 - 1) > 1e-6 for v in (dy, dx)))
+        py, px = np.round(32 * py) / 32, np.round(32 * px) / 32
+        whole_y, whole_x = np.abs(py - np.rint(py)) < 1e-6, np.abs(px - np.rint(px)) < 1e-6
+    fy, fx = np.floor(py + 1e-6), np.floor(px + 1e-6)
+    if lanczos:
+        below_y, above_y = (np.where(flip & whole_y, 4, 3), np.where(flip & whole_y, 3, 4))
+        below_x, above_x = (np.where(flip & whole_x, 4, 3), np.where(flip & whole_x, 3, 4))
         whole_y = whole_x = np.zeros_like(whole_y)
+    else:
+        below_y = below_x = below
+        above_y = above_x = above
     inside_y = np.where(
-        whole_y, (np.rint(py) >= 0) & (np.rint(py) <= ny - 1), (fy >= below) & (fy + above <= ny - 1)
+        whole_y, (np.rint(py) >= 0) & (np.rint(py) <= ny - 1), (fy >= below_y) & (fy + above_y <= ny - 1)
     )
     inside_x = np.where(
-        whole_x, (np.rint(px) >= 0) & (np.rint(px) <= nx - 1), (fx >= below) & (fx + above <= nx - 1)
+        whole_x, (np.rint(px) >= 0) & (np.rint(px) <= nx - 1), (fx >= below_x) & (fx + above_x <= nx - 1)
     )
     np.testing.assert_array_equal(np.isfinite(out), inside_y & inside_x)
     expected = 50.0 + 0.5 * py - 0.25 * px
