@@ -38,6 +38,7 @@ from imgproc.colour import flipped_channel_shift, read_frame, write_cube
 from imgproc.fitsio import Float32Rows, checksum_problem, link_atomic, read_header, read_image, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
+from imgproc.plan import BEST
 from imgproc.progress import Progress
 from imgproc.provenance import provenance_cards, recognised_stamp
 from imgproc.quality import FrameQuality, QualityRules, best_frame, frame_quality, rejections
@@ -673,22 +674,30 @@ def choose_reference(
     workdir: Path,
     settings: StackSettings,
 ) -> Mapping[str, Any] | None:
-    """The plan row of the frame ``entry`` (a plan row) is aligned to: the plan's reference,
-    or with ``settings.reference == 'best'`` the best frame of its sequence by the quality
-    measured at calibration (:func:`imgproc.quality.best_frame`; every publish job of the
-    sequence reads the same measurements, so they all choose the same frame), the plan's
-    when none is measured."""
-    planned = references.get(str(entry.get("reference") or ""))
-    if settings.reference != "best" or planned is None or entry.get("measure"):
-        return planned  # colour channel frames: registered by the plan's green reference
+    """The plan row of the frame ``entry`` (a plan row) is aligned to: the plan's reference, or
+    when the plan says :data:`~imgproc.plan.BEST`, the best light of its sequence by the quality
+    measured at calibration (:func:`imgproc.quality.best_frame`; the first light when none is
+    measured). Every publish job of the sequence reads the same measurements, so they all choose
+    the same frame. A colour channel frame's light is judged, and registered, by its green frame
+    (``measure``): the channel sequences of a night choose the same light."""
+    planned = str(entry.get("reference") or "")
+    if planned != BEST:
+        return references.get(planned)
+    lights = sorted(
+        (row for row in references.values() if row.get("reference") and row["sequence"] == entry["sequence"]),
+        key=lambda row: (str(row["mid"]), str(row["path"])),
+    )
+    if not lights:
+        return None
     qualities = {}
-    for fid, row in references.items():
-        if row.get("sequence") == entry.get("sequence"):
-            record = (read_json(workdir / "cal" / f"{fid}.json") or {}).get("quality")
-            if record and (workdir / "cal" / f"{fid}.fits").exists():
-                qualities[fid] = FrameQuality.from_record(record)
+    for row in lights:
+        measured = str(row.get("measure") or row["frame_id"])
+        record = (read_json(workdir / "cal" / f"{measured}.json") or {}).get("quality")
+        if record and (workdir / "cal" / f"{measured}.fits").exists():
+            qualities[str(row["frame_id"])] = FrameQuality.from_record(record)
     best = best_frame(qualities, settings.rules)
-    return references[best] if best is not None else planned
+    chosen = next((row for row in lights if row["frame_id"] == best), lights[0])
+    return references.get(str(chosen.get("measure") or chosen["frame_id"]))
 
 
 def run_publish_batch(

@@ -472,6 +472,7 @@ def frame_rows(
                 "noise": cal.get("noise"),
                 "shift": shifts.get(fid),
                 "quality": quality.get(fid) or {},
+                "reference": out_item.get("reference") in (fid, entry.get("measure") or fid),
                 "masters": {role: entry.get(role) for role in ROLES if entry.get(role)},
                 "output": output,
                 "status": status,
@@ -614,6 +615,8 @@ def _frames_html(rows: Sequence[Mapping[str, Any]]) -> str:
             quality += f" ({shift['stars']} stars, rms {shift['residual']:.3f} px)"
         elif shift.get("method"):
             quality += " (correlation)"
+        if row.get("reference"):
+            quality = f"<b>reference</b> {quality}"
         status = _e(row["status"]) + (f": {_e(row['reason'])}" if row["reason"] else "")
         cells = (
             ("num", str(index)),
@@ -839,8 +842,9 @@ def build_report(
         f'<h2 id="lights">Lights ({len(rows)})</h2>',
         '<p class="muted">Sky and noise: median and 1.4826&times;MAD of the calibrated frame; FWHM, '
         "roundness (minor/major axis) and stars: measured while aligning (imgproc.stars); dx, dy, rot: "
-        "shift of the frame's centre and rotation applied to reach the sequence's reference; quality: "
-        "fraction of the stars matched (star registration) or normalised correlation peak.</p>",
+        "shift of the frame's centre and rotation applied to reach the sequence's reference (marked "
+        "<b>reference</b>: with alignment.reference best, the sharpest light the quality rules keep); "
+        "quality: fraction of the stars matched (star registration) or normalised correlation peak.</p>",
         _frames_html(rows),
         '<h2 id="plots">Alignment, sky and frame quality against time</h2>',
         '<p class="muted">Per filter; lines join the frames of one sequence (OBJECT, filter, exposure, '

@@ -5,6 +5,7 @@ end to end, a defocused light is left out of its aligned stack and named in the 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import scipy.ndimage
 from astropy.io import fits
 from conftest import master_flags, run_cli
 
-from imgproc.cli import EXIT_INCOMPLETE
+from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
+from imgproc.manifest import read_tsv
 from imgproc.quality import FrameQuality, QualityRules, best_frame, frame_quality, rejections
 from imgproc.stars import find_stars
 from imgproc.synth import NightSpec, make_night, random_stars, star_field
@@ -101,7 +103,11 @@ def test_a_defocused_light_is_left_out_of_its_aligned_stack_and_named(tmp_path: 
         blurred = scipy.ndimage.gaussian_filter(hdul[0].data.astype(np.float32), 2.2)
         hdul[0].data = blurred.round().astype(np.uint16)
     out = tmp_path / "out"
-    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_INCOMPLETE
+    flags = (*master_flags(night), "-s", "-S", "1", "-a")
+    assert run_cli(night.root / "lights", out, *flags, "--plan") == EXIT_OK
+    assert "V1234_Cyg_V_60s_1x1: registered to its best frame (the sharpest" in (out / "plan.txt").read_text()
+    assert run_cli(night.root / "lights", out, *flags) == EXIT_INCOMPLETE
+    assert {row["reference"] for row in read_tsv(out / "work" / "plan.tsv")} == {"best"}
     [stack] = sorted(out.glob("*.fits"))
     header = fits.getheader(stack)
     assert header["NCOMBINE"] == 4
@@ -125,6 +131,8 @@ def test_a_defocused_light_is_left_out_of_its_aligned_stack_and_named(tmp_path: 
     page = (out / "report.html").read_text()
     assert "Star FWHM, filter V" in page and "Stars detected, filter V" in page
     assert "rejected by quality: " in page and f"{item['quality'][chosen]['fwhm']:.2f}</td>" in page
+    marked = re.findall(r'<tr class="[a-z]*" data-frame="([^"]+)">(?:(?!</tr>).)*<b>reference</b>', page)
+    assert marked == [chosen]
 
 
 @pytest.mark.parametrize("order", [3])
