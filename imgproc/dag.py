@@ -234,7 +234,7 @@ class WorkflowInputs:
         its reference light's green frame), or with ``reference: best`` every light of their
         sequences (the best is chosen once they are measured) and those lights' green frames."""
         refs = {row["reference"] for row in members if row.get("reference")}
-        if BEST not in refs:
+        if self.layout.config["alignment"]["reference"] != BEST:
             return [row for row in self.plan() if row["frame_id"] in refs]
         sequences = {row["sequence"] for row in members if row.get("reference")}
         candidates = [row for row in self.plan() if row.get("reference") and row["sequence"] in sequences]

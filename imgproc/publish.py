@@ -675,13 +675,14 @@ def choose_reference(
     settings: StackSettings,
 ) -> Mapping[str, Any] | None:
     """The plan row of the frame ``entry`` (a plan row) is aligned to: the plan's reference, or
-    when the plan says :data:`~imgproc.plan.BEST`, the best light of its sequence by the quality
-    measured at calibration (:func:`imgproc.quality.best_frame`; the first light when none is
-    measured). Every publish job of the sequence reads the same measurements, so they all choose
-    the same frame. A colour channel frame's light is judged, and registered, by its green frame
-    (``measure``): the channel sequences of a night choose the same light."""
+    with ``settings.reference`` :data:`~imgproc.plan.BEST` (the plan says so), the best light of
+    its sequence by the quality measured at calibration (:func:`imgproc.quality.best_frame`; the
+    first light when none is measured). Every publish job of the sequence reads the same
+    measurements, so they all choose the same frame. A colour channel frame's light is judged,
+    and registered, by its green frame (``measure``): the channel sequences of a night choose
+    the same light."""
     planned = str(entry.get("reference") or "")
-    if planned != BEST:
+    if settings.reference != BEST or not planned:
         return references.get(planned)
     lights = sorted(
         (row for row in references.values() if row.get("reference") and row["sequence"] == entry["sequence"]),
