@@ -116,6 +116,7 @@ class Layout:
             "align": self.config["align"],
             "method": stacking["method"],
             "normalize": stacking["normalize"],
+            "weighting": stacking["weighting"],
             "reference": alignment["reference"],
             "sigma_low": stacking["sigma_low"],
             "sigma_high": stacking["sigma_high"],
