@@ -21,6 +21,8 @@ import bottleneck as bn
 import numpy as np
 from astropy.io import fits
 
+from imgproc.stars import MAD_TO_STD
+
 __all__ = [
     "MEMORY",
     "ArraySource",
@@ -48,7 +50,6 @@ PER_PIXEL_BYTES = 32
 STRIP_BYTES = 30 * 1024**2
 METHODS = ("sigclip", "winsorized", "median", "mean")
 WIDTHS = ("std", "mad")
-_MAD_TO_STD = 1.482602218505602
 #: Winsorized sigma clipping (Siril's): values beyond ``median ± WINSOR_CLAMP × width`` are
 #: clamped there and the width taken again (× ``WINSOR_GAIN``, making a Gaussian's clamped
 #: standard deviation unbiased), ``WINSOR_ITERS`` times (Siril iterates to convergence, which
@@ -207,7 +208,7 @@ def combine(
         Frames to combine (all the same shape).
     method
         ``'sigclip'``: per pixel, centre = median and width = standard deviation (``ddof=0``)
-        of the valid values, or ``1.4826 × MAD`` with ``width='mad'``; values below
+        of the valid values, or ``MAD_TO_STD × MAD`` (1.4826) with ``width='mad'``; values below
         ``centre - sigma_low × width`` or above ``centre + sigma_high × width`` are rejected,
         repeated up to ``max_iters`` times (stopping early when nothing more is rejected, as
         astropy's ``sigma_clip``), and the mean of the rest is returned.  ``'median'`` and
@@ -320,7 +321,7 @@ def _reduce(
             spread = bn.nanstd(cube, axis=-1)
         else:
             deviation = np.abs(cube - centre[..., None])
-            spread = nanmedian_last(deviation) * np.float32(_MAD_TO_STD)
+            spread = nanmedian_last(deviation) * np.float32(MAD_TO_STD)
             del deviation
         low = (centre - np.float32(sigma_low) * spread)[..., None]
         high = (centre + np.float32(sigma_high) * spread)[..., None]
