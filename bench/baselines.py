@@ -230,7 +230,7 @@ def task_stack(job: tuple[str, str, list[tuple[str, dict[str, str]]], str]) -> d
         header = header if header is not None else head
         if shift.flipped:
             data = np.rot90(data, 2).copy()
-        frames.append(apply_shift(data, replace(shift, flipped=False), order=settings["order"]))
+        frames.append(apply_shift(data, replace(shift, flipped=False), kernel=settings["kernel"]))
     if not frames:
         return {"excluded": excluded}
     if len(frames) == 1:
