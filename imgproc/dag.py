@@ -238,7 +238,10 @@ class WorkflowInputs:
         if self.layout.config["alignment"]["reference"] != BEST:
             return [row for row in self.plan() if row["frame_id"] in refs]
         sequences = {row["sequence"] for row in members if row.get("reference")}
-        candidates = [row for row in self.plan() if row.get("reference") and row["sequence"] in sequences]
+        candidates = [
+            row for row in self.plan()
+            if row.get("reference") and row["status"] == OK and row["sequence"] in sequences
+        ]  # fmt: skip
         ids = {row["frame_id"] for row in candidates}
         greens = {row["measure"] for row in candidates if row.get("measure")} - ids
         return candidates + [row for row in self.plan() if row["frame_id"] in greens]

@@ -245,6 +245,22 @@ def test_panoptes_crops_read_skip_and_report(run) -> None:
     assert fits.getdata(result.out / name).shape == (350, 350)
 
 
+def test_panoptes_aligned_frames_are_registered_to_a_frame_still_planned(run) -> None:
+    """unsolved.fits, first of the 700 px crops, is skipped for its name: solved.fits, the other,
+    is its sequence's reference (it was registered to the skipped one, and not written); the
+    plan says 'best' (the default), the receipts name solved.fits's green frame."""
+    result = run(PANOPTES, ".", "-a")
+    assert result.status == EXIT_INCOMPLETE and len(result.summary["skipped"]) == 2
+    assert len(result.outputs()) == 8
+    plan = read_tsv(result.out / "work" / "plan.tsv")
+    solved = [row for row in plan if row["path"].endswith("/solved.fits.fz")]
+    assert {row["reference"] for row in solved} == {"best"}
+    green = next(r["frame_id"] for r in solved if r["channel"] == "G")
+    assert {
+        item["reference"] for name, item in result.items().items() if name in {r["output"] for r in solved}
+    } == {green}
+
+
 # --- every set: the times EXOTIC and AstroImageJ read (issue 19) ---------------------------------
 
 
