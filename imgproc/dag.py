@@ -17,6 +17,7 @@ from typing import Any
 from imgproc.manifest import COLUMNS as MANIFEST_COLUMNS
 from imgproc.manifest import OK, list_fits, output_conflict, read_tsv, shown, watchable
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
+from imgproc.plan import BEST
 from imgproc.plan import COLUMNS as PLAN_COLUMNS
 
 ROLES = ("bias", "dark", "flat")
@@ -115,6 +116,7 @@ class Layout:
             "align": self.config["align"],
             "method": stacking["method"],
             "normalize": stacking["normalize"],
+            "weighting": stacking["weighting"],
             "reference": alignment["reference"],
             "sigma_low": stacking["sigma_low"],
             "sigma_high": stacking["sigma_high"],
@@ -230,15 +232,19 @@ class WorkflowInputs:
 
     def _reference_rows(self, members: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Plan rows the members may be aligned to: their references (a colour channel frame's is
-        its reference light's green frame), and with ``reference: best`` every light of their
-        sequences too (the best is chosen once they are measured)."""
+        its reference light's green frame), or with ``reference: best`` every light of their
+        sequences (the best is chosen once they are measured) and those lights' green frames."""
         refs = {row["reference"] for row in members if row.get("reference")}
-        planned = [row for row in self.plan() if row["frame_id"] in refs]
-        if self.layout.config["alignment"]["reference"] != "best":
-            return planned
+        if self.layout.config["alignment"]["reference"] != BEST:
+            return [row for row in self.plan() if row["frame_id"] in refs]
         sequences = {row["sequence"] for row in members if row.get("reference")}
-        candidates = [row for row in self.plan() if row.get("reference") and row["sequence"] in sequences]
-        return planned + [row for row in candidates if row["frame_id"] not in refs]
+        candidates = [
+            row for row in self.plan()
+            if row.get("reference") and row["status"] == OK and row["sequence"] in sequences
+        ]  # fmt: skip
+        ids = {row["frame_id"] for row in candidates}
+        greens = {row["measure"] for row in candidates if row.get("measure")} - ids
+        return candidates + [row for row in self.plan() if row["frame_id"] in greens]
 
     def publish_inputs(self, wildcards: Any) -> list[str]:
         """Receipts of the calibrate batches holding the batch's frames, the frames they may be

@@ -38,6 +38,9 @@ REPORT_FRAMES = 48
 UNIT_PIXELS = 2048 * 2048
 #: Outputs that align or stack are spread over up to this many times ``batches`` publish jobs.
 HEAVY_JOBS = 4
+#: The plan's ``reference`` of aligned lights with ``alignment.reference: best``: the frame is
+#: chosen at publish time from the frames' measured quality (:func:`imgproc.publish.choose_reference`).
+BEST = "best"
 WORK = Path("work")
 
 
@@ -51,7 +54,7 @@ class PlanSettings:
     stack_threshold: int = 150
     binning: int = 1  # -b: a light smaller than one binned pixel is skipped
     align: bool = False
-    reference: str = "first"  # first | middle
+    reference: str = "first"  # first | middle | best (:data:`BEST`: chosen once the frames are measured)
     roles: Sequence[str] | None = None  # master folders given (None: those seen in the manifest)
     batches: int = 16  # target number of calibrate/publish batches
     min_batch: int = 8  # fewest frames (or outputs) in one batch, so job start-up stays small
@@ -290,8 +293,9 @@ def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
         # the reference is one of the frames still planned (not one whose name clashed)
         kept = [entry for entry in frames if entry["status"] == OK] or frames
         ref = kept[len(kept) // 2 if settings.reference == "middle" else 0]
-        # a colour channel frame is registered by its light's green frame
-        reference = (ref.get("measure") or ref["frame_id"]) if settings.align and not mosaic else ""
+        reference = ""
+        if settings.align and not mosaic:  # a colour channel frame: by its light's green frame
+            reference = BEST if settings.reference == BEST else ref.get("measure") or ref["frame_id"]
         for entry in frames:
             entry["reference"] = reference
 
@@ -425,6 +429,21 @@ def object_notes(plan: Sequence[Mapping[str, Any]]) -> list[str]:
     return notes
 
 
+def reference_notes(plan: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> list[str]:
+    """One line per aligned sequence: the light it is registered to (by its name in ``names``),
+    or that its best frame is chosen once its lights are measured."""
+    paths = {entry["frame_id"]: entry["path"] for entry in plan}
+    references: dict[str, str] = {}
+    for entry in plan:
+        if entry["status"] == OK and entry.get("reference"):
+            references.setdefault(entry["sequence"], entry["reference"])
+    best = "its best frame (the sharpest the quality rules keep, chosen once its lights are calibrated)"
+    return [
+        f"{sequence}: registered to {best if reference == BEST else names[paths[reference]]}"
+        for sequence, reference in sorted(references.items())
+    ]
+
+
 def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[str, Any]]) -> str:
     """The plan as a table for a person: each light's sequence, group, masters and output, or why
     it will be skipped; then the files that are only listed (calibration frames among the lights,
@@ -445,6 +464,7 @@ def format_plan(plan: Sequence[Mapping[str, Any]], manifest: Sequence[Mapping[st
     ok = sum(1 for e in plan if e["status"] == OK)
     outputs = len({e["output"] for e in plan if e["status"] == OK})
     lines.append(f"{ok} lights -> {outputs} outputs; {len(rows) - ok} files skipped or listed")
+    lines += reference_notes(plan, names)
     lines += object_notes(plan)
     lines += [colour_message(*key, len(paths)) for key, paths in sorted(colour_lights(plan).items())]
     return "\n".join(lines) + "\n"

@@ -38,10 +38,11 @@ from imgproc.cache import FileCache
 from imgproc.colour import channel_shift, read_frame, write_cube
 from imgproc.fitsio import Float32Rows, checksum_problem, link_atomic, read_image, write_atomic
 from imgproc.keywords import normalise
-from imgproc.manifest import SKIPPED
+from imgproc.manifest import OK, SKIPPED
+from imgproc.plan import BEST
 from imgproc.progress import Progress
 from imgproc.provenance import provenance_cards, recognised_stamp
-from imgproc.quality import FrameQuality, QualityRules, best_frame, frame_quality, rejections
+from imgproc.quality import FrameQuality, QualityRules, best_frame, frame_quality, quality_weights, rejections
 from imgproc.report import cached_thumbnail
 from imgproc.stack import MEMORY, ArraySource, combine
 from imgproc.stages import problem_item
@@ -79,6 +80,7 @@ class StackSettings:
     reject_roundness_drop: float | None = 0.15
     normalize: str = "additive"
     reference: str = "first"
+    weighting: str = "none"
 
     @property
     def rules(self) -> QualityRules:
@@ -263,13 +265,16 @@ def stack_header(
     settings: StackSettings | None = None,
     qualities: Sequence[FrameQuality | None] | None = None,
     notes: Sequence[str] = (),
+    weights: Sequence[float] | None = None,
 ) -> fits.Header:
     """Header of a stack: its first frame's, plus NCOMBINE, LIVETIME (summed exposure), how it
     was combined (:func:`combine_cards`), the UTC time cards of the frames and their mean
     AIRMASS (:func:`imgproc.timecards.apply_time_cards`), calibration flags true only if true
     for every frame, and HISTORY cards listing every input with its masters, applied shift and
     measured quality (and the camera's time cards the first frame replaced), and ``notes`` (the
-    reference frame, the frames the quality rules left out)."""
+    reference frame, the frames the quality rules left out). With the frames' ``weights`` in the
+    combine (:func:`imgproc.quality.quality_weights`), STACKWGT says so and each input's HISTORY
+    line has its weight."""
     out = headers[0].copy() if shifts[0] is None else aligned_header(headers[0], shifts[0])
     replaced = kept_history(out)
     out.remove("HISTORY", ignore_missing=True, remove_all=True)
@@ -278,6 +283,8 @@ def stack_header(
     out.set("NCOMBINE", len(headers), "number of frames combined")
     for key, value, comment in combine_cards(settings or StackSettings()):
         out.set(key, value, comment)
+    if weights is not None:
+        out.set("STACKWGT", "quality", "mean weighted (transp/(noise*FWHM))^2, mean 1")
     exptimes = [float(h.get("EXPTIME", 0) or 0) for h in headers]
     frames = [(m.mid - timedelta(seconds=e / 2.0), e) for m, e in zip(members, exptimes, strict=True)]
     computed = header_airmass(out, [m.mid for m in members])
@@ -292,13 +299,15 @@ def stack_header(
     out.add_history(f"Calibrated and stacked by imgproc {__version__}")
     for key in _QUALITY_CARDS:
         out.remove(key, ignore_missing=True)
-    for header, member, shift, quality in zip(
-        headers, members, shifts, qualities or [None] * len(members), strict=True
-    ):
+    for header, member, shift, quality, weight in zip(
+        headers, members, shifts, qualities or [None] * len(members), weights or [None] * len(members),
+        strict=True,
+    ):  # fmt: skip
         masters = ",".join(str(header.get(key, "-")) for key in _FILES)
         moved = "" if shift is None else " " + _shift_text(shift)
         measured = "" if quality is None else " " + quality.text()
-        out.add_history(f"input {member.source} masters={masters}{moved}{measured}")
+        weighted = "" if weight is None else f" weight={weight:.3f}"
+        out.add_history(f"input {member.source} masters={masters}{moved}{measured}{weighted}")
     for line in notes:
         out.add_history(line)
     return out
@@ -444,7 +453,9 @@ def publish_stack(
     ``qualities`` and ``notes`` go into its HISTORY (:func:`stack_header`).  With
     ``settings.normalize == 'additive'``, a ``sky`` level and every frame's quality, each frame
     is offset so that its sky (``FrameQuality.sky``) is ``sky`` before the rejection: a sky
-    that brightens through the night is not taken for outliers.
+    that brightens through the night is not taken for outliers. With ``settings.weighting ==
+    'quality'`` and every frame's quality, the mean after rejection is weighted by
+    :func:`imgproc.quality.quality_weights` (not the median).
     """
     # an RGB cube is combined plane by plane, each plane moved by its frame's shift
     layers: list[list[Float32Rows | ArrayRows]]
@@ -469,6 +480,9 @@ def publish_stack(
     measured = bool(qualities) and None not in qualities  # type: ignore[operator]
     if settings.normalize == "additive" and sky is not None and measured and not cube:
         offsets = [sky - q.sky for q in qualities]  # type: ignore[union-attr]
+    weights = None
+    if settings.weighting == "quality" and measured and settings.method != "median":
+        weights = quality_weights(qualities)  # type: ignore[arg-type]
     planes = [
         combine(
             [
@@ -481,11 +495,12 @@ def publish_stack(
             memory_budget=budget,
             threads=threads,
             offsets=offsets,
+            weights=weights,
         )
         for layer in layers
     ]
     data = np.stack(planes) if cube else planes[0]
-    header = stack_header(headers, members, shifts, settings, qualities, notes)
+    header = stack_header(headers, members, shifts, settings, qualities, notes, weights)
     if offsets is not None:
         header.add_history(f"sky of every frame offset to {sky:.3f} (additive normalisation)")
     for key, value, comment in cards:
@@ -576,7 +591,11 @@ def publish_group(
     ref_stamp = None
     if settings.align and reference is not None:
         ref_stamp = (read_json(workdir / "cal" / f"{reference['frame_id']}.json") or {}).get("stamp")
-    how = {key: value for key, value in asdict(settings).items() if key != "memory_budget"}  # same bytes
+    # the memory budget does not change the bytes; weighting none is left out so that the stamps
+    # (IMGSTAMP) of stacks are those of the versions before weighting
+    how = {key: value for key, value in asdict(settings).items() if key != "memory_budget"}
+    if settings.weighting == "none":
+        del how["weighting"]
     stamp = digest([name, [stamps[m.frame_id] for m in members], ref_stamp, how, __version__, STACK_CARDS])
     if target.exists() and previous.get("stamp") == stamp:
         problem = size_problem(target, previous) or checksum_problem(target)
@@ -703,22 +722,35 @@ def choose_reference(
     workdir: Path,
     settings: StackSettings,
 ) -> Mapping[str, Any] | None:
-    """The plan row of the frame ``entry`` (a plan row) is aligned to: the plan's reference,
-    or with ``settings.reference == 'best'`` the best frame of its sequence by the quality
-    measured at calibration (:func:`imgproc.quality.best_frame`; every publish job of the
-    sequence reads the same measurements, so they all choose the same frame), the plan's
-    when none is measured."""
-    planned = references.get(str(entry.get("reference") or ""))
-    if settings.reference != "best" or planned is None or entry.get("measure"):
-        return planned  # colour channel frames: registered by the plan's green reference
+    """The plan row of the frame ``entry`` (a plan row) is aligned to: the plan's reference, or
+    with ``settings.reference`` :data:`~imgproc.plan.BEST` (the plan says so), the best light of
+    its sequence by the quality measured at calibration (:func:`imgproc.quality.best_frame`; the
+    first light when none is measured). Every publish job of the sequence reads the same
+    measurements, so they all choose the same frame. A colour channel frame's light is judged,
+    and registered, by its green frame (``measure``): the channel sequences of a night choose
+    the same light."""
+    planned = str(entry.get("reference") or "")
+    if settings.reference != BEST or not planned:
+        return references.get(planned)
+    lights = sorted(
+        (
+            row
+            for row in references.values()
+            if row.get("reference") and row["status"] == OK and row["sequence"] == entry["sequence"]
+        ),
+        key=lambda row: (str(row["mid"]), str(row["path"])),
+    )
+    if not lights:
+        return None
     qualities = {}
-    for fid, row in references.items():
-        if row.get("sequence") == entry.get("sequence"):
-            record = (read_json(workdir / "cal" / f"{fid}.json") or {}).get("quality")
-            if record and (workdir / "cal" / f"{fid}.fits").exists():
-                qualities[fid] = FrameQuality.from_record(record)
+    for row in lights:
+        measured = str(row.get("measure") or row["frame_id"])
+        record = (read_json(workdir / "cal" / f"{measured}.json") or {}).get("quality")
+        if record and (workdir / "cal" / f"{measured}.fits").exists():
+            qualities[str(row["frame_id"])] = FrameQuality.from_record(record)
     best = best_frame(qualities, settings.rules)
-    return references[best] if best is not None else planned
+    chosen = next((row for row in lights if row["frame_id"] == best), lights[0])
+    return references.get(str(chosen.get("measure") or chosen["frame_id"]))
 
 
 def run_publish_batch(

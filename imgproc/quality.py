@@ -27,6 +27,7 @@ __all__ = [
     "best_frame",
     "frame_quality",
     "measure_frame",
+    "quality_weights",
     "rejections",
 ]
 
@@ -119,6 +120,24 @@ def best_frame(qualities: dict[str, FrameQuality], rules: QualityRules | None = 
     if not eligible:
         return None
     return min(eligible, key=lambda k: (qualities[k].fwhm, -qualities[k].stars, k))
+
+
+def quality_weights(qualities: Sequence[FrameQuality]) -> list[float]:
+    """Weights of frames in a combine from their quality: ``(transparency / (noise x FWHM))²``,
+    the squared signal-to-noise ratio of a star (its flux against the noise within its width),
+    scaled to a mean of 1.  A value not measured (NaN, or not positive) is the median of the
+    others' (1 for the transparency of frames registered by cross-correlation)."""
+    columns = [[q.transparency for q in qualities], [q.noise for q in qualities], [q.fwhm for q in qualities]]
+    transparency, noise, fwhm = (_filled(np.array(values, dtype=np.float64)) for values in columns)
+    weights = (transparency / (noise * fwhm)) ** 2
+    return [float(w) for w in weights / weights.mean()]
+
+
+def _filled(values: np.ndarray) -> np.ndarray:
+    """``values`` with the NaN and non-positive ones replaced by the median of the others (1
+    when there are none)."""
+    good = np.isfinite(values) & (values > 0)
+    return np.where(good, values, float(np.median(values[good])) if good.any() else 1.0)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from imgproc.binning import block_sum
 from imgproc.manifest import OK, read_tsv
 from imgproc.plan import calibration_notes
 from imgproc.stamps import read_json, receipt_items, write_json
+from imgproc.stars import regular_sample, robust_background, thumbnail_stars
 
 #: Longest side of a thumbnail, in pixels.
 THUMB_MAX = 256
@@ -134,22 +135,6 @@ def block_mean(data: np.ndarray, max_side: int = THUMB_MAX) -> tuple[np.ndarray,
     return out, counts, factor
 
 
-def robust_background(values: np.ndarray) -> tuple[float, float]:
-    """Median and 1.4826 × MAD of the finite values (0, 0 when there are none)."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.0, 0.0
-    median = float(np.median(finite))
-    return median, 1.4826 * float(np.median(np.abs(finite - median)))
-
-
-def regular_sample(values: np.ndarray, size: int = 16384) -> np.ndarray:
-    """The finite values of ``values`` (any shape), thinned to about ``size`` at a regular
-    stride: enough for display levels and background statistics, at a fraction of the cost."""
-    finite = values[np.isfinite(values)]
-    return finite[:: max(1, finite.size // size)]
-
-
 def stretch(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     """Palette indices (:data:`PALETTE`) of ``image`` with a robust asinh stretch, NaN as
     :data:`NAN_INDEX`; also the (low, high) display range.
@@ -174,51 +159,6 @@ def stretch(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
         scaled = np.clip(image - np.float32(low), 0.0, high - low) / np.float32(soft)
         level = np.arcsinh(scaled) * np.float32(top / np.arcsinh((high - low) / soft))
     return np.round(np.nan_to_num(level, nan=NAN_INDEX)).astype(np.uint8), (low, high)
-
-
-def local_maxima(image: np.ndarray, threshold: float | np.ndarray) -> list[tuple[float, int, int]]:
-    """(value, y, x) of pixels above ``threshold`` (a number or one per pixel) and above all
-    8 neighbours, brightest first."""
-    filled = np.where(np.isfinite(image), image, -np.inf)
-    padded = np.pad(filled, 1, constant_values=-np.inf)
-    ny, nx = image.shape
-    peak = filled > threshold
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                peak &= filled > padded[1 + dy : 1 + dy + ny, 1 + dx : 1 + dx + nx]
-    ys, xs = np.nonzero(peak)
-    found = [(float(filled[y, x]), int(y), int(x)) for y, x in zip(ys, xs, strict=True)]
-    return sorted(found, key=lambda item: (-item[0], item[1], item[2]))
-
-
-def fwhm_estimate(
-    data: np.ndarray, peaks: Sequence[tuple[float, int, int]], factor: int, radius: int = 8
-) -> float | None:
-    """Median FWHM (px, full resolution) of up to 25 of the brightest stars found on the
-    thumbnail, each from its flux and peak as a Gaussian: FWHM = 2.355·sqrt(flux / (2π·peak))."""
-    ny, nx = data.shape
-    widths = []
-    for _, ty, tx in peaks[:25]:
-        y0, x0 = max(ty * factor - 1, 0), max(tx * factor - 1, 0)
-        window = np.asarray(data[y0 : ty * factor + factor + 1, x0 : tx * factor + factor + 1], float)
-        if window.size == 0 or not np.isfinite(window).any():
-            continue
-        iy, ix = np.unravel_index(np.nanargmax(window), window.shape)
-        cy, cx = y0 + int(iy), x0 + int(ix)
-        if cy < radius or cx < radius or cy + radius >= ny or cx + radius >= nx:
-            continue
-        stamp = np.asarray(data[cy - radius : cy + radius + 1, cx - radius : cx + radius + 1], float)
-        if not np.isfinite(stamp).all():
-            continue
-        ring = np.concatenate([stamp[0], stamp[-1], stamp[1:-1, 0], stamp[1:-1, -1]])
-        background = float(np.median(ring))
-        peak = float(stamp[radius, radius]) - background
-        yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-        flux = float((stamp - background)[yy**2 + xx**2 <= (radius - 1) ** 2].sum())
-        if peak > 0 and flux > 0:
-            widths.append(2.3548 * math.sqrt(flux / (2 * math.pi * peak)))
-    return float(np.median(widths)) if widths else None
 
 
 def open_output(path: Path) -> tuple[fits.HDUList, int]:
@@ -248,10 +188,7 @@ def thumbnail_of(data: np.ndarray, header: fits.Header, max_side: int = THUMB_MA
         rgb = np.round(levels.astype(np.float32) * (255.0 / (NAN_INDEX - 1))).astype(np.uint8)
         rgb[(levels == NAN_INDEX).any(axis=-1)] = NAN_RGB
         indices = rgb
-    sky, noise = robust_background(regular_sample(small[counts == counts.max()]))
-    # blocks with fewer pixels (edges, partly NaN) are noisier: their threshold is higher
-    threshold = sky + 5 * noise * np.sqrt(counts.max() / np.maximum(counts, 1))
-    peaks = local_maxima(small, threshold) if noise > 0 else []
+    stars, fwhm = thumbnail_stars(data, small, counts, factor)
     return {
         "png": png_bytes(indices[::-1]),  # FITS row 0 is the bottom of the image
         "width": small.shape[1],
@@ -259,8 +196,8 @@ def thumbnail_of(data: np.ndarray, header: fits.Header, max_side: int = THUMB_MA
         "factor": factor,
         "shape": data.shape,
         "range": (low, high),
-        "stars": len(peaks),
-        "fwhm": fwhm_estimate(data, peaks, factor),
+        "stars": stars,
+        "fwhm": fwhm,
         "nan_fraction": float(np.isnan(small).mean()),
         "header": {key: header.get(key) for key in ("NCOMBINE", "DATE-AVG", "OBJECT", "FILTER")},
     }
@@ -472,6 +409,7 @@ def frame_rows(
                 "noise": cal.get("noise"),
                 "shift": shifts.get(fid),
                 "quality": quality.get(fid) or {},
+                "reference": out_item.get("reference") in (fid, entry.get("measure") or fid),
                 "masters": {role: entry.get(role) for role in ROLES if entry.get(role)},
                 "output": output,
                 "status": status,
@@ -614,6 +552,8 @@ def _frames_html(rows: Sequence[Mapping[str, Any]]) -> str:
             quality += f" ({shift['stars']} stars, rms {shift['residual']:.3f} px)"
         elif shift.get("method"):
             quality += " (correlation)"
+        if row.get("reference"):
+            quality = f"<b>reference</b> {quality}"
         status = _e(row["status"]) + (f": {_e(row['reason'])}" if row["reason"] else "")
         cells = (
             ("num", str(index)),
@@ -839,8 +779,9 @@ def build_report(
         f'<h2 id="lights">Lights ({len(rows)})</h2>',
         '<p class="muted">Sky and noise: median and 1.4826&times;MAD of the calibrated frame; FWHM, '
         "roundness (minor/major axis) and stars: measured while aligning (imgproc.stars); dx, dy, rot: "
-        "shift of the frame's centre and rotation applied to reach the sequence's reference; quality: "
-        "fraction of the stars matched (star registration) or normalised correlation peak.</p>",
+        "shift of the frame's centre and rotation applied to reach the sequence's reference (marked "
+        "<b>reference</b>: with alignment.reference best, the sharpest light the quality rules keep); "
+        "quality: fraction of the stars matched (star registration) or normalised correlation peak.</p>",
         _frames_html(rows),
         '<h2 id="plots">Alignment, sky and frame quality against time</h2>',
         '<p class="muted">Per filter; lines join the frames of one sequence (OBJECT, filter, exposure, '

@@ -21,6 +21,8 @@ import bottleneck as bn
 import numpy as np
 from astropy.io import fits
 
+from imgproc.stars import MAD_TO_STD
+
 __all__ = [
     "MEMORY",
     "ArraySource",
@@ -48,7 +50,6 @@ PER_PIXEL_BYTES = 32
 STRIP_BYTES = 30 * 1024**2
 METHODS = ("sigclip", "winsorized", "median", "mean")
 WIDTHS = ("std", "mad")
-_MAD_TO_STD = 1.482602218505602
 #: Winsorized sigma clipping (Siril's): values beyond ``median ± WINSOR_CLAMP × width`` are
 #: clamped there and the width taken again (× ``WINSOR_GAIN``, making a Gaussian's clamped
 #: standard deviation unbiased), ``WINSOR_ITERS`` times (Siril iterates to convergence, which
@@ -197,6 +198,7 @@ def combine(
     width: str = "std",
     threads: int = 1,
     offsets: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Combine equally-shaped frames into a float32 image, in row strips, NaN-aware.
 
@@ -206,7 +208,7 @@ def combine(
         Frames to combine (all the same shape).
     method
         ``'sigclip'``: per pixel, centre = median and width = standard deviation (``ddof=0``)
-        of the valid values, or ``1.4826 × MAD`` with ``width='mad'``; values below
+        of the valid values, or ``MAD_TO_STD × MAD`` (1.4826) with ``width='mad'``; values below
         ``centre - sigma_low × width`` or above ``centre + sigma_high × width`` are rejected,
         repeated up to ``max_iters`` times (stopping early when nothing more is rejected, as
         astropy's ``sigma_clip``), and the mean of the rest is returned.  ``'median'`` and
@@ -224,6 +226,10 @@ def combine(
         strips per thread, so that reading one overlaps reducing another.
     offsets
         Added to each source's values before combining (additive background normalisation).
+    weights
+        Weight of each source in the mean of ``'sigclip'``, ``'winsorized'`` and ``'mean'``
+        (after rejection: each pixel's mean is ``sum(w x) / sum(w)`` over its kept values);
+        None: equal weights (the plain mean).  Not for ``'median'``.
 
     NaN inputs are ignored; a pixel with no valid input is NaN.
     """
@@ -238,6 +244,13 @@ def combine(
         raise ValueError("no frames to combine")
     if offsets is not None and len(offsets) != len(sources):
         raise ValueError(f"{len(offsets)} offsets for {len(sources)} frames")
+    weight = None
+    if weights is not None:
+        if method == "median":
+            raise ValueError("weights do not apply to the median")
+        weight = np.asarray(weights, dtype=np.float32)
+        if weight.shape != (len(sources),) or not (np.isfinite(weight).all() and (weight > 0).all()):
+            raise ValueError(f"weights must be {len(sources)} positive numbers, got {list(weights)}")
     shape = tuple(sources[0].shape)
     for src in sources[1:]:
         if tuple(src.shape) != shape:
@@ -266,7 +279,7 @@ def combine(
                     planes[i] += np.float32(offsets[i])
             cube = np.ascontiguousarray(np.moveaxis(planes, 0, -1))
             del planes
-            out[r0:r1] = _reduce(cube, method, sigma_low, sigma_high, max_iters, width)
+            out[r0:r1] = _reduce(cube, method, sigma_low, sigma_high, max_iters, width, weight)
 
     starts = range(0, n_rows, rows)
     if threads == 1:
@@ -279,25 +292,36 @@ def combine(
 
 
 def _reduce(
-    cube: np.ndarray, method: str, sigma_low: float, sigma_high: float, max_iters: int, width: str
+    cube: np.ndarray,
+    method: str,
+    sigma_low: float,
+    sigma_high: float,
+    max_iters: int,
+    width: str,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Reduce ``(rows, cols, n)`` along the last axis; ``cube`` is used as scratch space (each
-    pixel's values are sorted; the reductions do not depend on their order)."""
+    """Reduce ``(rows, cols, n)`` along the last axis; ``cube`` is used as scratch space (without
+    ``weights`` each pixel's values are sorted: the reductions do not depend on their order;
+    with them, the medians are taken of a copy, so that each value stays its frame's)."""
     if method == "median":
         return nanmedian_last(cube)
     if method == "mean":
-        return _centred_mean(cube, bn.nanmean(cube, axis=-1))
-    centre = nanmedian_last(cube)
+        return _centred_mean(cube, bn.nanmean(cube, axis=-1), weights)
+
+    def median() -> np.ndarray:
+        return nanmedian_last(cube if weights is None else cube.copy())
+
+    centre = median()
     for iteration in range(max_iters):
         if iteration:
-            centre = nanmedian_last(cube)
+            centre = median()
         if method == "winsorized":
             spread = _winsorized_std(cube, centre)
         elif width == "std":
             spread = bn.nanstd(cube, axis=-1)
         else:
             deviation = np.abs(cube - centre[..., None])
-            spread = nanmedian_last(deviation) * np.float32(_MAD_TO_STD)
+            spread = nanmedian_last(deviation) * np.float32(MAD_TO_STD)
             del deviation
         low = (centre - np.float32(sigma_low) * spread)[..., None]
         high = (centre + np.float32(sigma_high) * spread)[..., None]
@@ -307,7 +331,7 @@ def _reduce(
             break
         np.copyto(cube, np.float32(np.nan), where=reject)
         del reject
-    return _centred_mean(cube, centre)
+    return _centred_mean(cube, centre, weights)
 
 
 def _winsorized_std(cube: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -344,11 +368,17 @@ def nanmedian_last(cube: np.ndarray) -> np.ndarray:
     return centre
 
 
-def _centred_mean(cube: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """NaN-mean along the last axis, accumulated as deviations from ``centre`` (in place).
+def _centred_mean(cube: np.ndarray, centre: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """NaN-mean along the last axis (weighted by ``weights``, one per frame), accumulated as
+    deviations from ``centre`` (in place).
 
     bottleneck sums float32 in float32; summing small deviations instead of the raw values
     keeps the result within a float32 rounding of the exact mean.
     """
     cube -= centre[..., None]
-    return (centre + bn.nanmean(cube, axis=-1)).astype(np.float32, copy=False)
+    if weights is None:
+        return (centre + bn.nanmean(cube, axis=-1)).astype(np.float32, copy=False)
+    total = bn.nansum(np.where(np.isnan(cube), np.float32(0.0), weights), axis=-1)
+    cube *= weights
+    with np.errstate(invalid="ignore", divide="ignore"):  # no kept value: 0 / 0 = NaN
+        return (centre + bn.nansum(cube, axis=-1) / total).astype(np.float32, copy=False)

@@ -44,9 +44,10 @@ from imgproc.plan import (
 from imgproc.progress import Progress
 from imgproc.provenance import provenance_cards
 from imgproc.quality import measure_frame
-from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail, robust_background
+from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail
 from imgproc.scan import ScanRequest, scan
 from imgproc.stamps import digest, file_id, read_json, receipt_items, write_json
+from imgproc.stars import robust_background
 from imgproc.timecards import VERSION as TIMECARDS_VERSION
 from imgproc.timecards import airmass_problem
 from imgproc.verify import file_record, is_transient, size_problem

@@ -1,5 +1,11 @@
 """Measurements of one frame: sky background, noise, and its stars (position, flux, FWHM, roundness).
 
+The one place where frames are measured: calibration statistics (:func:`robust_background`, in
+:func:`imgproc.stages.frame_statistics`), registration and frame quality (:func:`find_stars`,
+:func:`noise_sigma`, :func:`background`, in :mod:`imgproc.align` and :mod:`imgproc.quality`), the
+combine's MAD width (:data:`MAD_TO_STD`) and the report's thumbnails (:func:`thumbnail_stars`);
+the report only renders what is measured here.
+
 :func:`find_stars` is what registration matches and what frame quality is made of:
 
 1. the sky is a median background mesh (:func:`background`), subtracted; NaN pixels become 0
@@ -21,16 +27,30 @@ are within 0.02-0.05 px of the truth for stars of SNR > 30; FWHM within 3 %.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import bottleneck as bn
 import numpy as np
 
-__all__ = ["Stars", "background", "despike", "find_stars", "noise_sigma"]
+__all__ = [
+    "MAD_TO_STD",
+    "Stars",
+    "background",
+    "despike",
+    "find_stars",
+    "fwhm_estimate",
+    "local_maxima",
+    "noise_sigma",
+    "regular_sample",
+    "robust_background",
+    "thumbnail_stars",
+]
 
-MAD_TO_STD = 1.4826
+#: Standard deviation of a normal distribution per median absolute deviation (1 / Φ⁻¹(3/4)).
+MAD_TO_STD = 1.482602218505602
 _FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 #: Subsampling step used for the background / noise estimates of a frame.
 STAT_STEP = 4
@@ -99,9 +119,84 @@ class Stars:
 
 
 def noise_sigma(data: np.ndarray) -> float:
-    """Robust noise sigma (1.4826 × MAD of every :data:`STAT_STEP`-th row and column)."""
+    """Robust noise sigma (:data:`MAD_TO_STD` × MAD of every :data:`STAT_STEP`-th row and column)."""
     sample = data[::STAT_STEP, ::STAT_STEP]
     return MAD_TO_STD * float(bn.nanmedian(np.abs(sample - bn.nanmedian(sample))))
+
+
+def robust_background(values: np.ndarray) -> tuple[float, float]:
+    """Median and :data:`MAD_TO_STD` × MAD of the finite values (0, 0 when there are none)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 0.0
+    median = float(np.median(finite))
+    return median, MAD_TO_STD * float(np.median(np.abs(finite - median)))
+
+
+def regular_sample(values: np.ndarray, size: int = 16384) -> np.ndarray:
+    """The finite values of ``values`` (any shape), thinned to about ``size`` at a regular
+    stride: enough for display levels and background statistics, at a fraction of the cost."""
+    finite = values[np.isfinite(values)]
+    return finite[:: max(1, finite.size // size)]
+
+
+def thumbnail_stars(
+    data: np.ndarray, small: np.ndarray, counts: np.ndarray, factor: int
+) -> tuple[int, float | None]:
+    """A quick survey of a frame's stars for its thumbnail (a few ms where :func:`find_stars`
+    takes half a second on 2048² px): the peaks of the ``factor``-times block mean ``small``
+    (``counts`` finite pixels behind each block) 5 noise sigmas above its sky, and their median
+    FWHM (:func:`fwhm_estimate` on the full-resolution ``data``; None without any)."""
+    sky, noise = robust_background(regular_sample(small[counts == counts.max()]))
+    # blocks with fewer pixels (edges, partly NaN) are noisier: their threshold is higher
+    threshold = sky + 5 * noise * np.sqrt(counts.max() / np.maximum(counts, 1))
+    peaks = local_maxima(small, threshold) if noise > 0 else []
+    return len(peaks), fwhm_estimate(data, peaks, factor)
+
+
+def local_maxima(image: np.ndarray, threshold: float | np.ndarray) -> list[tuple[float, int, int]]:
+    """(value, y, x) of pixels above ``threshold`` (a number or one per pixel) and above all
+    8 neighbours, brightest first."""
+    filled = np.where(np.isfinite(image), image, -np.inf)
+    padded = np.pad(filled, 1, constant_values=-np.inf)
+    ny, nx = image.shape
+    peak = filled > threshold
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                peak &= filled > padded[1 + dy : 1 + dy + ny, 1 + dx : 1 + dx + nx]
+    ys, xs = np.nonzero(peak)
+    found = [(float(filled[y, x]), int(y), int(x)) for y, x in zip(ys, xs, strict=True)]
+    return sorted(found, key=lambda item: (-item[0], item[1], item[2]))
+
+
+def fwhm_estimate(
+    data: np.ndarray, peaks: Sequence[tuple[float, int, int]], factor: int, radius: int = 8
+) -> float | None:
+    """Median FWHM (px, full resolution) of up to 25 of the brightest stars found on the
+    thumbnail, each from its flux and peak as a Gaussian: FWHM = 2.355·sqrt(flux / (2π·peak))."""
+    ny, nx = data.shape
+    widths = []
+    for _, ty, tx in peaks[:25]:
+        y0, x0 = max(ty * factor - 1, 0), max(tx * factor - 1, 0)
+        window = np.asarray(data[y0 : ty * factor + factor + 1, x0 : tx * factor + factor + 1], float)
+        if window.size == 0 or not np.isfinite(window).any():
+            continue
+        iy, ix = np.unravel_index(np.nanargmax(window), window.shape)
+        cy, cx = y0 + int(iy), x0 + int(ix)
+        if cy < radius or cx < radius or cy + radius >= ny or cx + radius >= nx:
+            continue
+        stamp = np.asarray(data[cy - radius : cy + radius + 1, cx - radius : cx + radius + 1], float)
+        if not np.isfinite(stamp).all():
+            continue
+        ring = np.concatenate([stamp[0], stamp[-1], stamp[1:-1, 0], stamp[1:-1, -1]])
+        background = float(np.median(ring))
+        peak = float(stamp[radius, radius]) - background
+        yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+        flux = float((stamp - background)[yy**2 + xx**2 <= (radius - 1) ** 2].sum())
+        if peak > 0 and flux > 0:
+            widths.append(2.3548 * math.sqrt(flux / (2 * math.pi * peak)))
+    return float(np.median(widths)) if widths else None
 
 
 def find_stars(

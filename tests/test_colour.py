@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.ndimage
 from astropy.io import fits
 from conftest import SMALL, real_set, run_cli, sha256_tree
 
@@ -398,24 +399,62 @@ def test_rgb_cube_stacks_stream_from_disk_within_a_small_budget(
 
 
 def _pipeline(lights: Path, out: Path, colour: str, *, binning: int = 1, align: bool = False,
-              stack: bool = False, flats: Path | None = None,
+              stack: bool = False, flats: Path | None = None, reference: str = "first",
               budget: int = 2 * 1024**3) -> tuple[list[dict], dict]:  # fmt: skip
     """The stages in this process (no Snakemake), every light in one calibrate and one publish
     batch: scan, plan, calibrate, publish; returns the plan and the publish results."""
     work = out / "work"
     masters = {"flat": flats} if flats else {}
     run_scan(ScanRequest(lights, masters, exclude=[out]), work / "manifest.tsv", work / "cache.tsv")
-    settings = PlanSettings(
-        binning=binning, align=align, stack=stack, stack_threshold=1, colour_output=colour
-    )
+    settings = PlanSettings(binning=binning, align=align, stack=stack, stack_threshold=1,
+                            colour_output=colour, reference=reference)  # fmt: skip
     plan = run_plan(work / "manifest.tsv", work / "plan.tsv", work / "masters.tsv", settings)
     ok = [entry for entry in plan if entry["status"] == OK]
-    run_calibrate_batch(ok, work, work / "calibrated" / "c.json", observer="DGAH", binning=binning)
+    receipt, measure = work / "calibrated" / "c.json", reference == "best"
+    run_calibrate_batch(ok, work, receipt, observer="DGAH", binning=binning, quality=measure)
     refs = {entry["frame_id"]: entry for entry in ok}
     published = run_publish_batch(
-        ok, refs, work, out, work / "published" / "p.json", StackSettings(align=align, memory_budget=budget)
+        ok,
+        refs,
+        work,
+        out,
+        work / "published" / "p.json",
+        StackSettings(align=align, reference=reference, memory_budget=budget),
     )
     return plan, published
+
+
+def test_channel_frames_are_registered_to_the_light_whose_green_frame_is_best(
+    shifted_night, tmp_path: Path
+) -> None:
+    """With reference best, the red, green and blue sequences all register to one light: the
+    best by its green frame's quality (here not the first light, whose stars are blurred)."""
+    root, truth, _ = shifted_night
+    lights = tmp_path / "lights"
+    lights.mkdir()
+    for index, path in enumerate(truth["lights"]):
+        with fits.open(path) as hdul:
+            data = hdul[0].data.astype(np.float32)
+            if index == 0:
+                data = scipy.ndimage.gaussian_filter(data, 1.2)
+            fits.writeto(lights / path.name, data.round().astype(np.uint16), hdul[0].header)
+    out = tmp_path / "out"
+    plan, published = _pipeline(lights, out, "channels", align=True, stack=True, flats=root / "flats",
+                                reference="best")  # fmt: skip
+    assert {entry["reference"] for entry in plan} == {"best"}
+    green = {e["frame_id"]: e for e in plan if e["channel"] == "G"}
+    records = {f: json.loads((out / "work" / "cal" / f"{f}.json").read_text())["quality"] for f in green}
+    best = min(records, key=lambda fid: (records[fid]["fwhm"], -records[fid]["stars"], fid))
+    assert green[best]["path"] != str(truth["lights"][0])  # the blurred light is not the best
+    assert records[best]["fwhm"] < records[min(green, key=lambda f: green[f]["mid"])]["fwhm"]
+    assert len(published) == 3 and {item["reference"] for item in published.values()} == {best}
+    for item in published.values():
+        assert [fid for fid, s in item["shifts"].items() if s["dx"] == s["dy"] == 0.0] == [
+            fid for fid in item["shifts"] if fid.startswith(best.removesuffix("-TG"))
+        ]
+    for name in published:
+        history = "".join(str(line) for line in fits.getheader(out / name)["HISTORY"]).replace(" ", "")
+        assert f"registeredto{Path(green[best]['path']).name}(bestframe)" in history
 
 
 def _few(name: str, tmp_path: Path, files: list[str]) -> Path:

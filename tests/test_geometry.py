@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 from imgproc.align import KERNELS, MosaicRegistrar, Registrar, Shift, _taper, apply_shift
 from imgproc.binning import bin_image, binned_shape
 from imgproc.cli import EXIT_OK
-from imgproc.report import block_mean, fwhm_estimate, local_maxima, stretch, thumbnail_of
+from imgproc.report import block_mean, stretch, thumbnail_of
 from imgproc.stack import ArraySource, combine
 from imgproc.stages import frame_statistics
 from imgproc.stars import background as _background
 from imgproc.stars import despike as _despike
+from imgproc.stars import fwhm_estimate, local_maxima
 from imgproc.synth import NightSpec, make_night, random_stars, star_field
 
 PRIMES = (17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 61, 67, 71, 79, 89, 97, 101, 113, 127, 131, 151, 173, 197)

@@ -13,7 +13,7 @@ from astropy.io import fits
 from astropy.time import Time
 
 from imgproc.manifest import OK, SKIPPED
-from imgproc.plan import PlanSettings, make_plan, stack_groups
+from imgproc.plan import PlanSettings, format_plan, make_plan, stack_groups
 from imgproc.scan import ScanRequest, scan
 from imgproc.synth import Night, NightSpec, make_night
 
@@ -164,13 +164,18 @@ def test_make_plan_not_stacked_ignores_threshold(rows):
 
 
 @pytest.mark.parametrize("align", [True, False])
-@pytest.mark.parametrize(("reference", "index"), [("first", 0), ("middle", 2)])
+@pytest.mark.parametrize(("reference", "index"), [("first", 0), ("middle", 2), ("best", None)])
 def test_make_plan_reference_frame(rows, align, reference, index):
     plan = make_plan(rows, PlanSettings(align=align, reference=reference))
+    table = format_plan(plan, rows)
     for filt in ("V", "R"):
-        entries = [e for e in plan if e["sequence"] == f"V1234_Cyg_{filt}_60s_1x1"]
-        expected = entries[index]["frame_id"] if align else ""
+        sequence = f"V1234_Cyg_{filt}_60s_1x1"
+        entries = sorted((e for e in plan if e["sequence"] == sequence), key=lambda e: e["mid"])
+        expected = ("best" if index is None else entries[index]["frame_id"]) if align else ""
         assert {e["reference"] for e in entries} == {expected}
+        # --plan names the light (or says the best is chosen once they are calibrated)
+        named = "its best frame (the sharpest" if index is None else Path(entries[index]["path"]).name
+        assert (f"{sequence}: registered to {named}" in table) == align
 
 
 @pytest.mark.parametrize(

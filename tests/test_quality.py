@@ -5,6 +5,8 @@ end to end, a defocused light is left out of its aligned stack and named in the 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,10 @@ import scipy.ndimage
 from astropy.io import fits
 from conftest import master_flags, run_cli
 
-from imgproc.cli import EXIT_INCOMPLETE
-from imgproc.quality import FrameQuality, QualityRules, best_frame, frame_quality, rejections
+from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
+from imgproc.manifest import read_tsv
+from imgproc.quality import FrameQuality, QualityRules, best_frame, frame_quality, quality_weights, rejections
+from imgproc.stack import ArraySource, combine
 from imgproc.stars import find_stars
 from imgproc.synth import NightSpec, make_night, random_stars, star_field
 
@@ -81,6 +85,28 @@ def test_the_best_frame_is_the_sharpest_the_rules_keep():
     assert best_frame({}) is None
 
 
+def test_quality_weights_favour_sharp_quiet_frames_and_lower_the_stack_noise():
+    rng = np.random.default_rng(5)
+    stars = random_stars(SHAPE, 120, rng, flux_range=(4e3, 4e5))
+    kinds = [(3.0, NOISE)] * 4 + [(4.8, NOISE), (3.0, 3 * NOISE)]  # (FWHM, noise): defocus, then noise
+    frames = [(star_field(SHAPE, stars, fwhm=f) + SKY + rng.normal(0.0, n, SHAPE)).astype(np.float32)
+              for f, n in kinds]  # fmt: skip
+    qualities = [frame_quality(find_stars(frame)) for frame in frames]
+    weights = quality_weights(qualities)
+    assert np.mean(weights) == pytest.approx(1.0)
+    good = min(weights[:4])
+    assert max(weights[:4]) < 1.3 * good  # alike frames, alike weights
+    assert weights[4] < 0.6 * good and weights[5] < 0.2 * good
+    sources = [ArraySource(frame) for frame in frames]
+    plain, weighted = combine(sources), combine(sources, weights=weights)
+    sky = star_field(SHAPE, stars, fwhm=4.8) < 0.05 * NOISE
+    assert np.std(weighted[sky]) < 0.8 * np.std(plain[sky])
+    # a value not measured takes the others' median; a frame registered by correlation: 1
+    unmeasured = [replace(q, transparency=float("nan")) for q in qualities[:3]]
+    unmeasured[1] = replace(unmeasured[1], fwhm=float("nan"))
+    assert quality_weights(unmeasured)[1] == pytest.approx(1.0, abs=0.2)
+
+
 def test_no_rule_applies_to_short_stacks_or_sparse_fields():
     good = FrameQuality(3.0, 0.95, 100, 300.0, 6.0)
     bad = FrameQuality(7.0, 0.5, 10, 300.0, 6.0)
@@ -101,7 +127,11 @@ def test_a_defocused_light_is_left_out_of_its_aligned_stack_and_named(tmp_path: 
         blurred = scipy.ndimage.gaussian_filter(hdul[0].data.astype(np.float32), 2.2)
         hdul[0].data = blurred.round().astype(np.uint16)
     out = tmp_path / "out"
-    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_INCOMPLETE
+    flags = (*master_flags(night), "-s", "-S", "1", "-a")
+    assert run_cli(night.root / "lights", out, *flags, "--plan") == EXIT_OK
+    assert "V1234_Cyg_V_60s_1x1: registered to its best frame (the sharpest" in (out / "plan.txt").read_text()
+    assert run_cli(night.root / "lights", out, *flags) == EXIT_INCOMPLETE
+    assert {row["reference"] for row in read_tsv(out / "work" / "plan.tsv")} == {"best"}
     [stack] = sorted(out.glob("*.fits"))
     header = fits.getheader(stack)
     assert header["NCOMBINE"] == 4
@@ -116,6 +146,7 @@ def test_a_defocused_light_is_left_out_of_its_aligned_stack_and_named(tmp_path: 
     registered = history[history.index("registered to") :]  # HISTORY cards wrap at 72 characters
     assert registered.replace(" ", "").startswith(f"registeredto{Path(cal['source']).name}(bestframe)")
     assert history.count("input ") == 4 and history.count(" stars rms=") == 4 and history.count("fwhm=") == 4
+    assert "STACKWGT" not in header and "weight=" not in history  # weighting: none (the default)
     summary = json.loads((out / "summary.json").read_text())
     [skipped] = summary["skipped"]
     assert Path(skipped["file"]).name == lights[3].name
@@ -125,6 +156,8 @@ def test_a_defocused_light_is_left_out_of_its_aligned_stack_and_named(tmp_path: 
     page = (out / "report.html").read_text()
     assert "Star FWHM, filter V" in page and "Stars detected, filter V" in page
     assert "rejected by quality: " in page and f"{item['quality'][chosen]['fwhm']:.2f}</td>" in page
+    marked = re.findall(r'<tr class="[a-z]*" data-frame="([^"]+)">(?:(?!</tr>).)*<b>reference</b>', page)
+    assert marked == [chosen]
 
 
 @pytest.mark.parametrize("kernel", ["lanczos4", "spline"])
@@ -146,3 +179,25 @@ def test_aligned_stack_of_a_turning_field_is_as_sharp_as_one_frame(tmp_path: Pat
     assert header["NCOMBINE"] == 5
     history = " ".join(str(line) for line in header["HISTORY"])
     assert "(additive normalisation)" in history and history.count(" stars rms=") == 5
+
+
+def test_a_noisy_light_weighs_least_in_a_quality_weighted_stack(tmp_path: Path):
+    night = make_night(
+        tmp_path / "night",
+        NightSpec(n_lights=4, shape=(151, 193), filters=("V",), n_stars=150, distractors=False),
+    )
+    lights = sorted(night.lights)
+    with fits.open(lights[1], mode="update") as hdul:  # three times the noise
+        noisy = hdul[0].data + np.random.default_rng(2).normal(0.0, 40.0, hdul[0].data.shape)
+        hdul[0].data = noisy.clip(0, 65535).round().astype(np.uint16)
+    out = tmp_path / "out"
+    flags = (*master_flags(night), "-s", "-S", "1", "-a", "--set", "stacking.weighting=quality")
+    assert run_cli(night.root / "lights", out, *flags) == EXIT_OK
+    [stack] = sorted(out.glob("*.fits"))
+    header = fits.getheader(stack)
+    assert header["NCOMBINE"] == 4 and header["STACKWGT"] == "quality"
+    inputs = [str(line) for line in header["HISTORY"] if str(line).startswith("input ")]
+    text = "".join(str(line) for line in header["HISTORY"])
+    weights = {light.name: float(re.search(rf"{light.name}.*?weight=([0-9.]+)", text)[1]) for light in lights}
+    assert len(inputs) == 4 and np.mean(list(weights.values())) == pytest.approx(1.0, abs=0.002)
+    assert min(weights, key=weights.get) == lights[1].name and weights[lights[1].name] < 0.5

@@ -37,12 +37,18 @@ class Run:
     def outputs(self) -> list[Path]:
         return sorted(self.out.glob("*.fits"))
 
+    def items(self) -> dict[str, dict[str, Any]]:
+        """Every output's publish receipt item, by output name."""
+        found: dict[str, dict[str, Any]] = {}
+        for receipt in (self.out / "work" / "published").glob("*.json"):
+            found |= json.loads(receipt.read_text())["items"]
+        return found
+
     def shifts(self) -> dict[str, dict[str, float]]:
         """Every registered frame's shift record, from the publish receipts."""
         found: dict[str, dict[str, float]] = {}
-        for receipt in (self.out / "work" / "published").glob("*.json"):
-            for item in json.loads(receipt.read_text())["items"].values():
-                found |= item.get("shifts", {})
+        for item in self.items().values():
+            found |= item.get("shifts", {})
         return found
 
 
@@ -181,10 +187,18 @@ def test_seestar_sequences_stack_aligned_on_superpixels(run) -> None:
     assert len(shifts) == 18 and all(s["method"] == "stars" and s["stars"] >= 100 for s in shifts.values())
     assert max(s["residual"] for s in shifts.values()) < 0.6
     assert max(abs(s["rotation"]) for s in shifts.values()) > 0.1
-    by_light = {}
+    # one transform per light: the same rotation, and shifts that differ only by each channel's
+    # site offset turned by it (under 0.002 px at these rotations)
+    by_light: dict[str, list[dict]] = {}
     for fid, shift in shifts.items():
-        by_light.setdefault(fid.rsplit("-", 1)[0], set()).add((shift["dy"], shift["dx"]))
-    assert len(by_light) == 6 and all(len(moves) == 1 for moves in by_light.values())
+        by_light.setdefault(fid.rsplit("-", 1)[0], []).append(shift)
+    assert len(by_light) == 6 and all(len(moves) == 3 for moves in by_light.values())
+    for moves in by_light.values():
+        assert len({s["rotation"] for s in moves}) == 1
+        assert np.ptp([s["dy"] for s in moves]) < 0.002 and np.ptp([s["dx"] for s in moves]) < 0.002
+    # every channel registered to the one light whose green frame is best (reference: best)
+    references = {item["reference"] for item in result.items().values()}
+    assert len(references) == 2 and all(ref.endswith("-TG") for ref in references)
 
 
 # --- INDI ASI224MC: the type in FRAME, RGGB, 1304x976 ------------------------------------------
@@ -233,16 +247,18 @@ def test_panoptes_crops_read_skip_and_report(run) -> None:
 
 def test_panoptes_aligned_frames_are_registered_to_a_frame_still_planned(run) -> None:
     """unsolved.fits, first of the 700 px crops, is skipped for its name: solved.fits, the other,
-    is its sequence's reference (it was registered to the skipped one, and not written)."""
+    is its sequence's reference (it was registered to the skipped one, and not written); the
+    plan says 'best' (the default), the receipts name solved.fits's green frame."""
     result = run(PANOPTES, ".", "-a")
     assert result.status == EXIT_INCOMPLETE and len(result.summary["skipped"]) == 2
     assert len(result.outputs()) == 8
-    solved = [
-        row for row in read_tsv(result.out / "work" / "plan.tsv") if row["path"].endswith("/solved.fits.fz")
-    ]
-    assert {row["reference"] for row in solved} == {
-        next(r["frame_id"] for r in solved if r["channel"] == "G")
-    }
+    plan = read_tsv(result.out / "work" / "plan.tsv")
+    solved = [row for row in plan if row["path"].endswith("/solved.fits.fz")]
+    assert {row["reference"] for row in solved} == {"best"}
+    green = next(r["frame_id"] for r in solved if r["channel"] == "G")
+    assert {
+        item["reference"] for name, item in result.items().items() if name in {r["output"] for r in solved}
+    } == {green}
 
 
 # --- every set: the times EXOTIC and AstroImageJ read (issue 19) ---------------------------------

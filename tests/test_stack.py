@@ -52,8 +52,9 @@ def _frames(n: int, shape=(24, 32), seed: int = 0, nan_fraction: float = 0.0) ->
     return frames
 
 
-def _reference_sigclip(cube: np.ndarray, low: float, high: float, iters: int, width: str):
-    """Straightforward float64 sigma-clipped mean along axis 0 (astropy semantics)."""
+def _reference_sigclip(cube: np.ndarray, low: float, high: float, iters: int, width: str, weights=None):
+    """Straightforward float64 sigma-clipped mean along axis 0 (astropy semantics), weighted by
+    ``weights`` (one per frame) when given."""
     data = cube.astype(np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -67,7 +68,10 @@ def _reference_sigclip(cube: np.ndarray, low: float, high: float, iters: int, wi
             if not reject.any():
                 break
             data[reject] = np.nan
-        return np.nanmean(data, axis=0)
+        if weights is None:
+            return np.nanmean(data, axis=0)
+        w = np.asarray(weights, np.float64)[:, None, None]
+        return np.nansum(data * w, axis=0) / np.sum(np.where(np.isnan(data), 0.0, w), axis=0)
 
 
 @pytest.mark.parametrize(
@@ -381,3 +385,34 @@ def test_offsets_normalise_a_brightening_sky_before_rejection():
     assert float(np.mean(plain[30] - plain[29])) == pytest.approx(40.0 / 12, abs=0.5)
     with pytest.raises(ValueError, match="offsets"):
         combine(sources, offsets=offsets[:3])
+
+
+def test_weighted_combine_matches_a_weighted_reference_in_any_strips():
+    frames = _frames(12, seed=7, nan_fraction=0.05)
+    rng = np.random.default_rng(8)
+    for frame in frames[:4]:
+        idx = rng.integers(0, frame.size, 40)
+        frame.ravel()[idx] += rng.choice([-1.0, 1.0], 40) * rng.uniform(50, 5000, 40)
+    frames[11] = frames[11] + np.float32(30.0)  # a frame off by much: its weight shows
+    weights = rng.uniform(0.2, 3.0, 12)
+    sources = [ArraySource(f) for f in frames]
+    cube = np.stack(frames)
+    for width, iters in (("std", 1), ("mad", 3)):
+        result = combine(
+            sources, sigma_low=2.5, sigma_high=3.0, max_iters=iters, width=width, weights=weights
+        )
+        expected = _reference_sigclip(cube, 2.5, 3.0, iters, width, weights)
+        np.testing.assert_allclose(result, expected, rtol=1e-6, atol=0)
+        assert result.dtype == np.float32
+    whole = combine(sources, weights=weights)
+    strips = combine(sources, weights=weights, memory_budget=3 * row_bytes(12, 32), threads=2)
+    np.testing.assert_array_equal(whole, strips)
+    mean = combine(sources, method="mean", weights=weights)
+    np.testing.assert_allclose(mean, _reference_sigclip(cube, np.inf, np.inf, 1, "std", weights), rtol=1e-6)
+    # equal weights: the plain mean, to a float32 rounding; None: the plain mean itself
+    np.testing.assert_allclose(combine(sources, weights=[2.0] * 12), combine(sources), rtol=1e-6)
+    np.testing.assert_array_equal(combine(sources, weights=None), combine(sources))
+    with pytest.raises(ValueError, match="median"):
+        combine(sources, method="median", weights=weights)
+    with pytest.raises(ValueError, match="12 positive numbers"):
+        combine(sources, weights=[1.0] * 11 + [0.0])
