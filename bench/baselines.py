@@ -220,7 +220,8 @@ def registrar(filt: str) -> Any:
         ref = _REFERENCES[filt]
         data, _ = calibrate_reference(ref["path"], ref)
         accepted = inspect.signature(Registrar).parameters
-        options = {k: v for k, v in stack_settings().items() if k in accepted}
+        # "reference" is the workflow's choice of reference frame, not the Registrar's argument
+        options = {k: v for k, v in stack_settings().items() if k in accepted and k != "reference"}
         _REGISTRARS[filt] = Registrar(data, **options)
     return _REGISTRARS[filt]
 

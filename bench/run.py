@@ -738,6 +738,9 @@ class Bench:
             result = measure(
                 self.imgproc_cmd(root, out, [], passthrough), log=self.logs / f"tiny-{label}.log"
             )
+            if label == "real_run":
+                info["stages"] = long_night_stages(imgproc_breakdown(result, out, self.args.cores), out)
+                print(f"  {info['stages']}", flush=True)
             result.pop("_records"), result.pop("_t0")
             print(
                 f"  {label}: exit {result['status']}, wall {result['wall_s']} s, cpu {result['cpu_s']} s",
@@ -747,6 +750,26 @@ class Bench:
         self.results["tiny"] = info
         if not self.args.keep_outputs:
             shutil.rmtree(out, ignore_errors=True)
+
+
+def long_night_stages(breakdown: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The plan's and the report's seconds in a real run (from when the files before and after
+    them were written: the manifest and the plan, the summary and the report) and the report's
+    size and number of images (its thumbnails are a sample of the frames)."""
+    ends = breakdown["stages_end_s"]
+    report = out / "report.html"
+    text = report.read_text(encoding="utf-8", errors="replace") if report.exists() else ""
+
+    def between(first: str, last: str) -> float | None:
+        return round(ends[last] - ends[first], 2) if first in ends and last in ends else None
+
+    return {
+        "scan_end_s": ends.get("scan"),
+        "plan_s": between("scan", "plan"),
+        "report_s": between("summary", "report"),
+        "report_bytes": len(text.encode("utf-8")),
+        "report_images": text.count("<img"),
+    }
 
 
 def git_state() -> dict[str, Any]:
@@ -876,6 +899,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     if "tiny" in results:
         t = results["tiny"]
         lines.append(f"tiny night of {t['frames']} frames of 16x16:")
+        if "stages" in t:
+            st = t["stages"]
+            lines.append(
+                f"  real run: scan ended at {st['scan_end_s']} s, plan {st['plan_s']} s, "
+                f"report {st['report_s']} s; report.html {st['report_bytes'] / 1024**2:.1f} MiB "
+                f"with {st['report_images']} images"
+            )
         for label in ("dry_run_fresh", "real_run", "dry_run_after_run", "noop_rerun"):
             if label in t:
                 r = t[label]

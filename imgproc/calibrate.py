@@ -8,6 +8,7 @@ A dark of another exposure is scaled by k = light / dark exposure (only with a b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -25,9 +26,8 @@ from imgproc.fitsio import (
     Float32Rows,
     ImageWriter,
     PlainRows,
+    image_blocks,
     read_image,
-    read_image_blocks,
-    stream_image_blocks,
     write_atomic,
 )
 from imgproc.timecards import apply_time_cards, header_airmass
@@ -43,11 +43,12 @@ _DROP = ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM")
 #: Cards the FITS standard requires to be numbers; a camera's non-number (PANOPTES writes
 #: ``EQUINOX = ''``) is removed, so the output passes fitsverify, and kept in HISTORY.
 _NUMBERS = ("EQUINOX", "EPOCH")
-#: Masters of a frame bigger than this (float32 bytes) are read a block of rows at a time, as
-#: each light is calibrated, instead of being held whole (:class:`MasterRows`): a 61-megapixel
-#: camera's bias, dark and flat are 735 MB in every worker process. Up to it (4096² pixels),
-#: whole masters are faster and small.
-WHOLE_MASTER_MAX_BYTES = 64 << 20
+#: Frames bigger than this (float32 bytes) are not held whole while calibrated: their masters
+#: are read a block of rows at a time as each light goes through (:class:`MasterRows`), and the
+#: light streams through a buffer of one block: a 61-megapixel camera's bias, dark, flat and
+#: light are 980 MB in every worker process. Up to it (4096² pixels), whole frames are faster
+#: and small.
+WHOLE_FRAME_MAX_BYTES = 64 << 20
 
 
 def _usable(flat: np.ndarray) -> np.ndarray:
@@ -117,7 +118,7 @@ def check_master_shapes(
 
 
 class MasterRows:
-    """A master too big to hold whole (over :data:`WHOLE_MASTER_MAX_BYTES`), read from its
+    """A master too big to hold whole (over :data:`WHOLE_FRAME_MAX_BYTES`), read from its
     plain file by blocks of rows: ``master[rows]`` is what the same rows of the whole master
     (:class:`MasterCache`.get) hold. A flat's mean over its usable pixels is taken once, from
     the whole flat (as :func:`normalise_flat` takes it, so the pixels are the same)."""
@@ -166,15 +167,9 @@ class MasterCache:
 
     def rows(self, role: str, path: str) -> np.ndarray | MasterRows:
         """The master of ``role`` at ``path`` to be indexed by row slices: :meth:`get`'s whole
-        frame, or for a plain file of a frame over :data:`WHOLE_MASTER_MAX_BYTES`, a
+        frame, or for a plain file of a frame over :data:`WHOLE_FRAME_MAX_BYTES`, a
         :class:`MasterRows` that reads the rows asked for."""
-        try:
-            plain = PlainRows(Path(path))
-        except (OSError, ValueError):  # not a plain image: read whole (or fail) as ever
-            plain = None
-        if plain is None or plain.shape[0] * plain.shape[1] * 4 <= WHOLE_MASTER_MAX_BYTES:
-            return self.get(role, path)
-        return self._files.get(f"{role} rows", path, lambda: _master_rows(role, plain))
+        return self._files.get(f"{role} rows", path, lambda: _master_rows(role, path))
 
     def get_colour(self, role: str, path: str, pattern: str) -> np.ndarray:
         """The master of ``role`` for colour lights of CFA ``pattern``: a flat is normalised per
@@ -197,7 +192,13 @@ def _read_master(role: str, path: str, pattern: str | None = None) -> np.ndarray
     return frame
 
 
-def _master_rows(role: str, plain: PlainRows) -> MasterRows:
+def _master_rows(role: str, path: str) -> np.ndarray | MasterRows:
+    try:
+        plain = PlainRows(Path(path))
+    except (OSError, ValueError):  # not a plain image: read whole (or fail) as ever
+        plain = None
+    if plain is None or plain.shape[0] * plain.shape[1] * 4 <= WHOLE_FRAME_MAX_BYTES:
+        return _read_master(role, path)
     try:
         return MasterRows(role, plain)
     except ValueError as exc:  # a flat without a usable pixel, a truncated file
@@ -288,18 +289,15 @@ def calibrate_frame(
     The frame streams through in blocks of rows (a multiple of ``binning``) that stay in the
     CPU cache from the read through calibration and binning to the write, instead of a
     dozen passes over the whole frame. The pixels are the same as :func:`calibrate_image`
-    and :func:`bin_image` of the whole frame give. Without ``keep`` an unbinned frame is not
-    held in memory: the pixels returned are ``target`` memory-mapped (read as they are used).
+    and :func:`bin_image` of the whole frame give. A frame over :data:`WHOLE_FRAME_MAX_BYTES`
+    is not held whole, unless ``keep`` (the unbinned pixels are needed whole): the unbinned
+    pixels returned are then ``target`` memory-mapped (read as they are used).
     """
     if light.cfa:
         return calibrate_colour_frame(light_path, hdu, masters, cache, target, light)
     binning, dark_scale = light.binning, light.dark_scale
-    image = None
-    if keep and binning == 1:
-        header, image, slices = read_image_blocks(light_path, hdu)
-        shape, blocks = image.shape, ((rows, image[rows]) for rows in slices)
-    else:
-        header, shape, blocks = stream_image_blocks(light_path, hdu, multiple=binning)
+    whole = math.inf if keep and binning == 1 else WHOLE_FRAME_MAX_BYTES
+    header, shape, image, blocks = image_blocks(light_path, hdu, binning, whole)
     frames = {role: cache.rows(role, path) for role, path in masters.items() if path is not None}
     check_master_shapes(shape, frames)  # whole frames: each block's slices would agree
     out_header = calibrated_header(header, masters, light)

@@ -409,32 +409,27 @@ def read_image_blocks(
     compressed, gzipped, BSCALEd or BLANK-flagged images go through astropy whole, before the
     first slice.
     """
-    header, _, image, blocks = _image_blocks(path, hdu, multiple, whole=True)
+    header, _, image, blocks = image_blocks(path, hdu, multiple)
     assert image is not None
     return header, image, (rows for rows, _ in blocks)
 
 
-def stream_image_blocks(
-    path: Path, hdu: int | None = None, multiple: int = 1
-) -> tuple[fits.Header, tuple[int, int], Iterator[tuple[slice, np.ndarray]]]:
-    """Header, shape, and an iterator over (row slice, float32 rows) of the image in ``path``,
-    as :func:`read_image_blocks` reads them, but a plain image's rows come in one buffer reused
-    from block to block (writable, valid until the next block): the frame is never held whole.
-    """
-    header, shape, _, blocks = _image_blocks(path, hdu, multiple, whole=False)
-    return header, shape, blocks
-
-
-def _image_blocks(
-    path: Path, hdu: int | None, multiple: int, whole: bool
+def image_blocks(
+    path: Path, hdu: int | None = None, multiple: int = 1, whole_max_bytes: float = math.inf
 ) -> tuple[fits.Header, tuple[int, int], np.ndarray | None, Iterator[tuple[slice, np.ndarray]]]:
-    """Header, shape, the whole pixel array (``whole``, or an image astropy reads) and the blocks."""
+    """Header, shape, the whole float32 pixel array or None, and an iterator over (row slice,
+    float32 rows) of the image in ``path``, read as :func:`read_image_blocks` reads it.
+
+    A plain image bigger than ``whole_max_bytes`` (as float32) is not held whole: its rows come
+    in one buffer reused from block to block (writable, valid until the next block), and the
+    array returned is None. Other images are read into the whole array, the rows its slices.
+    """
     primary = _primary_image_header(path) if hdu in (None, 0) else None
     plain = primary and _plain_layout(primary[0], primary[1], False, path)
     if primary and plain:  # the usual camera file: no need to open it through astropy
         header = primary[0]
         shape = _checked_shape(path, header, primary[1], compressed=False)
-        image = np.empty(shape, np.float32) if whole else None
+        image = np.empty(shape, np.float32) if shape[0] * shape[1] * 4 <= whole_max_bytes else None
         return header, shape, image, _plain_blocks(path, plain, shape, image, _block_rows(shape, multiple))
     with open_fits(path) as hdul:
         index = find_image(hdul) if hdu is None else hdu
@@ -448,7 +443,7 @@ def _image_blocks(
         shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
         step = _block_rows(shape, multiple)
         if plain:
-            image = np.empty(shape, np.float32) if whole else None
+            image = np.empty(shape, np.float32) if shape[0] * shape[1] * 4 <= whole_max_bytes else None
             return header, shape, image, _plain_blocks(path, plain, shape, image, step)
         if data is None or data.ndim != 2:
             raise FitsError("no 2-D pixel data")

@@ -324,8 +324,8 @@ def _light_and_masters(tmp_path, shape: tuple[int, int], seed: int = 7) -> tuple
 def test_calibrate_frame_streams_the_same_pixels_as_whole_frame_calibration(
     tmp_path, monkeypatch, shape, binning, big, keep
 ):
-    if big:  # every master read a block of rows at a time
-        monkeypatch.setattr(calibrate, "WHOLE_MASTER_MAX_BYTES", 0)
+    if big:  # every master read a block of rows at a time, and the light not held whole
+        monkeypatch.setattr(calibrate, "WHOLE_FRAME_MAX_BYTES", 0)
     raw, found = _light_and_masters(tmp_path, shape)
     masters = {role: path for role, (path, _) in found.items()}
     target = tmp_path / "out" / "calibrated.fits"
@@ -338,7 +338,7 @@ def test_calibrate_frame_streams_the_same_pixels_as_whole_frame_calibration(
     expected = bin_image(calibrate_image(raw.astype(np.float32), bias, dark, normalise_flat(flat)), binning)
     assert np.array_equal(data, expected, equal_nan=True)
     assert isinstance(cache.rows("flat", masters["flat"]), calibrate.MasterRows) == big
-    assert isinstance(data, np.memmap) == (binning == 1 and not keep)  # the file, not a copy
+    assert isinstance(data, np.memmap) == (binning == 1 and big and not keep)  # the file, not a copy
     with fits.open(target, checksum=True) as hdul:
         assert hdul[0].verify_checksum() == 1 and hdul[0].verify_datasum() == 1
         assert np.array_equal(hdul[0].data, expected, equal_nan=True)
@@ -351,7 +351,7 @@ def test_calibrate_frame_of_a_big_frame_holds_neither_the_frame_nor_its_masters(
     """With masters by rows and the frame not kept, calibrating a frame allocates a few blocks of
     rows (BLOCK_BYTES each) for the masters and the light, not frames: here under half of one
     frame's float32 pixels (three masters and a whole light were 4 frames), the output the same."""
-    monkeypatch.setattr(calibrate, "WHOLE_MASTER_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(calibrate, "WHOLE_FRAME_MAX_BYTES", 1 << 20)
     shape = (3000, 2300)
     raw, found = _light_and_masters(tmp_path, shape, seed=11)
     masters = {role: path for role, (path, _) in found.items()}
@@ -373,7 +373,7 @@ def test_calibrate_frame_of_a_big_frame_holds_neither_the_frame_nor_its_masters(
 
 
 def test_masters_by_rows_of_a_flat_without_usable_pixel_name_the_master(tmp_path, monkeypatch):
-    monkeypatch.setattr(calibrate, "WHOLE_MASTER_MAX_BYTES", 0)
+    monkeypatch.setattr(calibrate, "WHOLE_FRAME_MAX_BYTES", 0)
     flat = _master(tmp_path / "flat.fits", -1.0)
     with pytest.raises(FitsError, match=r"master flat\.fits: flat has no positive finite pixel"):
         MasterCache().rows("flat", flat)
