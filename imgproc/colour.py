@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 
+from imgproc.align import Shift
 from imgproc.binning import bin_header, bin_image
 from imgproc.fitsio import FitsError, read_image
 from imgproc.keywords import CHANNEL_FILTERS
@@ -143,6 +145,12 @@ def colour_image(
         if factor > 2:
             cube = bin_image(cube, factor // 2)
         out = bin_header(header, factor)
+        cells = factor // 2
+        out.set("CFACELLS", cells, "CFA 2x2 cells per pixel and axis")
+        offset_y, offset_x = site_offset(pattern, channel, cells)
+        for axis, offset in (("1", offset_x), ("2", offset_y)):  # the WCS of the sites sampled
+            if offset and f"CRPIX{axis}" in out:
+                out[f"CRPIX{axis}"] = float(out[f"CRPIX{axis}"]) - offset
         sites_text = "mean of its 2 green sites" if channel == "G" else f"its {channel} site"
         how = f"{CHANNEL_FILTERS[channel]} channel: each pixel a 2x2 CFA cell's {sites_text}"
     for key in MOSAIC_CARDS:
@@ -157,18 +165,29 @@ def colour_image(
     return cube, out
 
 
-def flipped_channel_shift(dy: float, dx: float, pattern: str, channel: str) -> tuple[float, float]:
-    """The shift of a channel frame rotated by 180° (meridian flip), from the shift (``dy``,
-    ``dx``, cell pixels) measured on the light's green frame.
-
-    A channel frame's pixel samples the sky at its colour's site in the cell (red at, say, the
-    top-left pixel), the green frame at the cell's centre (the mean of two diagonal sites). A
-    shift moves every site alike, but a 180° rotation turns a site's offset from the centre
-    around: the red and blue frames then need ``0.5 - site`` cell more on each axis than the
-    green one (``site`` 0 or 1, the colour's row and column in the cell).
-    """
+def site_offset(pattern: str, channel: str, cells: int = 1) -> tuple[float, float]:
+    """Where (``dy``, ``dx``, channel-frame pixels) a channel frame's samples sit from the
+    centres of its pixels' cells: a super-pixel channel frame's pixel ``p`` (one 2×2 cell, or
+    ``cells``×``cells`` of them when binned) sees the sky at ``p + offset`` of the green frame's
+    grid, whose pixels sample the cell centre (the mean of two diagonal sites). Red at the
+    cell's top-left site is a quarter cell up and left: (-0.25, -0.25); green is (0, 0)."""
     site_y, site_x = np.mean(sites(pattern, channel), axis=0)
-    return dy + 0.5 - float(site_y), dx + 0.5 - float(site_x)
+    return (float(site_y) - 0.5) / (2 * cells), (float(site_x) - 0.5) / (2 * cells)
+
+
+def channel_shift(shift: Shift, pattern: str, channel: str, cells: int = 1) -> Shift:
+    """The registration of a channel frame from ``shift``, measured on its light's green frame.
+
+    Every site moves with the sky, but a rotation turns a site's offset ``d`` from the cell
+    centre (:func:`site_offset`) around with it: the frame's pixel ``p`` sees the sky at
+    ``p + d``, which lands at ``M (p + d - c) + c + t`` (``M`` the whole map, 180° flip included,
+    ``t`` the shift), and the output's pixel ``q`` samples ``q + d``, so the channel frame's shift
+    is ``t + (M - I) d``: unchanged for a pure translation, ``t - 2d`` (half a cell for red and
+    blue) after a meridian flip, and in between for any other turn.
+    """
+    offset = np.array(site_offset(pattern, channel, cells))
+    dy, dx = np.array([shift.dy, shift.dx]) + (shift.total() - np.eye(2)) @ offset
+    return replace(shift, dy=float(dy), dx=float(dx))
 
 
 def write_cube(target: Path, cube: np.ndarray, header: fits.Header) -> None:

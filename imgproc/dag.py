@@ -121,7 +121,7 @@ class Layout:
             "memory_budget": stacking["memory_budget_mb"] * 1024**2,
             "upsample": alignment["upsample"],
             "min_significance": alignment["min_significance"],
-            "order": alignment["order"],
+            "kernel": alignment["kernel"],
             "registration": alignment["method"],
             "model": alignment["model"],
             "reject_fwhm_ratio": self.config["quality"]["fwhm_ratio"],

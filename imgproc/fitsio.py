@@ -328,17 +328,18 @@ _DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", -32: ">f4", -64: ">f8"}
 
 
 class Float32Rows:
-    """Row ranges of a plain float32 primary image (an imgproc intermediate), each read with
-    one seek and one read: a stack reads every frame a strip at a time, and opening the file
-    through astropy for each strip cost five times the reading."""
+    """Row ranges of a plain float32 primary image (an imgproc intermediate), or of one
+    ``plane`` of a cube (an RGB intermediate), each read with one seek and one read: a stack
+    reads every frame a strip at a time, and opening the file through astropy for each strip
+    cost five times the reading."""
 
-    def __init__(self, path: Path) -> None:
-        primary = _primary_image_header(path)
+    def __init__(self, path: Path, plane: int | None = None) -> None:
+        primary = _primary_image_header(path, (2,) if plane is None else (3,))
         layout = primary and _plain_layout(*primary, False, path)
         if not primary or not layout or layout[1:] != (">f4", 0.0):
-            raise FitsError(f"{path.name}: not a plain float32 image")
-        self.path, self._start = path, layout[0]
-        self.shape = (int(primary[0]["NAXIS2"]), int(primary[0]["NAXIS1"]))
+            raise FitsError(f"{path.name}: not a plain float32 {'image' if plane is None else 'cube'}")
+        self.header, self.shape = primary[0], (int(primary[0]["NAXIS2"]), int(primary[0]["NAXIS1"]))
+        self.path, self._start = path, layout[0] + (plane or 0) * self.shape[0] * self.shape[1] * 4
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` (within the image) as stored: big-endian float32."""

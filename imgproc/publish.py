@@ -25,6 +25,7 @@ from astropy.io import fits
 
 from imgproc import __version__
 from imgproc.align import (
+    KERNELS,
     MosaicRegistrar,
     Registrar,
     Shift,
@@ -34,8 +35,8 @@ from imgproc.align import (
     superpixels,
 )
 from imgproc.cache import FileCache
-from imgproc.colour import flipped_channel_shift, read_frame, write_cube
-from imgproc.fitsio import Float32Rows, checksum_problem, link_atomic, read_header, read_image, write_atomic
+from imgproc.colour import channel_shift, read_frame, write_cube
+from imgproc.fitsio import Float32Rows, checksum_problem, link_atomic, read_image, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import SKIPPED
 from imgproc.progress import Progress
@@ -70,7 +71,7 @@ class StackSettings:
     memory_budget: int = 2 * 1024**3
     upsample: int = 20
     min_significance: float = 15.0
-    order: int = 3
+    kernel: str = "lanczos4"
     registration: str = "stars"
     model: str = "similarity"
     reject_fwhm_ratio: float | None = 1.5
@@ -119,8 +120,8 @@ class ShiftedSource:
     already in memory (:class:`ArrayRows`). The part of a strip from outside the frame is NaN.
     """
 
-    def __init__(self, frame: Float32Rows | ArrayRows, shift: Shift, order: int = 1) -> None:
-        self.shift, self.order = shift, order
+    def __init__(self, frame: Float32Rows | ArrayRows, shift: Shift, kernel: str = "bilinear") -> None:
+        self.shift, self.kernel = shift, kernel
         self._frame = frame
 
     @property
@@ -145,9 +146,10 @@ class ShiftedSource:
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows [r0, r1) of the aligned frame as float32."""
         whole = math.floor(self.shift.dy)
-        margin = 2 + self.order
+        margin = 1 + KERNELS[self.kernel]
         window = self._rows(r0 - whole - margin, r1 - whole + margin)
-        moved = apply_shift(window, Shift(self.shift.dy - whole, self.shift.dx, False, 1.0), order=self.order)
+        within = Shift(self.shift.dy - whole, self.shift.dx, False, 1.0)
+        moved = apply_shift(window, within, kernel=self.kernel)
         return moved[margin : margin + (r1 - r0)]
 
 
@@ -188,7 +190,11 @@ def green(data: np.ndarray) -> np.ndarray:
 
 
 def measure(
-    member: Member, data: np.ndarray, registrar: AnyRegistrar, reference_pierside: str | None
+    member: Member,
+    data: np.ndarray,
+    registrar: AnyRegistrar,
+    reference_pierside: str | None,
+    cells: int = 1,
 ) -> tuple[Shift, FrameQuality]:
     """The shift that puts ``member`` (its pixels ``data``) on the reference grid, and the
     frame's quality (from the stars the star registrar matches, or found for it alone).
@@ -196,8 +202,8 @@ def measure(
     A frame whose PIERSIDE differs from the reference's is rotated by 180° (meridian flip)
     before measuring; when either pier side is unknown, the registrar also tries the rotation
     and keeps it if its peak is clearly stronger (star matching finds any rotation itself). A
-    rotated red or blue channel frame, measured on its light's green frame, gets its site's
-    correction (:func:`imgproc.colour.flipped_channel_shift`).
+    red or blue channel frame (its pixels ``cells`` CFA cells wide), measured on its light's green
+    frame, gets its site's correction for the rotation (:func:`imgproc.colour.channel_shift`).
     """
     turned = pier_side_flip(reference_pierside, member.pierside)
     image = np.rot90(data, 2) if turned else data
@@ -214,9 +220,8 @@ def measure(
         shift = registrar.measure(image, try_flip=try_flip)
     if turned:
         shift = replace(shift, flipped=not shift.flipped)  # two 180° turns make none
-    if shift.flipped and member.cfa and member.channel in ("R", "B"):  # measured on green
-        dy, dx = flipped_channel_shift(shift.dy, shift.dx, member.cfa, member.channel)
-        shift = replace(shift, dy=dy, dx=dx)
+    if member.cfa and member.channel in ("R", "B"):  # measured on green
+        shift = channel_shift(shift, member.cfa, member.channel, cells)
     return shift, frame_quality(stars, factor=factor, transparency=shift.transparency)
 
 
@@ -358,7 +363,7 @@ def publish_single_aligned(
     member: Member,
     shift: Shift,
     target: Path,
-    order: int,
+    kernel: str,
     quality: FrameQuality | None = None,
     reference: str | None = None,
     cards: Sequence[tuple[str, str, str]] = (),
@@ -373,7 +378,7 @@ def publish_single_aligned(
     for key, value, comment in cards:
         out.set(key, value, comment)
     planes = data if data.ndim == 3 else data[None]
-    moved = np.stack([apply_shift(plane, shift, order=order) for plane in planes])
+    moved = np.stack([apply_shift(plane, shift, kernel=kernel) for plane in planes])
     write_output(target, moved if data.ndim == 3 else moved[0], out)
 
 
@@ -390,7 +395,7 @@ def whole_frames(settings: StackSettings) -> bool:
     strip at a time while combining: star matching gives rotations, which read rows from all
     over the frame, and a cubic spline's prefilter reaches the whole frame (strips of the
     prefiltered frame would depend on the strip height, and so on the budget and threads)."""
-    return settings.align and (settings.registration == "stars" or settings.order != 1)
+    return settings.align and (settings.registration == "stars" or settings.kernel != "bilinear")
 
 
 def _spill(data: np.ndarray, path: Path) -> np.ndarray:
@@ -425,26 +430,33 @@ def publish_stack(
     is offset so that its sky (``FrameQuality.sky``) is ``sky`` before the rejection: a sky
     that brightens through the night is not taken for outliers.
     """
+    # an RGB cube is combined plane by plane, each plane moved by its frame's shift
+    layers: list[list[Float32Rows | ArrayRows]]
     if frames is None:
-        headers = [read_header(member.path)[0] for member in members]
-        rows: list[Float32Rows | ArrayRows] = [Float32Rows(member.path) for member in members]
+        cube = members[0].channel == "RGB"
+        layers = [
+            [Float32Rows(m.path, plane if cube else None) for m in members]
+            for plane in range(3 if cube else 1)
+        ]
+        headers = [rows.header for rows in layers[0]]  # type: ignore[union-attr]
         budget = settings.memory_budget
     else:
+        cube = frames[0][0].ndim == 3
+        layers = [
+            [ArrayRows(data[plane] if cube else data) for data, _ in frames]
+            for plane in range(3 if cube else 1)
+        ]
         headers = [header for _, header in frames]
-        rows = [ArrayRows(data) for data, _ in frames]
         budget = int(settings.memory_budget * (1 - KEEP_FRAMES_SHARE))
     no_shift = Shift(0.0, 0.0, False, 1.0)
-    cube = frames is not None and frames[0][0].ndim == 3
     offsets = None  # an RGB cube's sky is measured on green only: its planes are not offset
     measured = bool(qualities) and None not in qualities  # type: ignore[operator]
     if settings.normalize == "additive" and sky is not None and measured and not cube:
         offsets = [sky - q.sky for q in qualities]  # type: ignore[union-attr]
-    # an RGB cube is combined plane by plane, each plane moved by its frame's shift
-    layers = [[ArrayRows(data[plane]) for data, _ in frames] for plane in range(3)] if cube else [rows]  # type: ignore[union-attr]
     planes = [
         combine(
             [
-                ArraySource(r.data) if resampled else ShiftedSource(r, s or no_shift, settings.order)  # type: ignore[union-attr]
+                ArraySource(r.data) if resampled else ShiftedSource(r, s or no_shift, settings.kernel)  # type: ignore[union-attr]
                 for r, s in zip(layer, shifts, strict=True)
             ],
             method=settings.method,
@@ -587,7 +599,8 @@ def publish_group(
             sky = reference_sky(registrar)
             notes.append(f"registered to {Path(str(reference['path'])).name} ({settings.reference} frame)")
             pierside = reference.get("pierside")
-            group_bytes = len(members) * registrar.shape[0] * registrar.shape[1] * 4
+            planes = 3 if entries[0].get("channel") == "RGB" else 1
+            group_bytes = len(members) * planes * registrar.shape[0] * registrar.shape[1] * 4
             budget = MEMORY.budget(settings.memory_budget) * KEEP_FRAMES_SHARE
             keep = len(members) > 1 and group_bytes <= budget
             resample = len(members) > 1 and whole_frames(settings)
@@ -597,16 +610,16 @@ def publish_group(
             ) -> tuple[Shift, FrameQuality, tuple[np.ndarray, fits.Header] | None]:
                 data, header = read_frame(member.path)
                 probe = green(data) if member.measure is None else read_image(member.measure)[0]
-                shift, quality = measure(member, probe, registrar, pierside)
+                cells = int(header.get("CFACELLS", 1))
+                shift, quality = measure(member, probe, registrar, pierside, cells)
                 if resample and not check_shift(shift, registrar):  # see whole_frames
                     planes = data if data.ndim == 3 else data[None]
-                    moved = np.stack([apply_shift(plane, shift, order=settings.order) for plane in planes])
+                    moved = np.stack([apply_shift(plane, shift, kernel=settings.kernel) for plane in planes])
                     data = moved if data.ndim == 3 else moved[0]
-                    if not keep and data.ndim == 2:
+                    if not keep:
                         data = _spill(data, Path(scratch) / f"{member.frame_id}.npy")
                     return shift, quality, (data, header)
-                held = (data, header) if keep or data.ndim == 3 else None  # cubes are combined in memory
-                return shift, quality, held
+                return shift, quality, (data, header) if keep else None
 
             with ThreadPoolExecutor(threads) as pool:
                 measured = list(pool.map(register, members))
@@ -632,8 +645,6 @@ def publish_group(
                 sky = float(np.median([q.sky for q in qualities if q is not None]))
             frames = [f for _, _, _, f in kept] if kept[0][3] is not None else None  # type: ignore[misc]
             del kept
-        if frames is None and len(members) > 1 and entries[0].get("channel") == "RGB":  # cubes: in memory
-            frames = [read_frame(member.path) for member in members]
         single_shift = shifts[0]
         cards = provenance_cards(stamp, sources)
         made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
@@ -648,7 +659,7 @@ def publish_group(
                 members[0],
                 single_shift,
                 target,
-                settings.order,
+                settings.kernel,
                 qualities[0],
                 Path(str(reference["path"])).name,
                 cards,

@@ -720,6 +720,7 @@ class ColourSpec:
     n_lights: int = 3
     shifts: tuple[tuple[float, float], ...] = ()  # (dy, dx) of the sky in each light, mosaic pixels
     flipped: tuple[bool, ...] = ()  # lights after a meridian flip: sky rotated 180°, PIERSIDE='WEST'
+    rotations: tuple[float, ...] = ()  # degrees the sky turns about the centre, before the shift
     sky: tuple[float, float, float] = (300.0, 500.0, 200.0)  # R, G, B sky levels
     noise: float = 3.0
     flat_colour: tuple[float, float, float] = (0.6, 1.0, 0.4)  # the flat lamp's R, G, B levels
@@ -761,9 +762,10 @@ def make_colour_night(root: Path, spec: ColourSpec = ColourSpec()) -> dict[str, 
     for index in range(spec.n_lights):
         dy, dx = spec.shifts[index] if index < len(spec.shifts) else (0.0, 0.0)
         flipped = index < len(spec.flipped) and spec.flipped[index]
+        turn = spec.rotations[index] if index < len(spec.rotations) else 0.0
         sky = np.stack([
             star_field(spec.shape, np.column_stack([stars[:, :2], stars[:, 2] * tint]), fwhm=4.0,
-                       shift=(dy, dx), rotate180=flipped) + level
+                       shift=(dy, dx), rotate180=flipped, rotation=turn) + level
             for tint, level in zip(tints, spec.sky, strict=True)
         ])  # fmt: skip
         mosaic = np.select([colours == c for c in "RGB"], list(sky)) * response

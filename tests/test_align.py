@@ -12,7 +12,7 @@ import pytest
 import scipy.ndimage
 from scipy.special import erf
 
-from imgproc.align import Registrar, Shift, apply_shift, pier_side_flip
+from imgproc.align import KERNELS, Registrar, Shift, apply_shift, pier_side_flip
 
 FWHM = 3.0
 NOISE = 10.0
@@ -256,10 +256,10 @@ def test_pier_side_flip_only_when_both_known_and_different(ref, cur, expected):
     assert pier_side_flip(ref, cur) is expected
 
 
-@pytest.mark.parametrize("order", [1, 3])
-def test_apply_shift_integer_shift_is_exact_copy_with_nan_border(order):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_apply_shift_integer_shift_is_exact_copy_with_nan_border(kernel):
     image = np.random.default_rng(0).normal(size=(20, 30)).astype(np.float32)
-    out = apply_shift(image, Shift(3.0, -2.0, False, 1.0), order=order)
+    out = apply_shift(image, Shift(3.0, -2.0, False, 1.0), kernel=kernel)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out[3:, :-2], image[:-3, 2:])
     assert np.isnan(out[:3]).all()
@@ -281,11 +281,11 @@ def test_apply_shift_bilinear_matches_ndimage():
     assert np.isnan(out[:, 45:]).all()
 
 
-@pytest.mark.parametrize("order", [1, 3])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(("dy", "dx"), [(0.5, 0.25), (-0.5, -0.75), (10.4, -3.2)])
-def test_apply_shift_border_is_nan_never_zero(dy, dx, order):
+def test_apply_shift_border_is_nan_never_zero(dy, dx, kernel):
     image = np.full((32, 32), 7.0, np.float32)
-    out = apply_shift(image, Shift(dy, dx, False, 1.0), order=order)
+    out = apply_shift(image, Shift(dy, dx, False, 1.0), kernel=kernel)
     np.testing.assert_allclose(out[np.isfinite(out)], 7.0, rtol=1e-5)
     # the side the frame moved away from samples outside it: whole rows/columns of NaN
     rows = out[: int(np.ceil(dy))] if dy > 0 else out[int(np.floor(dy)) :]
@@ -302,10 +302,15 @@ def test_apply_shift_nan_spreads_to_interpolation_footprint_only():
     assert np.argwhere(np.isnan(inner)).tolist() == [[9, 9], [9, 10], [10, 9], [10, 10]]
     assert np.isnan(out[0]).all() and np.isnan(out[:, 0]).all()
 
-    cubic = apply_shift(image, Shift(0.5, 0.5, False, 1.0), order=3)
+    cubic = apply_shift(image, Shift(0.5, 0.5, False, 1.0), kernel="spline")
     bad = np.argwhere(np.isnan(cubic[2:-1, 2:-1])) + 2
     assert bad.min(axis=0).tolist() == [9, 9] and bad.max(axis=0).tolist() == [12, 12]
     assert len(bad) == 16
+
+    lanczos = apply_shift(image, Shift(0.5, 0.5, False, 1.0), kernel="lanczos4")  # taps -3..+4
+    bad = np.argwhere(np.isnan(lanczos[5:-3, 5:-3])) + 5
+    assert bad.min(axis=0).tolist() == [7, 7] and bad.max(axis=0).tolist() == [14, 14]
+    assert len(bad) == 64
 
 
 def test_apply_shift_rotates_before_shifting():
@@ -318,14 +323,14 @@ def test_apply_shift_rotates_before_shifting():
 def test_apply_shift_preserves_flux_of_interior_star():
     shape = (48, 48)
     star = _render(shape, np.array([[20.0, 24.0, 5000.0]]), None) - BACKGROUND
-    for order in (1, 3):
-        out = apply_shift(star, Shift(3.37, -4.81, False, 1.0), order=order)
+    for kernel in KERNELS:
+        out = apply_shift(star, Shift(3.37, -4.81, False, 1.0), kernel=kernel)
         assert np.nansum(out) == pytest.approx(star.sum(), rel=1e-3)
 
 
-def test_apply_shift_rejects_unknown_order():
-    with pytest.raises(ValueError, match="order"):
-        apply_shift(np.zeros((8, 8)), Shift(0.5, 0.5, False, 1.0), order=2)
+def test_apply_shift_rejects_unknown_kernel():
+    with pytest.raises(ValueError, match="kernel"):
+        apply_shift(np.zeros((8, 8)), Shift(0.5, 0.5, False, 1.0), kernel="cubic")
 
 
 @pytest.mark.parametrize(("size", "n_stars"), [(64, 10), (256, 40), (1024, 20), (2048, 80)])

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imgproc import report
-from imgproc.align import MosaicRegistrar, Registrar, Shift, _taper, apply_shift
+from imgproc.align import KERNELS, MosaicRegistrar, Registrar, Shift, _taper, apply_shift
 from imgproc.binning import bin_image, binned_shape
 from imgproc.cli import EXIT_OK
 from imgproc.report import block_mean, fwhm_estimate, local_maxima, stretch, thumbnail_of
@@ -195,32 +195,35 @@ SHIFTS = st.floats(-6.0, 6.0).filter(lambda v: v == round(v) or abs(v - round(v)
 
 
 @SETTINGS
-@given(shape=shapes(16, 200), dy=SHIFTS, dx=SHIFTS, flip=st.booleans(), order=st.sampled_from([1, 3]))
+@given(shape=shapes(16, 200), dy=SHIFTS, dx=SHIFTS, flip=st.booleans(), kernel=st.sampled_from(list(KERNELS)))
 def test_apply_shift_moves_a_plane_on_any_shape(
-    shape: tuple[int, int], dy: float, dx: float, flip: bool, order: int
+    shape: tuple[int, int], dy: float, dx: float, flip: bool, kernel: str
 ) -> None:
     ny, nx = shape
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
     plane = 50.0 + 0.5 * yy - 0.25 * xx
     source = plane[::-1, ::-1] if flip else plane
-    out = apply_shift(source.astype(np.float32), Shift(dy, dx, flip, 1.0), order=order)
+    out = apply_shift(source.astype(np.float32), Shift(dy, dx, flip, 1.0), kernel=kernel)
     assert out.shape == shape and out.dtype == np.float32
-    # out[y, x] samples the (rotated) frame at (y - dy, x - dx): inside it for bilinear, with
-    # one more pixel each side for the cubic's 4x4 footprint (integer shifts: a copy)
+    # out[y, x] samples the (rotated) frame at (y - dy, x - dx): its footprint, rows fy - below
+    # to fy + above, inside the frame (integer shifts: a copy; an axis with a whole shift is
+    # copied too, except by OpenCV's Lanczos, whose zero-weight taps still see the NaN outside)
     py, px = yy - dy, xx - dx
-    reach = 1 if order == 3 else 0
+    below, above = {"bilinear": (0, 1), "spline": (1, 2), "lanczos4": (3, 4)}[kernel]
     fy, fx = np.floor(py + 1e-6), np.floor(px + 1e-6)
     whole_y, whole_x = np.abs(py - np.rint(py)) < 1e-6, np.abs(px - np.rint(px)) < 1e-6
+    if kernel == "lanczos4" and not (whole_y.all() and whole_x.all()):
+        whole_y = whole_x = np.zeros_like(whole_y)
     inside_y = np.where(
-        whole_y, (np.rint(py) >= 0) & (np.rint(py) <= ny - 1), (fy >= reach) & (fy + 1 + reach <= ny - 1)
+        whole_y, (np.rint(py) >= 0) & (np.rint(py) <= ny - 1), (fy >= below) & (fy + above <= ny - 1)
     )
     inside_x = np.where(
-        whole_x, (np.rint(px) >= 0) & (np.rint(px) <= nx - 1), (fx >= reach) & (fx + 1 + reach <= nx - 1)
+        whole_x, (np.rint(px) >= 0) & (np.rint(px) <= nx - 1), (fx >= below) & (fx + above <= nx - 1)
     )
     np.testing.assert_array_equal(np.isfinite(out), inside_y & inside_x)
     expected = 50.0 + 0.5 * py - 0.25 * px
     inner = np.isfinite(out) & (py > 4) & (py < ny - 5) & (px > 4) & (px < nx - 5)
-    np.testing.assert_allclose(out[inner], expected[inner], atol=0.05 if order == 3 else 1e-3)
+    np.testing.assert_allclose(out[inner], expected[inner], atol=1e-3 if kernel == "bilinear" else 0.05)
 
 
 # -- binning -------------------------------------------------------------------------------------

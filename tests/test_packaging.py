@@ -11,7 +11,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 #: Import names whose distribution is named otherwise.
-DISTRIBUTIONS = {"yaml": "pyyaml", "erfa": "pyerfa", "skimage": "scikit-image"}
+DISTRIBUTIONS = {
+    "yaml": "pyyaml", "erfa": "pyerfa", "skimage": "scikit-image", "cv2": "opencv-python-headless"
+}  # fmt: skip
 
 
 def test_the_distribution_has_a_free_name_and_the_command_stays_imgproc() -> None:

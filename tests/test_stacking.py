@@ -145,7 +145,7 @@ def test_frames_kept_from_registering_to_combining_give_the_same_stack(
         group = [row for row in plan if row["output"] == made.name]
         ref_light = str(reference_light(out, made.name))
         reference = next(row for row in plan if row["path"] == ref_light)
-        for settings in (default, replace(default, registration="correlation", order=1)):
+        for settings in (default, replace(default, registration="correlation", kernel="bilinear")):
             stacks = []
             for label, budget in (("kept", settings.memory_budget), ("read-again", 1)):
                 folder = tmp_path / f"{label}-{settings.registration}"
