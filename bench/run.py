@@ -41,10 +41,13 @@ STACK_BUDGET_MIB = 2048  # config.yaml stacking.memory_budget_mb
 MEMORY_MARGIN_MIB = 300
 #: The big-sensor case (issue 23): nights of an IMX455's frames, (ny, nx), in every mode, with
 #: stacking.memory_budget_mb at each of BIG_BUDGETS_MIB. Its stacks are one per filter (-S 1).
+#: Aligned, imgproc registers on the first light of each filter, as the reference does, so that
+#: their outputs can be compared (its default, the sharpest frame, moves every output).
 BIG_SHAPE = (6388, 9576)
+FIRST = ["-a", "--set", "alignment.reference=first"]
 BIG_MODES = {
-    "calibrate": [], "bin2": ["-b", "2"], "align": ["-a"], "stack": ["-s", "-S", "1"],
-    "stack-align": ["-s", "-S", "1", "-a"],
+    "calibrate": [], "bin2": ["-b", "2"], "align": FIRST, "stack": ["-s", "-S", "1"],
+    "stack-align": ["-s", "-S", "1", *FIRST],
 }  # fmt: skip
 BIG_BUDGETS_MIB = (2048, 1024)
 BIG_RATIO = 1.1  # imgproc wall / reference, the big-sensor target
