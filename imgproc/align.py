@@ -61,6 +61,7 @@ __all__ = [
     "apply_shift",
     "one_blas_thread",
     "pier_side_flip",
+    "registration_stars",
     "shift_from_map",
     "superpixels",
 ]
@@ -72,6 +73,10 @@ REFINE_MAX = 1024
 BIN_FROM = 2048
 #: Fractional shifts smaller than this are treated as integers by :func:`apply_shift`.
 _INTEGER_TOL = 1e-6
+#: Correlation peaks weaker than this many robust sigmas are not accepted (:meth:`Registrar.accepts`).
+MIN_SIGNIFICANCE = 15.0
+#: Stars measured per frame (the brightest) for registration and frame quality.
+REGISTRATION_STARS = 300
 
 
 @dataclass(frozen=True)
@@ -219,7 +224,7 @@ class Registrar:
         reference: np.ndarray,
         *,
         upsample: int = 20,
-        min_significance: float = 15.0,
+        min_significance: float = MIN_SIGNIFICANCE,
         background_box: int = 64,
         clip_sigma: float = 50.0,
         coarse_clip: float = 10.0,
@@ -484,12 +489,13 @@ class StarRegistrar:
         reference: np.ndarray,
         *,
         model: str = "similarity",
-        max_stars: int = 300,
+        max_stars: int = REGISTRATION_STARS,
         match_stars: int = 40,
         min_matches: int = 6,
         match_radius: float = 2.0,
         max_error: float = 0.1,
         mosaic: bool = False,
+        stars: Stars | None = None,
         **options: float,
     ) -> None:
         reference = np.asarray(reference)
@@ -499,28 +505,32 @@ class StarRegistrar:
         self.model, self.max_stars, self.match_stars = model, int(max_stars), int(match_stars)
         self.min_matches, self.match_radius = int(min_matches), float(match_radius)
         self.max_error = float(max_error)
-        self.fallback: Registrar | MosaicRegistrar = (MosaicRegistrar if mosaic else Registrar)(
-            reference, **options
-        )
-        self.min_significance = self.fallback.min_significance
+        self._reference, self._mosaic, self._options = reference, mosaic, options
+        self.min_significance = float(options.get("min_significance", MIN_SIGNIFICANCE))
         self.factor = 2 if mosaic else 1  # stars of a mosaic are found on its superpixels
-        self.reference_stars: Stars = self.find_stars(reference)
+        self.reference_stars: Stars = stars if stars is not None else self.find_stars(reference)
         self._ref_yx = self.reference_stars.yx
         self._ref_tri = _triangles(self._ref_yx[: self.match_stars])
 
+    @functools.cached_property
+    def fallback(self) -> Registrar | MosaicRegistrar:
+        """The cross-correlation registrar of the reference, made when a frame first needs it
+        (its FFTs cost as much as registering a dozen frames by their stars)."""
+        return (MosaicRegistrar if self._mosaic else Registrar)(self._reference, **self._options)
+
     def find_stars(self, image: np.ndarray) -> Stars:
-        """The stars this registrar matches (on 2×2 superpixels for a mosaic: positions in
-        superpixels)."""
-        return find_stars(image if self.factor == 1 else superpixels(image), max_stars=self.max_stars)
+        """The stars this registrar matches (:func:`registration_stars`)."""
+        return registration_stars(image, mosaic=self._mosaic, max_stars=self.max_stars)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the reference's arrays this registrar holds."""
-        return self.fallback.nbytes + self._ref_yx.nbytes + sum(a.nbytes for a in self._ref_tri)
+        """Bytes of the reference's arrays this registrar holds (the reference frame itself, for
+        its fallback)."""
+        return self._reference.nbytes + self._ref_yx.nbytes + sum(a.nbytes for a in self._ref_tri)
 
     def accepts(self, shift: Shift) -> bool:
         """True for a star fit; a cross-correlation by its significance."""
-        return shift.method == "stars" or self.fallback.accepts(shift)
+        return shift.method == "stars" or shift.significance >= self.min_significance
 
     def measure(self, image: np.ndarray, *, try_flip: bool = False, stars: Stars | None = None) -> Shift:
         """The transform putting ``image`` onto the reference grid (``stars``: its stars when
@@ -609,6 +619,15 @@ class StarRegistrar:
         shift = linear @ centre + offset - centre  # p -> A(p - c) + c + shift
         ratio = stars.flux[paired] / self.reference_stars.flux[index[paired]]
         return linear, shift, int(paired.sum()), rms, float(np.median(ratio))
+
+
+def registration_stars(
+    image: np.ndarray, *, mosaic: bool = False, max_stars: int = REGISTRATION_STARS
+) -> Stars:
+    """The stars registration matches in a frame, and frame quality is measured from
+    (:func:`imgproc.stars.find_stars`): a colour sensor's ``mosaic`` on its 2×2 superpixels
+    (positions in superpixels)."""
+    return find_stars(superpixels(image) if mosaic else image, max_stars=max_stars)
 
 
 #: Transform models of :class:`StarRegistrar`.

@@ -114,12 +114,25 @@ def frame_work(entry: Mapping[str, Any]) -> float:
 
 
 def cut_batches(work: Sequence[float], jobs: int, smallest: int, largest: int) -> list[int]:
-    """Batch index of each item of ``work`` (in order): consecutive items in about ``jobs``
-    batches of equal work, each of at least ``smallest`` units of work (fewer, larger jobs for a
-    small night) and at most ``largest`` units and ``largest`` items. An item heavier than a
-    batch's share is a batch of its own, so ten 61-megapixel frames are ten jobs that the cores
-    share evenly, where ten small frames are one."""
-    share = max(1, min(largest, max(smallest, math.ceil(sum(work) / max(1, jobs) - 1e-9))))
+    """Batch index of each item of ``work`` (in order): consecutive items in up to ``jobs``
+    batches of equal work, each of about ``smallest`` units of work or more (fewer, larger jobs
+    for a small night) and at most ``largest`` units and ``largest`` items. An item heavier than
+    a batch's share is a batch of its own, so ten 61-megapixel frames are ten jobs that the cores
+    share evenly, where ten small frames are one.
+
+    The number of batches is rounded down to a multiple of 4 (of 2, below 4), so that 2 or 4
+    cores run them in full rounds, and the work is spread evenly over them: 40 frames are 4
+    batches of 10, not 5 of 8 whose last one runs alone."""
+    total = sum(work)
+    count = max(1, min(jobs, math.floor(total / max(1, smallest) + 1e-9)))
+    if count > 1:
+        count -= count % (4 if count >= 4 else 2)
+    share = max(1, min(largest, math.ceil(total / count - 1e-9)))
+    return _cut(work, share, largest)
+
+
+def _cut(work: Sequence[float], share: float, largest: int) -> list[int]:
+    """Batch index of each item: a new batch when ``share`` or ``largest`` items are reached."""
     batches: list[int] = []
     index, load, count = 0, 0.0, 0
     for units in work:
@@ -250,10 +263,9 @@ def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
     claimed: dict[str, str] = {}
     for key in sorted(sequences):
         frames = sorted(sequences[key], key=lambda entry: (entry["mid"], entry["path"]))
-        ref = frames[len(frames) // 2 if settings.reference == "middle" else 0]
         threshold = settings.stack_threshold if settings.stack else len(frames)
         groups = stack_groups(len(frames), threshold)
-        mosaic = ref.get("channel") == "M"
+        mosaic = frames[0].get("channel") == "M"
         if mosaic and settings.align:  # a mosaic is never resampled: each light its own output
             groups = [[index] for index in range(len(frames))]
         for members in groups:
@@ -268,15 +280,20 @@ def _group(plan: list[dict[str, Any]], settings: PlanSettings) -> None:
             owner = claimed.setdefault(name, group[0]["path"])
             kind = "stack" if len(group) > 1 else "align" if settings.align and not mosaic else "link"
             for entry in group:
-                # a colour channel frame is registered by its light's green frame
-                reference = (ref.get("measure") or ref["frame_id"]) if settings.align and not mosaic else ""
-                entry.update(output=name, n_group=len(group), pub_kind=kind, reference=reference)
+                entry.update(output=name, n_group=len(group), pub_kind=kind)
                 if owner != group[0]["path"]:
                     entry.update(
                         status=SKIPPED,
                         output="",
                         reason=f"output name {name} is already made from {Path(owner).name}",
                     )
+        # the reference is one of the frames still planned (not one whose name clashed)
+        kept = [entry for entry in frames if entry["status"] == OK] or frames
+        ref = kept[len(kept) // 2 if settings.reference == "middle" else 0]
+        # a colour channel frame is registered by its light's green frame
+        reference = (ref.get("measure") or ref["frame_id"]) if settings.align and not mosaic else ""
+        for entry in frames:
+            entry["reference"] = reference
 
 
 def _assign_batches(plan: list[dict[str, Any]], settings: PlanSettings) -> None:

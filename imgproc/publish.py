@@ -32,7 +32,7 @@ from imgproc.align import (
     StarRegistrar,
     apply_shift,
     pier_side_flip,
-    superpixels,
+    registration_stars,
 )
 from imgproc.cache import FileCache
 from imgproc.colour import channel_shift, read_frame, write_cube
@@ -46,7 +46,7 @@ from imgproc.report import cached_thumbnail
 from imgproc.stack import MEMORY, ArraySource, combine
 from imgproc.stages import problem_item
 from imgproc.stamps import digest, read_json, write_json
-from imgproc.stars import find_stars
+from imgproc.stars import Stars
 from imgproc.timecards import apply_time_cards, header_airmass, kept_history, mean_card_airmass
 from imgproc.verify import file_record, size_problem
 
@@ -176,11 +176,19 @@ def registrar_for(reference: Path, settings: StackSettings) -> AnyRegistrar:
         mosaic = bool(normalise(header)["bayerpat"])  # colour sensors
         options = {"upsample": settings.upsample, "min_significance": settings.min_significance}
         if settings.registration == "stars":
-            return StarRegistrar(data, model=settings.model, mosaic=mosaic, **options)
+            stars = saved_stars(reference)
+            return StarRegistrar(data, model=settings.model, mosaic=mosaic, stars=stars, **options)
         return (MosaicRegistrar if mosaic else Registrar)(data, **options)
 
     key = (settings.upsample, settings.min_significance, settings.registration, settings.model)
     return REGISTRARS.get(key, str(reference), build)
+
+
+def saved_stars(intermediate: Path) -> Stars | None:
+    """The stars measured in an intermediate when it was calibrated (the ``stars`` of its record,
+    :func:`imgproc.stages.measured`), or None."""
+    record = (read_json(intermediate.with_suffix(".json")) or {}).get("stars")
+    return Stars.from_record(record) if record else None
 
 
 def green(data: np.ndarray) -> np.ndarray:
@@ -195,9 +203,11 @@ def measure(
     registrar: AnyRegistrar,
     reference_pierside: str | None,
     cells: int = 1,
+    stars: Stars | None = None,
 ) -> tuple[Shift, FrameQuality]:
     """The shift that puts ``member`` (its pixels ``data``) on the reference grid, and the
-    frame's quality (from the stars the star registrar matches, or found for it alone).
+    frame's quality (from the stars the star registrar matches, or found for it alone). ``stars``:
+    the frame's stars measured when it was calibrated (:func:`saved_stars`), found here without.
 
     A frame whose PIERSIDE differs from the reference's is rotated by 180° (meridian flip)
     before measuring; when either pier side is unknown, the registrar also tries the rotation
@@ -207,11 +217,12 @@ def measure(
     """
     turned = pier_side_flip(reference_pierside, member.pierside)
     image = np.rot90(data, 2) if turned else data
-    if isinstance(registrar, StarRegistrar):
-        stars, factor = registrar.find_stars(image), registrar.factor
-    else:
-        factor = 2 if isinstance(registrar, MosaicRegistrar) else 1
-        stars = find_stars(image if factor == 1 else superpixels(image))
+    mosaic = isinstance(registrar, MosaicRegistrar) or (
+        isinstance(registrar, StarRegistrar) and registrar.factor == 2
+    )
+    if stars is None or turned:  # the stars measured at calibration, unless the frame is turned
+        stars = registration_stars(image, mosaic=mosaic)
+    factor = 2 if mosaic else 1
     # the rotation is worth trying only when the pier sides do not say it is the same
     try_flip = not turned and not (bool(reference_pierside) and bool(member.pierside))
     if isinstance(registrar, StarRegistrar):
@@ -377,9 +388,14 @@ def publish_single_aligned(
         out.set("ALIGNREF", reference, "reference frame (raw light)")
     for key, value, comment in cards:
         out.set(key, value, comment)
-    planes = data if data.ndim == 3 else data[None]
-    moved = np.stack([apply_shift(plane, shift, kernel=kernel) for plane in planes])
-    write_output(target, moved if data.ndim == 3 else moved[0], out)
+    write_output(target, resampled(data, shift, kernel), out)
+
+
+def resampled(data: np.ndarray, shift: Shift, kernel: str) -> np.ndarray:
+    """A frame, or each plane of an RGB cube alike, resampled by ``shift`` (:func:`apply_shift`)."""
+    if data.ndim == 3:
+        return np.stack([apply_shift(plane, shift, kernel=kernel) for plane in data])
+    return apply_shift(data, shift, kernel=kernel)
 
 
 def write_output(target: Path, data: np.ndarray, header: fits.Header) -> None:
@@ -605,21 +621,24 @@ def publish_group(
             keep = len(members) > 1 and group_bytes <= budget
             resample = len(members) > 1 and whole_frames(settings)
 
+            # a thread's frame, its measured (green) frame and its resampled copy: registrations
+            # wait for room in the stacking budget, as strips of the combine do
+            working = 3 * planes * registrar.shape[0] * registrar.shape[1] * 4
+
             def register(
                 member: Member,
             ) -> tuple[Shift, FrameQuality, tuple[np.ndarray, fits.Header] | None]:
-                data, header = read_frame(member.path)
-                probe = green(data) if member.measure is None else read_image(member.measure)[0]
-                cells = int(header.get("CFACELLS", 1))
-                shift, quality = measure(member, probe, registrar, pierside, cells)
-                if resample and not check_shift(shift, registrar):  # see whole_frames
-                    planes = data if data.ndim == 3 else data[None]
-                    moved = np.stack([apply_shift(plane, shift, kernel=settings.kernel) for plane in planes])
-                    data = moved if data.ndim == 3 else moved[0]
-                    if not keep:
-                        data = _spill(data, Path(scratch) / f"{member.frame_id}.npy")
-                    return shift, quality, (data, header)
-                return shift, quality, (data, header) if keep else None
+                with MEMORY.reserve(working, settings.memory_budget):
+                    data, header = read_frame(member.path)
+                    probe = green(data) if member.measure is None else read_image(member.measure)[0]
+                    cells, stars = int(header.get("CFACELLS", 1)), saved_stars(member.measure or member.path)
+                    shift, quality = measure(member, probe, registrar, pierside, cells, stars)
+                    if resample and not check_shift(shift, registrar):  # see whole_frames
+                        data = resampled(data, shift, settings.kernel)
+                        if not keep:
+                            data = _spill(data, Path(scratch) / f"{member.frame_id}.npy")
+                        return shift, quality, (data, header)
+                    return shift, quality, (data, header) if keep else None
 
             with ThreadPoolExecutor(threads) as pool:
                 measured = list(pool.map(register, members))

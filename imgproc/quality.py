@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from imgproc.stars import Stars, find_stars
+from imgproc.stars import Stars
 
 __all__ = [
     "MIN_FRAMES",
@@ -26,7 +26,7 @@ __all__ = [
     "QualityRules",
     "best_frame",
     "frame_quality",
-    "measure_quality",
+    "measure_frame",
     "rejections",
 ]
 
@@ -98,14 +98,14 @@ def frame_quality(stars: Stars, *, factor: int = 1, transparency: float = float(
     )
 
 
-def measure_quality(data: np.ndarray, *, mosaic: bool = False) -> FrameQuality:
-    """The quality of a frame from its pixels (a colour sensor's ``mosaic`` is measured on its
-    2×2 superpixels, as registration measures it)."""
-    from imgproc.align import superpixels
+def measure_frame(data: np.ndarray, *, mosaic: bool = False) -> tuple[FrameQuality, Stars]:
+    """The quality of a frame from its pixels, and the stars it is made of: those registration
+    matches (:func:`imgproc.align.registration_stars`; a colour sensor's ``mosaic`` is measured
+    on its 2×2 superpixels)."""
+    from imgproc.align import registration_stars
 
-    if mosaic:
-        return frame_quality(find_stars(superpixels(data)), factor=2)
-    return frame_quality(find_stars(data))
+    stars = registration_stars(data, mosaic=mosaic)
+    return frame_quality(stars, factor=2 if mosaic else 1), stars
 
 
 def best_frame(qualities: dict[str, FrameQuality], rules: QualityRules | None = None) -> str | None:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,13 +43,16 @@ from imgproc.plan import (
 )
 from imgproc.progress import Progress
 from imgproc.provenance import provenance_cards
-from imgproc.quality import measure_quality
+from imgproc.quality import measure_frame
 from imgproc.report import FRAME_THUMB_MAX, cached_thumbnail, robust_background
 from imgproc.scan import ScanRequest, scan
 from imgproc.stamps import digest, file_id, read_json, receipt_items, write_json
 from imgproc.timecards import VERSION as TIMECARDS_VERSION
 from imgproc.timecards import airmass_problem
 from imgproc.verify import file_record, is_transient, size_problem
+
+if TYPE_CHECKING:
+    from astropy.io import fits
 
 log = logging.getLogger("imgproc")
 _HANDLERS_LOCK = threading.Lock()
@@ -183,12 +186,20 @@ def frame_diagnostics(entry: Mapping[str, Any], stats: Mapping[str, float]) -> s
     return f"{name}: {masters or 'no masters'} sky={stats['sky']:.2f} noise={stats['noise']:.2f}"
 
 
+def measured(data: np.ndarray, header: fits.Header) -> dict[str, Any]:
+    """The ``quality`` record of a calibrated frame (an RGB cube: its green plane) and the
+    ``stars`` it is made of, which registration matches (:func:`imgproc.quality.measure_frame`)."""
+    frame = data[1] if data.ndim == 3 else data
+    quality, stars = measure_frame(frame, mosaic=bool(normalise(header)["bayerpat"]))
+    return {"quality": quality.record(), "stars": stars.record()}
+
+
 def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache, observer: str,
                     binning: int, quality: bool = False) -> dict[str, Any]:  # fmt: skip
     """Calibrate one light to its intermediate, unless an up-to-date one exists; its receipt item.
 
-    With ``quality`` the frame's stars are measured too (:func:`imgproc.quality.measure_quality`:
-    the choice of a sequence's best reference frame), kept beside the intermediate."""
+    With ``quality`` the frame's stars are measured too (:func:`measured`: the choice of a
+    sequence's best reference frame, and its registration), kept beside the intermediate."""
     target = workdir.parent / intermediate(entry["frame_id"])
     stamp_path = target.with_suffix(".json")
     stamp = calibration_stamp(entry, observer, binning)
@@ -196,11 +207,9 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     if previous.get("stamp") == stamp:
         problem = size_problem(target, previous) or checksum_problem(target)
         if not problem:
-            if quality and "quality" not in previous:  # calibrated by a run that did not measure
+            if quality and "stars" not in previous:  # calibrated by a run that did not measure
                 data, header = read_frame(target)
-                previous["quality"] = measure_quality(
-                    data[1] if data.ndim == 3 else data, mosaic=bool(normalise(header)["bayerpat"])
-                ).record()
+                previous |= measured(data, header)
                 write_json(stamp_path, previous)
             return {
                 "status": "reused",
@@ -230,7 +239,7 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     stats, no_airmass, size = frame_statistics(frame), airmass_problem(header), file_record(target)
     record = {"stamp": stamp, "source": entry["path"], "stats": stats, "no_airmass": no_airmass, **size}
     if quality:
-        record["quality"] = measure_quality(frame, mosaic=bool(normalise(header)["bayerpat"])).record()
+        record |= measured(data, header)
     write_json(stamp_path, record)
     log.debug("%s", frame_diagnostics(entry, stats))
     return {"status": "calibrated", "stamp": stamp, "no_airmass": no_airmass, **stats, **size}
@@ -251,7 +260,12 @@ def run_calibrate_batch(
     progress = Progress(f"calibrate {receipt.stem}", len(entries))
     for done, entry in enumerate(entries, start=1):
         try:
-            measure = quality and bool(entry.get("reference"))
+            # aligned frames; a colour light's channel frames are registered by its green one
+            measure = (
+                quality
+                and bool(entry.get("reference"))
+                and entry.get("measure") in (None, "", entry["frame_id"])
+            )
             results[entry["frame_id"]] = calibrate_entry(entry, workdir, MASTERS, observer, binning, measure)
         except Exception as exc:  # one frame's error, whatever it is, must not stop the batch
             inputs = [entry["path"], *(entry[role] for role in ROLES if entry.get(role))]

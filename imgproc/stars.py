@@ -21,7 +21,9 @@ are within 0.02-0.05 px of the truth for stars of SNR > 30; FWHM within 3 %.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import bottleneck as bn
 import numpy as np
@@ -36,6 +38,8 @@ STAT_STEP = 4
 _DESPIKE_SIGMA = 5.0
 #: Centroid iterations (the windowed centroid converges to 1e-3 px in 4-6).
 _ITERATIONS = 8
+#: The arrays of :class:`Stars`.
+_ARRAYS = ("y", "x", "flux", "fwhm", "roundness")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,17 @@ class Stars:
 
     def __len__(self) -> int:
         return int(self.y.size)
+
+    def record(self) -> dict[str, Any]:
+        """The stars as JSON-ready lists and numbers (:meth:`from_record` gives them back bit
+        for bit: calibration keeps them beside a frame for its registration)."""
+        return {key: getattr(self, key).tolist() for key in _ARRAYS} | {"sky": self.sky, "noise": self.noise}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Stars:
+        """The stars of a :meth:`record`."""
+        arrays = (np.asarray(record[key], dtype=np.float64) for key in _ARRAYS)
+        return cls(*arrays, float(record["sky"]), float(record["noise"]))
 
     @property
     def yx(self) -> np.ndarray:
@@ -172,10 +187,13 @@ def _peaks(smooth: np.ndarray, threshold: float, edge: int) -> tuple[np.ndarray,
 def _stamps(data: np.ndarray, iy: np.ndarray, ix: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     """(n, 2r+1, 2r+1) stamps around the peaks (zero outside the frame) and their offsets."""
     off = np.arange(-r, r + 1)
-    padded = np.pad(data, r)
-    rows = (iy + r)[:, None, None] + off[None, :, None]
-    cols = (ix + r)[:, None, None] + off[None, None, :]
-    return padded[rows, cols].astype(np.float64), off.astype(np.float64)
+    ny, nx = data.shape
+    rows = iy[:, None, None] + off[None, :, None]
+    cols = ix[:, None, None] + off[None, None, :]
+    inside = (rows >= 0) & (rows < ny) & (cols >= 0) & (cols < nx)  # no padded copy of the frame
+    stamps = data[np.clip(rows, 0, ny - 1), np.clip(cols, 0, nx - 1)].astype(np.float64)
+    stamps[~inside] = 0.0
+    return stamps, off.astype(np.float64)
 
 
 def _stamp_sum(data: np.ndarray, iy: np.ndarray, ix: np.ndarray, r: int) -> np.ndarray:

@@ -205,8 +205,8 @@ def test_make_plan_batches_cover_every_light_and_respect_max_batch(rows, batches
 def test_make_plan_min_batch_keeps_small_nights_in_few_jobs(rows):
     plan = make_plan(rows, PlanSettings(batches=8, min_batch=8))
     assert {entry["cal_batch"] for entry in plan} == {"c0000"}
-    plan = make_plan(rows, PlanSettings(batches=8, min_batch=3))
-    assert sorted(Counter(entry["cal_batch"] for entry in plan).values()) == [2, 3, 3]
+    plan = make_plan(rows, PlanSettings(batches=8, min_batch=3))  # 3 + 3 + 2 would leave one alone
+    assert sorted(Counter(entry["cal_batch"] for entry in plan).values()) == [4, 4]
 
 
 def test_make_plan_without_a_bias_match_skips_with_nearest_candidate(own_night):
@@ -378,13 +378,25 @@ def test_batches_share_the_work_of_big_frames_evenly() -> None:
     # 300 frames of 2048²: 16 batches of 19 frames, as counting frames gave
     small = cut_batches([1.0] * 300, 16, 8, 100)
     assert sorted(Counter(small).values()) == [15] + [19] * 15
-    assert cut_batches([1.0] * 30, 16, 8, 100) == [i // 8 for i in range(30)]  # at least min_batch
+    assert cut_batches([1.0] * 30, 16, 8, 100) == [i // 15 for i in range(30)]  # at least min_batch
     assert max(Counter(cut_batches([1.0] * 1000, 2, 8, 100)).values()) == 100  # at most max_batch
     mixed = cut_batches([1.0] * 20 + [big] * 2, 4, 1, 100)
     work = Counter()
     for units, batch in zip([1.0] * 20 + [big] * 2, mixed, strict=True):
         work[batch] += units
     assert max(work.values()) <= big + 1e-9 and mixed == sorted(mixed)
+
+
+@pytest.mark.parametrize(
+    ("frames", "sizes"),
+    [(40, [10] * 4), (20, [10, 10]), (12, [6, 6]), (27, [7, 7, 7, 6]), (300, [19] * 15 + [15])],
+)
+def test_batches_come_in_full_rounds_of_two_or_four_cores(frames: int, sizes: list[int]) -> None:
+    """5 batches of 8 would leave the last one alone on 2 or 4 cores: 4 of 10 instead; the work
+    is spread evenly over the batches (20 frames: not 6 + 6 + 6 + 2)."""
+    from imgproc.plan import cut_batches
+
+    assert sorted(Counter(cut_batches([1.0] * frames, 16, 6, 100)).values(), reverse=True) == sizes
 
 
 def test_make_plan_gives_big_frames_a_job_each(rows) -> None:

@@ -231,6 +231,20 @@ def test_panoptes_crops_read_skip_and_report(run) -> None:
     assert fits.getdata(result.out / name).shape == (350, 350)
 
 
+def test_panoptes_aligned_frames_are_registered_to_a_frame_still_planned(run) -> None:
+    """unsolved.fits, first of the 700 px crops, is skipped for its name: solved.fits, the other,
+    is its sequence's reference (it was registered to the skipped one, and not written)."""
+    result = run(PANOPTES, ".", "-a")
+    assert result.status == EXIT_INCOMPLETE and len(result.summary["skipped"]) == 2
+    assert len(result.outputs()) == 8
+    solved = [
+        row for row in read_tsv(result.out / "work" / "plan.tsv") if row["path"].endswith("/solved.fits.fz")
+    ]
+    assert {row["reference"] for row in solved} == {
+        next(r["frame_id"] for r in solved if r["channel"] == "G")
+    }
+
+
 # --- every set: the times EXOTIC and AstroImageJ read (issue 19) ---------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from conftest import master_flags, reference_light, run_cli, sha256_tree
 
 from imgproc import publish
 from imgproc.align import Registrar
+from imgproc.cache import FileCache
 from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
 from imgproc.dag import Layout
 from imgproc.manifest import read_tsv
@@ -162,6 +164,76 @@ def test_frames_kept_from_registering_to_combining_give_the_same_stack(
             if settings == default:
                 assert stacks[0] == made.read_bytes()
     assert not list((out / "work" / "pub").glob("resampled-*"))  # the spilled frames are removed
+
+
+def test_stars_measured_at_calibration_are_not_found_again_and_give_the_same_stack(
+    night, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calibration keeps each aligned frame's stars beside it; registration matches those (no
+    second detection) and the stack is the same bytes as with stars found again."""
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_OK
+    plan = read_tsv(out / "work" / "plan.tsv")
+    settings = StackSettings(**Layout(yaml.safe_load((out / "imgproc.yaml").read_text())).stack_params())
+    found: list[tuple[int, int]] = []
+    original = publish.registration_stars
+    monkeypatch.setattr(
+        publish, "registration_stars", lambda image, **kw: found.append(image.shape) or original(image, **kw)
+    )
+    monkeypatch.setattr(publish, "REGISTRARS", FileCache(1 << 30))
+    made = sorted(out.glob("*.fits"))[0]
+    group = [row for row in plan if row["output"] == made.name]
+    reference = next(row for row in plan if row["path"] == str(reference_light(out, made.name)))
+    saved = publish.publish_group(made.name, group, reference, out / "work", tmp_path / "saved", settings)
+    assert saved["status"] == "written" and found == []
+    for row in group:  # as calibrated by a run that did not keep them
+        record_path = out / "work" / "cal" / f"{row['frame_id']}.json"
+        record = json.loads(record_path.read_text())
+        assert len(record["stars"]["y"]) == record["quality"]["stars"] > 10
+        del record["stars"]
+        record_path.write_text(json.dumps(record))
+    monkeypatch.setattr(publish, "REGISTRARS", FileCache(1 << 30))
+    again = publish.publish_group(made.name, group, reference, out / "work", tmp_path / "found", settings)
+    assert (
+        again["status"] == "written" and len(found) == 4
+    )  # the frames' stars (the reference's: its registrar)
+    assert (tmp_path / "found" / made.name).read_bytes() == (tmp_path / "saved" / made.name).read_bytes()
+
+
+def test_registrations_wait_for_room_in_the_stacking_budget(
+    night, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each registering thread holds about three frames (the frame, its measured frame, its
+    resampled copy): with a budget of four frames only one registers at a time, with a large
+    one both threads do; the stack is the same bytes."""
+    out = tmp_path / "out"
+    assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_OK
+    plan = read_tsv(out / "work" / "plan.tsv")
+    settings = StackSettings(**Layout(yaml.safe_load((out / "imgproc.yaml").read_text())).stack_params())
+    made = sorted(out.glob("*.fits"))[0]
+    group = [row for row in plan if row["output"] == made.name]
+    reference = next(row for row in plan if row["path"] == str(reference_light(out, made.name)))
+    frame_bytes = fits.getdata(made).size * 4
+    original, running, most = publish.measure, [0], [0]
+
+    def slow_measure(*args, **kwargs):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        time.sleep(0.2)  # long enough for the other thread to start, if it may
+        running[0] -= 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(publish, "measure", slow_measure)
+    stacks = {}
+    for frames in (4, 1000):
+        most[0] = 0
+        folder = tmp_path / str(frames)
+        budget = replace(settings, memory_budget=frames * frame_bytes)
+        item = publish.publish_group(made.name, group, reference, out / "work", folder, budget, threads=2)
+        assert item["status"] == "written"
+        stacks[frames] = (most[0], (folder / made.name).read_bytes())
+    assert stacks[4][0] == 1 and stacks[1000][0] == 2
+    assert stacks[4][1] == stacks[1000][1]
 
 
 def test_meridian_flip_is_rotated_before_registration(tmp_path: Path) -> None:
