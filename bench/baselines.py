@@ -10,7 +10,13 @@ non-finite are NaN) and written as a float32 FITS file.
 ``flat_correct``, ``CCDData.write``, in a ``multiprocessing.Pool(cores)`` with the masters read
 once per worker.
 
-``--mode stack`` (like ``imgproc -s -S T -a``): each pool task is one group of ``round(n/T)``
+``--binning N`` (reference only, like ``imgproc -b N``) bins each calibrated light with
+:func:`imgproc.binning.bin_image` (and :func:`~imgproc.binning.bin_header`) before anything else.
+
+``--align`` without stack mode (reference only, like ``imgproc -a``): each light is registered
+on the first light of its filter and resampled as below, and written alone.
+
+``--mode stack --align`` (like ``imgproc -s -S T -a``): each pool task is one group of ``round(n/T)``
 consecutive lights of a filter (:func:`stack_groups`, the original tool's rule), calibrated in
 memory (the method's own way), then:
 
@@ -23,10 +29,12 @@ memory (the method's own way), then:
   (``upsample_factor=20``) against the first light of the filter, ``scipy.ndimage.shift``
   (cubic, NaN outside the frame, masked) and ``ccdproc.combine`` (median, 3-sigma clipping).
 
-No intermediate files.
+``--mode stack`` without ``--align`` (reference only, like ``imgproc -s``): the group's lights are
+combined as they are. No intermediate files.
 
 Usage: ``python bench/baselines.py {reference,ccdproc} NIGHT_JSON OUT --mode {calibrate,stack}
---cores N [--threshold 20]``. ``OUT/groups.json`` maps every output file to its lights.
+[--align] [--binning N] --cores N [--threshold 20]``. ``OUT/groups.json`` maps every output file
+to its lights.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ _REGISTRARS: dict[str, Any] = {}
 _REFERENCE_DATA: dict[str, np.ndarray] = {}
 _REFERENCES: dict[str, dict[str, str]] = {}
 _SETTINGS: dict[str, Any] = {}
+_BINNING: list[int] = [1]
 
 
 def stack_settings() -> dict[str, Any]:
@@ -103,23 +112,30 @@ def normalise_flat(flat: np.ndarray) -> np.ndarray:
     return out
 
 
-def init_reference(masters: dict[str, str], references: dict[str, dict[str, str]]) -> None:
-    """Pool initializer: read every master once (native float32), flats normalised."""
+def init_reference(masters: dict[str, str], references: dict[str, dict[str, str]], binning: int = 1) -> None:
+    """Pool initializer: read every master once (native float32), flats normalised; lights are
+    binned by ``binning`` once calibrated."""
     warnings.simplefilter("ignore")
     _REFERENCES.update(references)
+    _BINNING[0] = binning
     for name, path in masters.items():
         data = np.asarray(fits.getdata(path), dtype=np.float32)
         _MASTERS[name] = normalise_flat(data) if is_flat(path) else data
 
 
 def calibrate_reference(path: str, light: dict[str, str]) -> tuple[np.ndarray, fits.Header]:
-    """Read a light with astropy and calibrate it in float32."""
+    """Read a light with astropy and calibrate it in float32 (binned with imgproc's functions
+    when the pool bins)."""
     with fits.open(path, memmap=False) as hdul:
         data = np.array(hdul[0].data, dtype=np.float32)
         header = hdul[0].header.copy()
     np.subtract(data, _MASTERS[light["bias"]], out=data)
     np.subtract(data, _MASTERS[light["dark"]], out=data)
     np.divide(data, _MASTERS[light["flat"]], out=data)
+    if _BINNING[0] > 1:
+        from imgproc.binning import bin_header, bin_image
+
+        return bin_image(data, _BINNING[0]), bin_header(header, _BINNING[0])
     return data, header
 
 
@@ -132,7 +148,7 @@ def write_float32(path: Path, data: np.ndarray, header: fits.Header) -> None:
 # --- the ccdproc way -------------------------------------------------------------------------
 
 
-def init_ccdproc(masters: dict[str, str], references: dict[str, dict[str, str]]) -> None:
+def init_ccdproc(masters: dict[str, str], references: dict[str, dict[str, str]], binning: int = 1) -> None:
     """Pool initializer: every master read once as CCDData."""
     from astropy.nddata import CCDData
 
@@ -167,6 +183,33 @@ def task_calibrate(job: tuple[str, str, dict[str, str], str]) -> None:
         calibrate_ccdproc(path, light).write(target, overwrite=True)
 
 
+def task_align(job: tuple[str, str, dict[str, str], str]) -> dict[str, Any]:
+    """One light (reference only): calibrate, register on the first light of its filter and
+    resample (:func:`aligned`); write it unless the registrar does not accept it."""
+    _, path, light, target = job
+    data, header = calibrate_reference(path, light)
+    frame = aligned(registrar(light["filter"]), data)
+    if frame is None:
+        return {"excluded": [light["name"]]}
+    write_float32(Path(target), frame, header)
+    return {"excluded": []}
+
+
+def aligned(reg: Any, data: np.ndarray) -> np.ndarray | None:
+    """``data`` registered by ``reg`` (``try_flip=True``) and resampled with
+    :func:`imgproc.align.apply_shift`; None when the registrar does not accept it."""
+    from dataclasses import replace
+
+    from imgproc.align import apply_shift
+
+    shift = reg.measure(data, try_flip=True)
+    if not reg.accepts(shift):
+        return None
+    if shift.flipped:
+        data = np.rot90(data, 2).copy()
+    return apply_shift(data, replace(shift, flipped=False), kernel=stack_settings()["kernel"])
+
+
 def registrar(filt: str) -> Any:
     """The Registrar of a filter's reference light, built once per worker."""
     import inspect
@@ -177,7 +220,8 @@ def registrar(filt: str) -> Any:
         ref = _REFERENCES[filt]
         data, _ = calibrate_reference(ref["path"], ref)
         accepted = inspect.signature(Registrar).parameters
-        options = {k: v for k, v in stack_settings().items() if k in accepted}
+        # "reference" is the workflow's choice of reference frame, not the Registrar's argument
+        options = {k: v for k, v in stack_settings().items() if k in accepted and k != "reference"}
         _REGISTRARS[filt] = Registrar(data, **options)
     return _REGISTRARS[filt]
 
@@ -208,29 +252,24 @@ def stack_ccdproc(filt: str, members: list[tuple[str, dict[str, str]]], target: 
     return {"excluded": []}
 
 
-def task_stack(job: tuple[str, str, list[tuple[str, dict[str, str]]], str]) -> dict[str, Any]:
-    """One group: calibrate in memory, register, resample and combine; write the stack."""
-    from dataclasses import replace
-
-    from imgproc.align import apply_shift
+def task_stack(job: tuple[str, str, bool, list[tuple[str, dict[str, str]]], str]) -> dict[str, Any]:
+    """One group: calibrate in memory, register and resample (``align``), combine; write the stack."""
     from imgproc.stack import ArraySource, combine
 
-    method, filt, members, target = job
+    method, filt, align, members, target = job
     if method == "ccdproc":
         return stack_ccdproc(filt, members, target)
-    reg = registrar(filt)
+    reg = registrar(filt) if align else None
     settings = stack_settings()
     frames, header, excluded = [], None, []
     for path, light in members:
         data, head = calibrate_reference(path, light)
-        shift = reg.measure(data, try_flip=True)
-        if not reg.accepts(shift):
+        frame = data if reg is None else aligned(reg, data)
+        if frame is None:
             excluded.append(light["name"])
             continue
         header = header if header is not None else head
-        if shift.flipped:
-            data = np.rot90(data, 2).copy()
-        frames.append(apply_shift(data, replace(shift, flipped=False), kernel=settings["kernel"]))
+        frames.append(frame)
     if not frames:
         return {"excluded": excluded}
     if len(frames) == 1:
@@ -260,36 +299,49 @@ def stack_groups(n_frames: int, threshold: int) -> list[list[int]]:
 # --- driver ----------------------------------------------------------------------------------
 
 
-def run(method: str, night: dict[str, Any], out: Path, mode: str, cores: int, threshold: int) -> dict:
+def run(
+    method: str,
+    night: dict[str, Any],
+    out: Path,
+    mode: str,
+    cores: int,
+    threshold: int,
+    align: bool = False,
+    binning: int = 1,
+) -> dict:
     """Process the night into ``out``; returns {output name: [light names]} and exclusions."""
+    if method == "ccdproc" and (binning > 1 or align != (mode == "stack")):
+        raise SystemExit("the ccdproc baseline calibrates, or stacks with --align; it does not bin")
     out.mkdir(parents=True, exist_ok=True)
     light_dir = Path(night["root"]) / "lights"
     lights = night["lights"]
     init = init_reference if method == "reference" else init_ccdproc
     groups: dict[str, list[str]] = {}
-    references: dict[str, dict[str, str]] = {}
+    by_filter: dict[str, list[dict[str, str]]] = {}
+    for light in lights:
+        by_filter.setdefault(light["filter"], []).append(light)
+    references = {
+        filt: {**seq[0], "path": str(light_dir / seq[0]["name"])} for filt, seq in by_filter.items()
+    }
     if mode == "calibrate":
         jobs: list[Any] = []
         for light in lights:
             name = Path(light["name"]).stem + ".fits"
             groups[name] = [light["name"]]
             jobs.append((method, str(light_dir / light["name"]), light, str(out / name)))
-        task: Any = task_calibrate
+        task: Any = task_align if align else task_calibrate
     else:
-        by_filter: dict[str, list[dict[str, str]]] = {}
-        for light in lights:
-            by_filter.setdefault(light["filter"], []).append(light)
         jobs = []
         for filt, seq in sorted(by_filter.items()):
-            references[filt] = {**seq[0], "path": str(light_dir / seq[0]["name"])}
             for index, members in enumerate(stack_groups(len(seq), threshold)):
                 name = f"stack_{filt}_{index:04d}.fits"
                 group = [seq[i] for i in members]
                 groups[name] = [g["name"] for g in group]
-                jobs.append((method, filt, [(str(light_dir / g["name"]), g) for g in group], str(out / name)))
+                files = [(str(light_dir / g["name"]), g) for g in group]
+                jobs.append((method, filt, align, files, str(out / name)))
         task = task_stack
     excluded: list[str] = []
-    pool = multiprocessing.Pool(cores, initializer=init, initargs=(master_paths(night), references))
+    pool = multiprocessing.Pool(cores, initializer=init, initargs=(master_paths(night), references, binning))
     try:
         for result in pool.imap_unordered(task, jobs, chunksize=1):
             if result:
@@ -310,9 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("calibrate", "stack"), default="calibrate")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--threshold", type=int, default=20)
+    parser.add_argument("--align", action="store_true", help="register and resample (imgproc -a)")
+    parser.add_argument("--binning", type=int, default=1, help="bin the calibrated lights (imgproc -b)")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
-    run(args.method, load_night(args.night_json), args.out, args.mode, args.cores, args.threshold)
+    night = load_night(args.night_json)
+    run(args.method, night, args.out, args.mode, args.cores, args.threshold, args.align, args.binning)
     return 0
 
 

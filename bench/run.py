@@ -36,6 +36,21 @@ MODES = {"calibrate": [], "stack": ["-s", "-S", "20", "-a"]}
 BIG_STACK = ["-s", "-S", "1", "-a"]
 STACK_THRESHOLD = 20
 STACK_BUDGET_MIB = 2048  # config.yaml stacking.memory_budget_mb
+#: What imgproc may use beyond its budget, summed over its processes: interpreters, libraries,
+#: Snakemake's DAG and the frames in flight outside the stacks (the targets' margin).
+MEMORY_MARGIN_MIB = 300
+#: The big-sensor case (issue 23): nights of an IMX455's frames, (ny, nx), in every mode, with
+#: stacking.memory_budget_mb at each of BIG_BUDGETS_MIB. Its stacks are one per filter (-S 1).
+#: Aligned, imgproc registers on the first light of each filter, as the reference does, so that
+#: their outputs can be compared (its default, the sharpest frame, moves every output).
+BIG_SHAPE = (6388, 9576)
+FIRST = ["-a", "--set", "alignment.reference=first"]
+BIG_MODES = {
+    "calibrate": [], "bin2": ["-b", "2"], "align": FIRST, "stack": ["-s", "-S", "1"],
+    "stack-align": ["-s", "-S", "1", *FIRST],
+}  # fmt: skip
+BIG_BUDGETS_MIB = (2048, 1024)
+BIG_RATIO = 1.1  # imgproc wall / reference, the big-sensor target
 # What the imgproc command sets for Snakemake; the baselines' pool workers get the same, so no
 # method runs idle BLAS threads (the registration pins BLAS to one thread itself).
 ONE_THREAD = {
@@ -51,16 +66,20 @@ PAGE = 1024**2
 
 
 def night_params(
-    frames: int, size: int, stars: int | None = None, filters: tuple[str, ...] = ("V", "R")
+    frames: int,
+    size: int | tuple[int, int],
+    stars: int | None = None,
+    filters: tuple[str, ...] = ("V", "R"),
 ) -> dict[str, Any]:
-    """Parameters of a benchmark night (``stars`` None: synth's default of 80 per frame)."""
+    """Parameters of a benchmark night: frames of ``size`` (a side, or (ny, nx)); ``stars``
+    None is synth's default of 80 per frame."""
     from imgproc import __version__
 
     if frames % len(filters):
         raise SystemExit(f"--frames must be a multiple of {len(filters)} (the filters share them)")
     return {
         "n_lights_per_filter": frames // len(filters),
-        "shape": [size, size],
+        "shape": [size, size] if isinstance(size, int) else list(size),
         "filters": list(filters),
         "dtype": "uint16",
         "distractors": False,
@@ -497,30 +516,40 @@ class Bench:
         ]  # fmt: skip
         return [*cmd, "--", *passthrough] if passthrough else cmd
 
-    def run_method(self, method: str, mode: str) -> tuple[dict[str, Any], Path]:
-        out = self.runs / f"{mode}-{method}"
+    def run_method(
+        self, method: str, mode: str, flags: list[str] | None = None, label: str | None = None
+    ) -> tuple[dict[str, Any], Path]:
+        """Run ``method`` with imgproc's command-line ``flags`` (default ``MODES[mode]``; a
+        baseline is given the same mode, alignment, binning and threshold) into ``runs/LABEL``
+        (default ``mode-method``)."""
+        flags = MODES[mode] if flags is None else flags
+        label = label or f"{mode}-{method}"
+        out = self.runs / label
         shutil.rmtree(out, ignore_errors=True)
         root = Path(self.night["root"])
         if method == "imgproc":
-            cmd = self.imgproc_cmd(root, out, MODES[mode])
+            cmd = self.imgproc_cmd(root, out, flags)
         else:
+            threshold = flags[flags.index("-S") + 1] if "-S" in flags else str(STACK_THRESHOLD)
             cmd = [
                 sys.executable, str(BASELINES), method, str(self.night_json), str(out),
-                "--mode", mode, "--cores", str(self.args.cores), "--threshold", str(STACK_THRESHOLD),
+                "--mode", "stack" if "-s" in flags else "calibrate", "--cores", str(self.args.cores),
+                "--threshold", threshold, "--binning", flags[flags.index("-b") + 1] if "-b" in flags else "1",
+                *(["--align"] if "-a" in flags else []),
             ]  # fmt: skip
         self.quiet()
-        print(f"[{mode}] {method} ...", flush=True)
+        print(f"[{label}] {method} ...", flush=True)
         env = None if method == "imgproc" else {**os.environ, **ONE_THREAD}
-        result = measure(cmd, log=self.logs / f"{mode}-{method}.log", env=env)
+        result = measure(cmd, log=self.logs / f"{label}.log", env=env)
         print(
-            f"[{mode}] {method}: exit {result['status']}, wall {result['wall_s']} s, "
+            f"[{label}] {method}: exit {result['status']}, wall {result['wall_s']} s, "
             f"cpu {result['cpu_s']} s, "
             f"peak RSS sum {result['peak_rss_sum_mib']} MiB, single {result['peak_rss_single_mib']} MiB, "
             f"foreign cpu {result['foreign_cpu_s']} s",
             flush=True,
         )
         if result["status"] != 0:
-            print(f"  !! {method} failed; see {self.logs / f'{mode}-{method}.log'}", flush=True)
+            print(f"  !! {method} failed; see {self.logs / f'{label}.log'}", flush=True)
         return result, out
 
     def mode(self, mode: str) -> None:
@@ -667,6 +696,44 @@ class Bench:
         if not self.args.keep_outputs:
             shutil.rmtree(out, ignore_errors=True)
 
+    def big_mode(self, mode: str) -> dict[str, Any]:
+        """One mode of the big-sensor case, ``--repeat`` times: the reference, then imgproc with
+        each memory budget of ``--big-budgets``, the fastest run of each kept. The first round's
+        outputs are compared with the reference's (aligned outputs by correlation: the reference
+        registers on the first light by cross-correlation, imgproc by its config)."""
+        flags = BIG_MODES[mode]
+        block: dict[str, Any] = {"flags": flags, "runs": {}, "checks": {}}
+        loose = {"min_corr": 0.99} if "-a" in flags else {}
+        walls: dict[str, list[float]] = defaultdict(list)
+
+        def keep(label: str, result: dict[str, Any]) -> None:
+            walls[label].append(result["wall_s"])
+            best = block["runs"].get(label)
+            if best is None or (result["status"] == 0 and result["wall_s"] < best["wall_s"]):
+                block["runs"][label] = result
+
+        for rep in range(self.args.repeat):
+            ref, ref_out = self.run_method("reference", mode, flags, f"big-{mode}-reference")
+            self.digest_run("reference", mode, ref, ref_out)
+            keep("reference", ref)
+            for budget in self.args.big_budgets:
+                label = f"imgproc-{budget}"
+                setting = ["--set", f"stacking.memory_budget_mb={budget}"]
+                result, out = self.run_method("imgproc", mode, [*flags, *setting], f"big-{mode}-{label}")
+                self.digest_run("imgproc", mode, result, out)
+                result["budget_mib"] = budget
+                keep(label, result)
+                if rep == 0 and result["status"] == 0 and ref["status"] == 0:
+                    block["checks"][label] = compare(out, ref_out, 1e-6, **loose)
+                    print(f"  vs reference: {block['checks'][label]}", flush=True)
+                if not self.args.keep_outputs:
+                    shutil.rmtree(out, ignore_errors=True)
+            if not self.args.keep_outputs:
+                shutil.rmtree(ref_out, ignore_errors=True)
+        for label, result in block["runs"].items():
+            result["all_walls_s"] = walls[label]
+        return block
+
     def tiny(self) -> None:
         n = self.args.tiny
         _, meta = ensure_night(self.args.data, f"tiny{n}", night_params(n, 16))
@@ -687,6 +754,9 @@ class Bench:
             result = measure(
                 self.imgproc_cmd(root, out, [], passthrough), log=self.logs / f"tiny-{label}.log"
             )
+            if label == "real_run":
+                info["stages"] = long_night_stages(imgproc_breakdown(result, out, self.args.cores), out)
+                print(f"  {info['stages']}", flush=True)
             result.pop("_records"), result.pop("_t0")
             print(
                 f"  {label}: exit {result['status']}, wall {result['wall_s']} s, cpu {result['cpu_s']} s",
@@ -696,6 +766,26 @@ class Bench:
         self.results["tiny"] = info
         if not self.args.keep_outputs:
             shutil.rmtree(out, ignore_errors=True)
+
+
+def long_night_stages(breakdown: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The plan's and the report's seconds in a real run (from when the files before and after
+    them were written: the manifest and the plan, the summary and the report) and the report's
+    size and number of images (its thumbnails are a sample of the frames)."""
+    ends = breakdown["stages_end_s"]
+    report = out / "report.html"
+    text = report.read_text(encoding="utf-8", errors="replace") if report.exists() else ""
+
+    def between(first: str, last: str) -> float | None:
+        return round(ends[last] - ends[first], 2) if first in ends and last in ends else None
+
+    return {
+        "scan_end_s": ends.get("scan"),
+        "plan_s": between("scan", "plan"),
+        "report_s": between("summary", "report"),
+        "report_bytes": len(text.encode("utf-8")),
+        "report_images": text.count("<img"),
+    }
 
 
 def git_state() -> dict[str, Any]:
@@ -723,14 +813,16 @@ def ratio(a: float, b: float) -> float | None:
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    lines = [
-        f"imgproc benchmark: {args.frames} frames of {args.size}x{args.size} (uint16, 2 filters, "
-        f"{results['night']['n_stars']} stars), {args.cores} cores, {results['machine']}, "
-        f"fastest of {args.repeat} run(s) per method",
-        "",
-        f"{'mode':<10}{'method':<11}{'wall s':>9}{'cpu s':>9}{'RSS sum MiB':>13}{'RSS max MiB':>13}"
-        f"{'foreign cpu s':>15}  exit",
-    ]
+    lines = []
+    if "night" in results:
+        lines += [
+            f"imgproc benchmark: {args.frames} frames of {args.size}x{args.size} (uint16, 2 filters, "
+            f"{results['night']['n_stars']} stars), {args.cores} cores, {results['machine']}, "
+            f"fastest of {args.repeat} run(s) per method",
+            "",
+            f"{'mode':<10}{'method':<11}{'wall s':>9}{'cpu s':>9}{'RSS sum MiB':>13}{'RSS max MiB':>13}"
+            f"{'foreign cpu s':>15}  exit",
+        ]
     for mode, block in results.get("modes", {}).items():
         runs = block["runs"]
         for method, r in runs.items():
@@ -781,6 +873,34 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
             f"\nimgproc {' '.join(BIG_STACK)} (stacks of {r['frames_per_stack']} frames): exit "
             f"{r['status']}, wall {r['wall_s']} s, peak RSS (all imgproc processes) {r['peak_rss_mib']} MiB"
         )
+    for frames, modes in results.get("big", {}).items():
+        lines += [
+            "",
+            f"big sensor: {frames} frames of {BIG_SHAPE[1]}x{BIG_SHAPE[0]} (uint16, 2 filters), "
+            f"{args.cores} cores, {results['machine']}",
+            f"{'mode':<12}{'method':<14}{'wall s':>8}{'cpu s':>8}{'RSS sum MiB':>13}{'RSS max MiB':>13}"
+            f"{'foreign cpu s':>15}  exit",
+        ]
+        for mode, block in modes.items():
+            ref = block["runs"]["reference"]
+            for label, r in block["runs"].items():
+                lines.append(
+                    f"{mode:<12}{label:<14}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['peak_rss_sum_mib']:>13.0f}"
+                    f"{r['peak_rss_single_mib']:>13.0f}{r['foreign_cpu_s']:>15.1f}  {r['status']}"
+                    + (f"  {ratio(r['wall_s'], ref['wall_s'])}x wall" if label != "reference" else "")
+                    + (f"  (walls {r['all_walls_s']})" if len(r.get("all_walls_s", [])) > 1 else "")
+                )
+            for label, check in block["checks"].items():
+                agreement = (
+                    f"lowest correlation {check['lowest_corr']:.4f}"
+                    if check.get("min_corr") is not None
+                    else f"max rel diff {check['max_rel_diff']:.2e}"
+                )
+                lines.append(
+                    f"{'':<12}{label} vs reference: {check['allclose']}/{check['compared']} agree "
+                    f"({agreement}), {check['bit_identical']} bit-identical -> "
+                    f"{'OK' if check['ok'] else 'DIFFERENT'}"
+                )
     if "noop_rerun" in results:
         r = results["noop_rerun"]
         lines.append(
@@ -796,6 +916,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     if "tiny" in results:
         t = results["tiny"]
         lines.append(f"tiny night of {t['frames']} frames of 16x16:")
+        if "stages" in t:
+            st = t["stages"]
+            lines.append(
+                f"  real run: scan ended at {st['scan_end_s']} s, plan {st['plan_s']} s, "
+                f"report {st['report_s']} s; report.html {st['report_bytes'] / 1024**2:.1f} MiB "
+                f"with {st['report_images']} images"
+            )
         for label in ("dry_run_fresh", "real_run", "dry_run_after_run", "noop_rerun"):
             if label in t:
                 r = t[label]
@@ -840,6 +967,19 @@ def targets(results: dict[str, Any]) -> list[str]:
         peak = big["peak_rss_mib"] if big["status"] == 0 else float("inf")
         check(f"stacks of {max(big['frames_per_stack'], default=0)} frames: imgproc peak RSS "
               f"<= {STACK_BUDGET_MIB + 300} MiB", peak, STACK_BUDGET_MIB + 300)  # fmt: skip
+    for frames, modes in results.get("big", {}).items():
+        for mode, block in modes.items():
+            ref = block["runs"]["reference"]
+            for label, r in block["runs"].items():
+                if label == "reference":
+                    continue
+                wall = ratio(r["wall_s"], ref["wall_s"]) if r["status"] == 0 else float("inf")
+                check(
+                    f"big {frames} {mode} {label}: imgproc wall / reference <= {BIG_RATIO}", wall, BIG_RATIO
+                )
+                peak = r["peak_rss_sum_mib"] if r["status"] == 0 else float("inf")
+                limit = r["budget_mib"] + MEMORY_MARGIN_MIB
+                check(f"big {frames} {mode} {label}: peak RSS sum <= {limit} MiB", peak, limit)
     if "noop_rerun" in results:
         check("no-op rerun < 5 s", results["noop_rerun"]["wall_s"], 5.0)
     tiny = results.get("tiny", {})
@@ -878,6 +1018,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--stars", type=int, help="stars per frame (default 80, synth's default)")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the output folders under DATA/runs")
+    parser.add_argument(
+        "--big", type=_int_list, default=[],
+        help="only the big-sensor case: nights of these many frames of 9576x6388 (e.g. 10,40)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--big-modes", type=lambda text: [m.strip() for m in text.split(",")], default=list(BIG_MODES),
+        help=f"modes of the big-sensor case (default {','.join(BIG_MODES)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--big-budgets", type=_int_list, default=list(BIG_BUDGETS_MIB),
+        help="stacking.memory_budget_mb values imgproc runs the big-sensor case with (default 2048,1024)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.frames = args.frames or (40 if args.quick else 300)
     args.size = args.size or (512 if args.quick else 2048)
@@ -887,6 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
     runs, logs = args.data / "runs", args.data / "logs"
     runs.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
+    if args.big:
+        return big(args, runs, logs)
 
     night_json, night = ensure_night(
         args.data, f"night-{args.frames}x{args.size}", night_params(args.frames, args.size, args.stars)
@@ -915,14 +1069,50 @@ def main(argv: list[str] | None = None) -> int:
     for mode, block in bench.results.get("modes", {}).items():
         if "breakdown" in block["runs"].get("imgproc", {}):
             print_breakdown(mode, block["runs"]["imgproc"]["breakdown"])
+    save(bench.results, lines, f"bench-{args.frames}x{args.size}-c{args.cores}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def big(args: argparse.Namespace, runs: Path, logs: Path) -> int:
+    """The big-sensor case alone: for each ``--big`` frame count, a night of BIG_SHAPE frames,
+    every mode of ``--big-modes`` against the reference (:meth:`Bench.big_mode`)."""
+    unknown = sorted(set(args.big_modes) - set(BIG_MODES))
+    if unknown:
+        raise SystemExit(f"--big-modes: unknown {unknown}; known: {', '.join(BIG_MODES)}")
+    results: dict[str, Any] = {
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": f"{platform.node()} {os.cpu_count()} cpus, python {platform.python_version()}",
+        "source": git_state(),
+        "big": {},
+    }
+    for frames in args.big:
+        name = f"big-{frames}x{BIG_SHAPE[1]}x{BIG_SHAPE[0]}"
+        night_json, night = ensure_night(args.data, name, night_params(frames, BIG_SHAPE, args.stars))
+        bench = Bench(args, night_json, night, runs, logs)
+        print(f"[warm-up] {name}: {warm_up(Path(night['root']))}", flush=True)
+        results["big"][str(frames)] = modes = {}
+        for mode in args.big_modes:
+            modes[mode] = bench.big_mode(mode)
+    lines = report(results, args)
+    print("\n" + "\n".join(lines))
+    save(results, lines, f"bench-big-{'-'.join(map(str, args.big))}-c{args.cores}")
+    return 0
+
+
+def save(results: dict[str, Any], lines: list[str], name: str) -> None:
+    """The results and the report's lines as ``bench/results/NAME-<time>.json``."""
     results_dir = BENCH / "results"
     results_dir.mkdir(exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
-    target = results_dir / f"bench-{args.frames}x{args.size}-c{args.cores}-{stamp}.json"
-    bench.results["report"] = lines
-    target.write_text(json.dumps(bench.results, indent=1, default=str), encoding="utf-8")
+    target = results_dir / f"{name}-{stamp}.json"
+    results["report"] = lines
+    target.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     print(f"\nresults: {target}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ A dark of another exposure is scaled by k = light / dark exposure (only with a b
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -21,7 +22,15 @@ from imgproc import __version__
 from imgproc.binning import bin_header, bin_image, binned_shape
 from imgproc.cache import FileCache
 from imgproc.colour import colour_image, normalise_colour_flat, write_cube
-from imgproc.fitsio import FitsError, ImageWriter, read_image, read_image_blocks, write_atomic
+from imgproc.fitsio import (
+    FitsError,
+    Float32Rows,
+    ImageWriter,
+    PlainRows,
+    image_blocks,
+    read_image,
+    write_atomic,
+)
 from imgproc.timecards import apply_time_cards, header_airmass
 
 ROLES = ("bias", "dark", "flat")
@@ -35,6 +44,28 @@ _DROP = ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM")
 #: Cards the FITS standard requires to be numbers; a camera's non-number (PANOPTES writes
 #: ``EQUINOX = ''``) is removed, so the output passes fitsverify, and kept in HISTORY.
 _NUMBERS = ("EQUINOX", "EPOCH")
+#: Frames bigger than this (float32 bytes) are not held whole while calibrated: their masters
+#: are read a block of rows at a time as each light goes through (:class:`MasterRows`), and the
+#: light streams through a buffer of one block: a 61-megapixel camera's bias, dark, flat and
+#: light are 980 MB in every worker process. Up to it (4096² pixels), whole frames are faster
+#: and small.
+WHOLE_FRAME_MAX_BYTES = 64 << 20
+
+
+def _usable(flat: np.ndarray) -> np.ndarray:
+    return np.isfinite(flat) & (flat > 0)
+
+
+def _usable_flat(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The flat as float32 with its unusable pixels NaN, and the mask of the usable ones."""
+    usable = _usable(flat)
+    return np.where(usable, flat, np.nan).astype(np.float32), usable
+
+
+def _scaled(flat: np.ndarray, mean: float) -> np.ndarray:
+    if abs(mean - 1.0) > 1e-6:
+        flat /= np.float32(mean)
+    return flat
 
 
 def normalise_flat(flat: np.ndarray) -> np.ndarray:
@@ -42,14 +73,10 @@ def normalise_flat(flat: np.ndarray) -> np.ndarray:
 
     Dividing by NaN gives NaN, never inf, so dead flat pixels show as NaN in the light.
     """
-    usable = np.isfinite(flat) & (flat > 0)
+    out, usable = _usable_flat(flat)
     if not usable.any():
         raise ValueError("flat has no positive finite pixel")
-    out = np.where(usable, flat, np.nan).astype(np.float32)
-    mean = float(np.mean(out[usable], dtype=np.float64))
-    if abs(mean - 1.0) > 1e-6:
-        out /= np.float32(mean)
-    return out
+    return _scaled(out, float(np.mean(out[usable], dtype=np.float64)))
 
 
 def calibrate_image(
@@ -82,11 +109,46 @@ def calibrate_image(
     return out
 
 
-def check_master_shapes(shape: tuple[int, ...], masters: Mapping[str, np.ndarray | None]) -> None:
+def check_master_shapes(
+    shape: tuple[int, ...], masters: Mapping[str, np.ndarray | MasterRows | None]
+) -> None:
     """FitsError naming the first master (by role) whose shape is not the light's ``shape``."""
     for role, master in masters.items():
         if master is not None and master.shape != shape:
             raise FitsError(f"{role} shape {master.shape} differs from the light's {shape}")
+
+
+class MasterRows:
+    """A master too big to hold whole (over :data:`WHOLE_FRAME_MAX_BYTES`), read from its
+    plain file by blocks of rows: ``master[rows]`` is what the same rows of the whole master
+    (:class:`MasterCache`.get) hold. A flat's mean over its usable pixels is taken once, from
+    the whole flat (as :func:`normalise_flat` takes it, so the pixels are the same)."""
+
+    nbytes = 0  # what it keeps: the flat's mean
+
+    def __init__(self, role: str, rows: PlainRows) -> None:
+        self._rows, self.shape = rows, rows.shape
+        self._mean = _flat_mean(rows) if role == "flat" else None
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        data = self._rows.read(rows.start, rows.stop)
+        return data if self._mean is None else _scaled(_usable_flat(data)[0], self._mean)
+
+
+def _flat_mean(rows: PlainRows) -> float:
+    """Mean of a flat's usable pixels, read by blocks into one array as ``flat[usable]`` would
+    hold them (the same float64 mean to the last bit), without the whole flat and its mask."""
+    ny, nx = rows.shape
+    values = np.empty(ny * nx, np.float32)
+    count, step = 0, max(1, (16 << 20) // (4 * nx))
+    for start in range(0, ny, step):
+        block = rows.read(start, min(start + step, ny))
+        kept = block[_usable(block)]
+        values[count : count + kept.size] = kept
+        count += kept.size
+    if not count:
+        raise ValueError("flat has no positive finite pixel")
+    return float(np.mean(values[:count], dtype=np.float64))
 
 
 class MasterCache:
@@ -98,11 +160,17 @@ class MasterCache:
     """
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
-        self._files: FileCache[np.ndarray] = FileCache(max_bytes)
+        self._files: FileCache[np.ndarray | MasterRows] = FileCache(max_bytes)
 
     def get(self, role: str, path: str) -> np.ndarray:
         """The master of ``role`` at ``path`` as read-only float32 (flats normalised)."""
-        return self._files.get(role, path, lambda: _read_master(role, path))
+        return self._files.get(role, path, lambda: _read_master(role, path))  # type: ignore[return-value]
+
+    def rows(self, role: str, path: str) -> np.ndarray | MasterRows:
+        """The master of ``role`` at ``path`` to be indexed by row slices: :meth:`get`'s whole
+        frame, or for a plain file of a frame over :data:`WHOLE_FRAME_MAX_BYTES`, a
+        :class:`MasterRows` that reads the rows asked for."""
+        return self._files.get(f"{role} rows", path, lambda: _master_rows(role, path))
 
     def get_colour(self, role: str, path: str, pattern: str) -> np.ndarray:
         """The master of ``role`` for colour lights of CFA ``pattern``: a flat is normalised per
@@ -123,6 +191,19 @@ def _read_master(role: str, path: str, pattern: str | None = None) -> np.ndarray
         raise FitsError(f"master {Path(path).name}: {exc}") from exc
     frame.flags.writeable = False
     return frame
+
+
+def _master_rows(role: str, path: str) -> np.ndarray | MasterRows:
+    try:
+        plain = PlainRows(Path(path))
+    except (OSError, ValueError):  # not a plain image: read whole (or fail) as ever
+        plain = None
+    if plain is None or plain.shape[0] * plain.shape[1] * 4 <= WHOLE_FRAME_MAX_BYTES:
+        return _read_master(role, path)
+    try:
+        return MasterRows(role, plain)
+    except ValueError as exc:  # a flat without a usable pixel, a truncated file
+        raise FitsError(f"master {plain.path.name}: {exc}") from exc
 
 
 MASTERS = MasterCache()
@@ -199,6 +280,7 @@ def calibrate_frame(
     cache: MasterCache,
     target: Path,
     light: LightSettings,
+    keep: bool = True,
 ) -> tuple[np.ndarray, fits.Header]:
     """Read, calibrate and bin one light into the float32 FITS file ``target``; returns its
     pixels and header. ``light.dark_scale`` multiplies the dark (one of another exposure). A
@@ -208,28 +290,33 @@ def calibrate_frame(
     The frame streams through in blocks of rows (a multiple of ``binning``) that stay in the
     CPU cache from the read through calibration and binning to the write, instead of a
     dozen passes over the whole frame. The pixels are the same as :func:`calibrate_image`
-    and :func:`bin_image` of the whole frame give.
+    and :func:`bin_image` of the whole frame give. A frame over :data:`WHOLE_FRAME_MAX_BYTES`
+    is not held whole, unless ``keep`` (the unbinned pixels are needed whole): the unbinned
+    pixels returned are then ``target`` memory-mapped (read as they are used).
     """
     if light.cfa:
         return calibrate_colour_frame(light_path, hdu, masters, cache, target, light)
     binning, dark_scale = light.binning, light.dark_scale
-    header, image, blocks = read_image_blocks(light_path, hdu, multiple=binning)
-    frames = {role: cache.get(role, path) for role, path in masters.items() if path is not None}
-    check_master_shapes(image.shape, frames)  # whole frames: each block's slices would agree
+    whole = math.inf if keep and binning == 1 else WHOLE_FRAME_MAX_BYTES
+    header, shape, image, blocks = image_blocks(light_path, hdu, binning, whole)
+    frames = {role: cache.rows(role, path) for role, path in masters.items() if path is not None}
+    check_master_shapes(shape, frames)  # whole frames: each block's slices would agree
     out_header = calibrated_header(header, masters, light)
-    binned = image if binning == 1 else np.empty(binned_shape(image.shape, binning), np.float32)
-    with ImageWriter(target, out_header, binned.shape) as out:
-        for rows in blocks:
+    binned = None if binning == 1 else np.empty(binned_shape(shape, binning), np.float32)
+    with ImageWriter(target, out_header, shape if binned is None else binned.shape) as out:
+        for rows, pixels in blocks:
             masters_rows = [frames[role][rows] if role in frames else None for role in ROLES]
-            part = calibrate_image(image[rows], *masters_rows, dark_scale=dark_scale, in_place=True)
-            if binning > 1:
+            part = calibrate_image(pixels, *masters_rows, dark_scale=dark_scale, in_place=True)
+            if binned is not None:
                 if len(part) < binning:  # the remainder rows binning drops
                     continue
                 part = bin_image(part, binning)
                 first = rows.start // binning
                 binned[first : first + len(part)] = part
             out.write(part)
-    return binned, out_header
+    if binned is not None:
+        return binned, out_header
+    return (Float32Rows(target).memmap() if image is None else image), out_header
 
 
 @dataclass(frozen=True)

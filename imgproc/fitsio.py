@@ -352,6 +352,37 @@ class Float32Rows:
             raise FitsError(f"{self.path.name}: truncated: rows {start}-{stop} of {self.shape[0]} missing")
         return rows
 
+    def memmap(self) -> np.ndarray:
+        """The whole image, memory-mapped read-only (big-endian float32): only the pages a
+        caller touches are read."""
+        return np.memmap(self.path, ">f4", "r", self._start, self.shape)
+
+
+class PlainRows:
+    """Row ranges of a plain primary image (one :func:`read_image_blocks` reads without astropy:
+    a camera's integers with BZERO, or floats) as float32, the same values it gives; for a frame
+    too big to hold whole, read a block of rows at a time."""
+
+    def __init__(self, path: Path) -> None:
+        primary = _primary_image_header(path)
+        layout = primary and _plain_layout(*primary, False, path)
+        if not primary or not layout:
+            raise FitsError(f"{path.name}: not a plain image")
+        self.path, self._layout = path, layout
+        self.shape = _checked_shape(path, primary[0], primary[1], compressed=False)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` (within the image) as native float32, BZERO applied."""
+        offset, dtype, zero = self._layout
+        nx = self.shape[1]
+        count = (stop - start) * nx
+        with self.path.open("rb") as handle:
+            handle.seek(offset + start * nx * np.dtype(dtype).itemsize)
+            raw = np.fromfile(handle, dtype=dtype, count=count)
+        if raw.size != count:
+            raise FitsError(f"{self.path.name}: truncated: rows {start}-{stop} of {self.shape[0]} missing")
+        return _fill(np.empty((stop - start, nx), np.float32), raw, zero)
+
 
 #: Rows per block when a frame is streamed: about 1 MB of float32, so a block stays in the CPU
 #: cache from reading through calibration to writing.
@@ -379,13 +410,28 @@ def read_image_blocks(
     compressed, gzipped, BSCALEd or BLANK-flagged images go through astropy whole, before the
     first slice.
     """
+    header, _, image, blocks = image_blocks(path, hdu, multiple)
+    assert image is not None
+    return header, image, (rows for rows, _ in blocks)
+
+
+def image_blocks(
+    path: Path, hdu: int | None = None, multiple: int = 1, whole_max_bytes: float = math.inf
+) -> tuple[fits.Header, tuple[int, int], np.ndarray | None, Iterator[tuple[slice, np.ndarray]]]:
+    """Header, shape, the whole float32 pixel array or None, and an iterator over (row slice,
+    float32 rows) of the image in ``path``, read as :func:`read_image_blocks` reads it.
+
+    A plain image bigger than ``whole_max_bytes`` (as float32) is not held whole: its rows come
+    in one buffer reused from block to block (writable, valid until the next block), and the
+    array returned is None. Other images are read into the whole array, the rows its slices.
+    """
     primary = _primary_image_header(path) if hdu in (None, 0) else None
     plain = primary and _plain_layout(primary[0], primary[1], False, path)
     if primary and plain:  # the usual camera file: no need to open it through astropy
         header = primary[0]
         shape = _checked_shape(path, header, primary[1], compressed=False)
-        image = np.empty(shape, np.float32)
-        return header, image, _plain_blocks(path, plain, image, _block_rows(shape, multiple))
+        image = np.empty(shape, np.float32) if shape[0] * shape[1] * 4 <= whole_max_bytes else None
+        return header, shape, image, _plain_blocks(path, plain, shape, image, _block_rows(shape, multiple))
     with open_fits(path) as hdul:
         index = find_image(hdul) if hdu is None else hdu
         try:
@@ -398,23 +444,26 @@ def read_image_blocks(
         shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
         step = _block_rows(shape, multiple)
         if plain:
-            image = np.empty(shape, np.float32)
-            return header, image, _plain_blocks(path, plain, image, step)
+            image = np.empty(shape, np.float32) if shape[0] * shape[1] * 4 <= whole_max_bytes else None
+            return header, shape, image, _plain_blocks(path, plain, shape, image, step)
         if data is None or data.ndim != 2:
             raise FitsError("no 2-D pixel data")
         if data.shape != shape:
             raise FitsError(f"truncated: data shape {data.shape} but header says {shape}")
         image = np.asarray(data, dtype=np.float32)
-    blocks = (slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step))
-    return header, image, blocks
+    starts = range(0, shape[0], step)
+    blocks = ((rows, image[rows]) for rows in (slice(start, min(start + step, shape[0])) for start in starts))
+    return header, shape, image, blocks
 
 
 def _plain_blocks(
-    path: Path, layout: tuple[int, str, float], image: np.ndarray, step: int
-) -> Iterator[slice]:
-    """Read ``image`` from a plain file block by block, yielding each block's rows."""
+    path: Path, layout: tuple[int, str, float], shape: tuple[int, int], image: np.ndarray | None, step: int
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """Read a plain file block by block, yielding each block's rows and pixels: in ``image`` (the
+    whole frame), or, without it, in one buffer of ``step`` rows."""
     offset, dtype, zero = layout
-    ny, nx = image.shape
+    ny, nx = shape
+    buffer = np.empty((min(step, ny), nx), np.float32) if image is None else None
     with path.open("rb") as handle:
         handle.seek(offset)
         for start in range(0, ny, step):
@@ -423,11 +472,15 @@ def _plain_blocks(
             raw = np.fromfile(handle, dtype=dtype, count=count)
             if raw.size != count:
                 raise FitsError(f"truncated: {start * nx + raw.size} of {ny * nx} pixels present")
-            part = image[block]
-            np.copyto(part, raw.reshape(-1, nx), casting="unsafe")
-            if zero:
-                part += np.float32(zero)
-            yield block
+            yield block, _fill(image[block] if buffer is None else buffer[: block.stop - start], raw, zero)
+
+
+def _fill(rows: np.ndarray, raw: np.ndarray, zero: float) -> np.ndarray:
+    """``rows`` (float32) set to the file's values ``raw`` plus BZERO ``zero``; returned."""
+    np.copyto(rows, raw.reshape(rows.shape), casting="unsafe")
+    if zero:
+        rows += np.float32(zero)
+    return rows
 
 
 def _block_rows(shape: tuple[int, int], multiple: int) -> int:

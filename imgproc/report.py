@@ -43,6 +43,8 @@ THUMB_MAX = 256
 #: Long side of the thumbnail of a lone calibrated frame (a night may have thousands; the
 #: report shows them at twice the size), made while the frame is calibrated.
 FRAME_THUMB_MAX = 128
+#: Rows of a frame taken at a time for its thumbnail (:func:`block_mean`), in bytes of float32.
+STRIP_BYTES = 16 << 20
 #: Colour of pixels without data (NaN) in the thumbnails.
 NAN_RGB = (46, 92, 184)
 ROLES = ("bias", "dark", "flat")
@@ -113,23 +115,30 @@ def block_mean(data: np.ndarray, max_side: int = THUMB_MAX) -> tuple[np.ndarray,
     factor ``f`` that makes the long side at most ``max_side``.  Partial edge blocks are kept.
     Returns the means, the number of finite pixels behind each, and ``f``.
 
-    Sums are float32 (a thumbnail, not science), and a frame without NaN and whose sides are
-    multiples of ``f`` (the usual case) is not copied at all.
+    Sums are float32 (a thumbnail, not science). The frame is taken in strips of whole blocks
+    (about :data:`STRIP_BYTES`), so a big frame, or one memory-mapped, is never copied whole;
+    a strip without NaN and whose width is a multiple of ``f`` (the usual case) is not copied.
     """
     ny, nx = data.shape
     factor = max(1, math.ceil(max(ny, nx) / max_side))
     ty, tx = math.ceil(ny / factor), math.ceil(nx / factor)
-    full = data
-    if (ty * factor, tx * factor) != (ny, nx):
-        full = np.full((ty * factor, tx * factor), np.nan, dtype=np.float32)
-        full[:ny, :nx] = data
-    total = block_sum(full, factor, np.float32)
-    if np.isfinite(total).all():  # no NaN or inf anywhere: every block is full
-        counts = np.full((ty, tx), factor * factor, dtype=np.int64)
-    else:
-        finite = np.isfinite(full)
-        total = block_sum(np.where(finite, full, np.float32(0.0)), factor, np.float32)
-        counts = block_sum(finite, factor, np.int64)
+    total, counts = np.empty((ty, tx), np.float32), np.empty((ty, tx), np.int64)
+    step = factor * max(1, STRIP_BYTES // (4 * tx * factor * factor))
+    for start in range(0, ny, step):
+        strip = np.asarray(data[start : start + step], dtype=np.float32)
+        shape = (math.ceil(len(strip) / factor) * factor, tx * factor)
+        if strip.shape != shape:
+            padded = np.full(shape, np.nan, dtype=np.float32)
+            padded[: len(strip), :nx] = strip
+            strip = padded
+        rows = slice(start // factor, start // factor + shape[0] // factor)
+        total[rows] = block_sum(strip, factor, np.float32)
+        if np.isfinite(total[rows]).all():  # no NaN or inf: every block is full
+            counts[rows] = factor * factor
+        else:
+            finite = np.isfinite(strip)
+            total[rows] = block_sum(np.where(finite, strip, np.float32(0.0)), factor, np.float32)
+            counts[rows] = block_sum(finite, factor, np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(counts > 0, total / np.maximum(counts, 1).astype(np.float32), np.float32(np.nan))
     return out, counts, factor

@@ -225,8 +225,14 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
         cfa=entry.get("cfa") or None, channel=entry.get("channel") or None,
         object_name=entry.get("object_set") or None, cards=provenance_cards(stamp, [entry["path"]]),
     )  # fmt: skip
-    data, header = calibrate_frame(
-        Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target, light
+    data, header = calibrate_frame(  # the whole frame kept only to measure its stars
+        Path(entry["path"]),
+        int(entry["hdu"]),
+        {r: entry.get(r) for r in ROLES},
+        cache,
+        target,
+        light,
+        quality,
     )
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import tracemalloc
 from datetime import datetime
 
 import numpy as np
 import pytest
 from astropy.io import fits
 
+from imgproc import calibrate
 from imgproc.binning import bin_image
 from imgproc.calibrate import (
     LightSettings,
@@ -18,7 +20,7 @@ from imgproc.calibrate import (
     calibrated_header,
     normalise_flat,
 )
-from imgproc.fitsio import FitsError
+from imgproc.fitsio import BLOCK_BYTES, FitsError
 
 SHAPE = (6, 7)
 
@@ -295,36 +297,86 @@ def test_calibrate_image_in_place_reuses_a_float32_light_only():
     assert calibrate_image(integers, in_place=True) is not integers  # another dtype: a new array
 
 
-@pytest.mark.parametrize(
-    ("shape", "binning"), [((2049, 1001), 2), ((300, 257), 3), ((129, 64), 1), ((513, 700), 4), ((5, 9), 5)]
-)
-def test_calibrate_frame_streams_the_same_pixels_as_whole_frame_calibration(tmp_path, shape, binning):
-    rng = np.random.default_rng(7)
+def _light_and_masters(tmp_path, shape: tuple[int, int], seed: int = 7) -> tuple[np.ndarray, dict]:
+    """A uint16 light (BITPIX 16, BZERO 32768) and float32 bias, dark and flat (level 3.7, one
+    dead pixel) in ``tmp_path``: the raw light and {role: (path, pixels)}."""
+    rng = np.random.default_rng(seed)
     raw = rng.integers(0, 60000, shape).astype(np.uint16)
     light = fits.PrimaryHDU(data=(raw.astype(np.int32) - 32768).astype(np.int16))
     light.header["BZERO"] = 32768
     light.writeto(tmp_path / "light.fits")
     bias = rng.normal(100.0, 5.0, shape).astype(np.float32)
     dark = rng.normal(10.0, 2.0, shape).astype(np.float32)
-    flat = rng.normal(1.0, 0.05, shape).astype(np.float32)
+    flat = rng.normal(3.7, 0.2, shape).astype(np.float32)
     flat[min(3, shape[0] - 1), 2] = 0.0  # a dead flat pixel: NaN in the light
     masters = {}
     for role, data in (("bias", bias), ("dark", dark), ("flat", flat)):
-        masters[role] = str(tmp_path / f"{role}.fits")
-        fits.writeto(masters[role], data)
+        masters[role] = (str(tmp_path / f"{role}.fits"), data)
+        fits.writeto(masters[role][0], data)
+    return raw, masters
+
+
+@pytest.mark.parametrize(
+    ("shape", "binning"), [((2049, 1001), 2), ((300, 257), 3), ((129, 64), 1), ((513, 700), 4), ((5, 9), 5)]
+)
+@pytest.mark.parametrize("big", [False, True], ids=["whole-masters", "masters-by-rows"])
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "not-kept"])
+def test_calibrate_frame_streams_the_same_pixels_as_whole_frame_calibration(
+    tmp_path, monkeypatch, shape, binning, big, keep
+):
+    if big:  # every master read a block of rows at a time, and the light not held whole
+        monkeypatch.setattr(calibrate, "WHOLE_FRAME_MAX_BYTES", 0)
+    raw, found = _light_and_masters(tmp_path, shape)
+    masters = {role: path for role, (path, _) in found.items()}
     target = tmp_path / "out" / "calibrated.fits"
+    cache = MasterCache()
     data, header = calibrate_frame(
-        tmp_path / "light.fits", 0, masters, MasterCache(), target,
-        LightSettings("ABC", datetime(2025, 5, 1, 21), 0.0, binning=binning),
+        tmp_path / "light.fits", 0, masters, cache, target,
+        LightSettings("ABC", datetime(2025, 5, 1, 21), 0.0, binning=binning), keep,
     )  # fmt: skip
+    bias, dark, flat = (found[role][1] for role in ("bias", "dark", "flat"))
     expected = bin_image(calibrate_image(raw.astype(np.float32), bias, dark, normalise_flat(flat)), binning)
     assert np.array_equal(data, expected, equal_nan=True)
+    assert isinstance(cache.rows("flat", masters["flat"]), calibrate.MasterRows) == big
+    assert isinstance(data, np.memmap) == (binning == 1 and big and not keep)  # the file, not a copy
     with fits.open(target, checksum=True) as hdul:
         assert hdul[0].verify_checksum() == 1 and hdul[0].verify_datasum() == 1
         assert np.array_equal(hdul[0].data, expected, equal_nan=True)
         assert hdul[0].header.get("XBINNING", 1) == binning and hdul[0].header["OBSERVER"] == "ABC"
     assert header["FLATCAL"] is True
     assert [p.name for p in target.parent.iterdir()] == ["calibrated.fits"]
+
+
+def test_calibrate_frame_of_a_big_frame_holds_neither_the_frame_nor_its_masters(tmp_path, monkeypatch):
+    """With masters by rows and the frame not kept, calibrating a frame allocates a few blocks of
+    rows (BLOCK_BYTES each) for the masters and the light, not frames: here under half of one
+    frame's float32 pixels (three masters and a whole light were 4 frames), the output the same."""
+    monkeypatch.setattr(calibrate, "WHOLE_FRAME_MAX_BYTES", 1 << 20)
+    shape = (3000, 2300)
+    raw, found = _light_and_masters(tmp_path, shape, seed=11)
+    masters = {role: path for role, (path, _) in found.items()}
+    cache = MasterCache()
+    settings = LightSettings("ABC", datetime(2025, 5, 1, 21), 0.0)
+    light = tmp_path / "light.fits"
+    calibrate_frame(light, 0, masters, cache, tmp_path / "first.fits", settings, keep=False)  # flat's mean
+    tracemalloc.start()
+    try:
+        data, _ = calibrate_frame(light, 0, masters, cache, tmp_path / "second.fits", settings, keep=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * BLOCK_BYTES < shape[0] * shape[1] * 4 / 2
+    bias, dark, flat = (found[role][1] for role in ("bias", "dark", "flat"))
+    expected = calibrate_image(raw.astype(np.float32), bias, dark, normalise_flat(flat))
+    assert np.array_equal(data, expected, equal_nan=True)
+    assert (tmp_path / "first.fits").read_bytes() == (tmp_path / "second.fits").read_bytes()
+
+
+def test_masters_by_rows_of_a_flat_without_usable_pixel_name_the_master(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate, "WHOLE_FRAME_MAX_BYTES", 0)
+    flat = _master(tmp_path / "flat.fits", -1.0)
+    with pytest.raises(FitsError, match=r"master flat\.fits: flat has no positive finite pixel"):
+        MasterCache().rows("flat", flat)
 
 
 def test_calibrate_frame_of_a_truncated_light_leaves_no_file(tmp_path):

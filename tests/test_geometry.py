@@ -17,6 +17,7 @@ from conftest import master_flags, reference_light, run_cli
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from imgproc import report
 from imgproc.align import KERNELS, MosaicRegistrar, Registrar, Shift, _taper, apply_shift
 from imgproc.binning import bin_image, binned_shape
 from imgproc.cli import EXIT_OK
@@ -305,6 +306,27 @@ def test_thumbnail_keeps_the_aspect_on_any_shape(shape: tuple[int, int], max_sid
     thumb = thumbnail_of(data, fits.Header(), max_side)
     assert png_size(thumb["png"]) == (thumb["width"], thumb["height"]) == (small.shape[1], small.shape[0])
     assert thumb["shape"] == shape and thumb["nan_fraction"] == 0.0
+
+
+@SETTINGS
+@given(shape=shapes(16, 400), max_side=st.sampled_from([16, 64, 128]), seed=st.integers(0, 2**16))
+def test_thumbnail_in_strips_is_the_thumbnail_of_the_whole_frame(
+    shape: tuple[int, int], max_side: int, seed: int
+) -> None:
+    """block_mean takes a frame a strip of whole blocks at a time: with strips of one block row
+    (a NaN block, a NaN pixel and an inf among them, a big-endian memory-mapped file's byte
+    order), it gives the same bits as in one strip."""
+    rng = np.random.default_rng(seed)
+    data = rng.normal(100.0, 10.0, shape).astype(">f4")
+    data[rng.integers(0, shape[0]), rng.integers(0, shape[1])] = np.nan
+    data[rng.integers(0, shape[0]), rng.integers(0, shape[1])] = np.inf
+    data[: min(4, shape[0]), : min(4, shape[1])] = np.nan
+    whole = block_mean(data.astype(np.float32), max_side)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "STRIP_BYTES", 1)
+        strips = block_mean(data, max_side)
+    assert strips[2] == whole[2]
+    assert np.array_equal(strips[0], whole[0], equal_nan=True) and np.array_equal(strips[1], whole[1])
 
 
 @SETTINGS
