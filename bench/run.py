@@ -812,6 +812,13 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 2) if b else None
 
 
+def agreement(check: dict[str, Any]) -> str:
+    """How the outputs of an equality check agreed: by correlation or by relative difference."""
+    if check.get("min_corr") is not None:
+        return f"correlated >= {check['min_corr']} (lowest {check['lowest_corr']:.4f})"
+    return f"allclose (rtol {check['rtol']}), max rel diff {check['max_rel_diff']:.2e}"
+
+
 def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     lines = []
     if "night" in results:
@@ -854,13 +861,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
                 f"(SLURM executor plugin at Snakemake start); without it: {adjusted}"
             )
         for name, check in block["checks"].items():
-            agreement = (
-                f"correlated >= {check['min_corr']} (lowest {check['lowest_corr']:.4f})"
-                if check.get("min_corr") is not None
-                else f"allclose (rtol {check['rtol']}), max rel diff {check['max_rel_diff']:.2e}"
-            )
             lines.append(
-                f"{'':<10}{name}: {check['allclose']}/{check['compared']} {agreement}, "
+                f"{'':<10}{name}: {check['allclose']}/{check['compared']} {agreement(check)}, "
                 f"{check['bit_identical']} bit-identical, "
                 f"{check['n_missing']} unmatched -> {'OK' if check['ok'] else 'DIFFERENT'}"
             )
@@ -891,14 +893,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
                     + (f"  (walls {r['all_walls_s']})" if len(r.get("all_walls_s", [])) > 1 else "")
                 )
             for label, check in block["checks"].items():
-                agreement = (
-                    f"lowest correlation {check['lowest_corr']:.4f}"
-                    if check.get("min_corr") is not None
-                    else f"max rel diff {check['max_rel_diff']:.2e}"
-                )
                 lines.append(
                     f"{'':<12}{label} vs reference: {check['allclose']}/{check['compared']} agree "
-                    f"({agreement}), {check['bit_identical']} bit-identical -> "
+                    f"({agreement(check)}), {check['bit_identical']} bit-identical -> "
                     f"{'OK' if check['ok'] else 'DIFFERENT'}"
                 )
     if "noop_rerun" in results:
