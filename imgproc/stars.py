@@ -232,6 +232,7 @@ def find_stars(
     sky = float(bn.nanmedian(sky_map)) if sky_map.size else 0.0
     data -= sky_map
     data[invalid] = 0.0
+    del sky_map, invalid  # a 61-MP frame's are 300 MB: gone before the smoothed copy is made
     sigma = noise_sigma(data)
     empty = np.zeros(0)
     if not sigma > 0:  # noiseless frame: only its zero-valued pixels tell
