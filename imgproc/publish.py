@@ -57,8 +57,8 @@ _FILES = ("BIASFILE", "DARKFILE", "FLATFILE")
 
 
 #: Version of the cards a stack's header gets besides its frames' (in the stamp: stacks made
-#: before the combine cards are made again).
-STACK_CARDS = "combine cards 1"
+#: before the combine cards, or before ALIGNREF, are made again).
+STACK_CARDS = "combine cards 2"
 
 
 @dataclass(frozen=True)
@@ -329,6 +329,9 @@ def _shift_text(shift: Shift) -> str:
     return f"{text} by correlation"
 
 
+#: Characters of a comment beside a full-precision number (20 characters) on an 80-character card.
+_WCS_COMMENT = 47
+
 #: Cards of an aligned single's measured quality.
 _QUALITY_CARDS = ("QFWHM", "QROUND", "QSTARS", "QSKY", "QNOISE", "QTRANSP")
 
@@ -356,10 +359,13 @@ def aligned_header(header: fits.Header, shift: Shift, quality: FrameQuality | No
                 matrix[i, j] = float(out.get(key, diagonal if i == j else 0.0))
             matrix = matrix @ inverse
             for i, j, key in keys:
-                if key in out or matrix[i, j] != 0.0:
-                    out[key] = float(matrix[i, j])
-    out.set("ALIGNDX", round(shift.dx, 4), "[px] x shift applied to reach the reference grid")
-    out.set("ALIGNDY", round(shift.dy, 4), "[px] y shift applied to reach the reference grid")
+                if key in out or matrix[i, j] != 0.0:  # the camera's comment, cut to fit the card
+                    out[key] = (
+                        float(matrix[i, j]),
+                        str(out.comments[key])[:_WCS_COMMENT] if key in out else "",
+                    )
+    out.set("ALIGNDX", round(shift.dx, 4), "[px] x shift applied onto the reference grid")
+    out.set("ALIGNDY", round(shift.dy, 4), "[px] y shift applied onto the reference grid")
     out.set("ALIGNFLP", shift.flipped, "rotated 180 deg (meridian flip) before shifting")
     if shift.linear is not None:
         out.set("ALIGNROT", round(shift.rotation, 5), "[deg] rotation applied after the flip")
@@ -687,6 +693,8 @@ def publish_group(
         cards = provenance_cards(stamp, sources)
         made: tuple[np.ndarray | None, fits.Header | None] = (None, None)
         if len(members) > 1:
+            if settings.align and reference is not None and any(s is not None for s in shifts):
+                cards.append(("ALIGNREF", Path(str(reference["path"])).name, "reference frame (raw light)"))
             made = publish_stack(
                 members, shifts, target, settings, threads, frames, cards, resample, qualities, notes, sky
             )

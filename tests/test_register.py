@@ -4,6 +4,8 @@ true star positions."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -187,3 +189,18 @@ def test_aligned_header_moves_the_wcs_with_the_pixels():
         before = WCS(header).all_pix2world(frame_px[:, ::-1], 0)
         after = WCS(out).all_pix2world(grid_px[:, ::-1], 0)
         np.testing.assert_allclose(after, before, atol=1e-9)
+
+
+def test_a_moved_wcs_card_keeps_as_much_of_its_comment_as_fits() -> None:
+    """A camera's long comment beside a full-precision CD element is cut to fit its card,
+    with no warning from astropy."""
+    header = fits.Header({"NAXIS": 2, "NAXIS1": 90, "NAXIS2": 70, "CRPIX1": 45.0, "CRPIX2": 35.0})
+    long = "Coordinate transformation matrix element, axis 1 by 1 (plate solve)"
+    header["CD1_1"], header["CD2_2"] = (-2.7777e-4, long), (2.7777e-4, "short")
+    turned = shift_from_map(np.array([[np.cos(0.3), np.sin(0.3)], [-np.sin(0.3), np.cos(0.3)]]), 1.5, 2.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = aligned_header(header, turned)
+        text = out.tostring()
+    assert long.startswith(out.comments["CD1_1"]) and len(out.comments["CD1_1"]) >= 40
+    assert out.comments["CD2_2"] == "short" and "CD1_2" in out and len(text) % 80 == 0

@@ -115,6 +115,8 @@ def test_aligned_stack_is_sharper_than_unaligned(night, tmp_path: Path) -> None:
         assert peak_aligned > 1.3 * peak_plain  # dithers of up to 2 px smear the unaligned stack
         history = " ".join(str(card) for card in fits.getheader(a)["HISTORY"])
         assert history.count("dx=") == 4
+        assert fits.getheader(a)["ALIGNREF"] == reference_light(aligned, a.name).name
+        assert "ALIGNREF" not in fits.getheader(p)
 
 
 def test_aligned_stacks_are_the_same_bytes_on_one_core_and_on_threads(night, tmp_path: Path) -> None:
