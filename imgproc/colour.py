@@ -190,6 +190,12 @@ def channel_shift(shift: Shift, pattern: str, channel: str, cells: int = 1) -> S
     return replace(shift, dy=float(dy), dx=float(dx))
 
 
+def green(data: np.ndarray) -> np.ndarray:
+    """The image a frame is measured on (stars, sky, registration): the G plane of an RGB cube,
+    else the frame itself."""
+    return data[1] if data.ndim == 3 else data
+
+
 def write_cube(target: Path, cube: np.ndarray, header: fits.Header) -> None:
     """Write a float32 cube to ``target`` atomically (a temporary file renamed into place), with
     CHECKSUM and DATASUM (:func:`imgproc.fitsio.checksum_problem` checks it before reuse)."""

@@ -35,7 +35,7 @@ from imgproc.align import (
     registration_stars,
 )
 from imgproc.cache import FileCache
-from imgproc.colour import channel_shift, read_frame, write_cube
+from imgproc.colour import channel_shift, green, read_frame, write_cube
 from imgproc.fitsio import Float32Rows, checksum_problem, link_atomic, read_image, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import OK, SKIPPED
@@ -191,12 +191,6 @@ def saved_stars(intermediate: Path) -> Stars | None:
     :func:`imgproc.stages.measured`), or None."""
     record = (read_json(intermediate.with_suffix(".json")) or {}).get("stars")
     return Stars.from_record(record) if record else None
-
-
-def green(data: np.ndarray) -> np.ndarray:
-    """The image registration measures of a frame's pixels: the G plane of an RGB cube, else
-    the frame itself."""
-    return data[1] if data.ndim == 3 else data
 
 
 def measure(

@@ -23,7 +23,7 @@ import numpy as np
 
 from imgproc import __version__
 from imgproc.calibrate import HEADER_CARDS, MASTERS, ROLES, LightSettings, MasterCache, calibrate_frame
-from imgproc.colour import read_frame
+from imgproc.colour import green, read_frame
 from imgproc.fitsio import FitsError, checksum_problem, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, shown, write_tsv
@@ -190,8 +190,7 @@ def frame_diagnostics(entry: Mapping[str, Any], stats: Mapping[str, float]) -> s
 def measured(data: np.ndarray, header: fits.Header) -> dict[str, Any]:
     """The ``quality`` record of a calibrated frame (an RGB cube: its green plane) and the
     ``stars`` it is made of, which registration matches (:func:`imgproc.quality.measure_frame`)."""
-    frame = data[1] if data.ndim == 3 else data
-    quality, stars = measure_frame(frame, mosaic=bool(normalise(header)["bayerpat"]))
+    quality, stars = measure_frame(green(data), mosaic=bool(normalise(header)["bayerpat"]))
     return {"quality": quality.record(), "stars": stars.record()}
 
 
@@ -236,8 +235,7 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
     )
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
-    frame = data[1] if data.ndim == 3 else data  # an RGB cube: its green plane
-    stats, no_airmass, size = frame_statistics(frame), airmass_problem(header), file_record(target)
+    stats, no_airmass, size = frame_statistics(green(data)), airmass_problem(header), file_record(target)
     record = {"stamp": stamp, "source": entry["path"], "stats": stats, "no_airmass": no_airmass, **size}
     if quality:
         record |= measured(data, header)
