@@ -773,9 +773,15 @@ def run_publish_batch(
     for entry in entries:
         groups[str(entry["output"])].append(entry)
     results: dict[str, dict] = {}
+    # every group of a sequence has the same reference: chosen once, not once per output (the
+    # best frame reads every light's calibration record)
+    chosen: dict[tuple[str, str], Mapping[str, Any] | None] = {}
     progress = Progress(f"publish {receipt.stem}", len(groups))
     for done, (name, group) in enumerate(sorted(groups.items()), start=1):
-        reference = choose_reference(group[0], references, workdir, settings)
+        key = (str(group[0].get("sequence")), str(group[0].get("reference") or ""))
+        if key not in chosen:
+            chosen[key] = choose_reference(group[0], references, workdir, settings)
+        reference = chosen[key]
         try:
             results[name] = publish_group(name, group, reference, workdir, outdir, settings, threads)
         except Exception as exc:  # one output's error, whatever it is, must not stop the batch
