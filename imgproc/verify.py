@@ -9,6 +9,9 @@ longer holds, so Snakemake redoes that batch (and the batch then rebuilds only w
   (a truncated intermediate, and a hard-linked output with it);
 - an item failed with an internal error or with a passing fault of the machine (a full disk,
   an I/O error, memory): it is tried again;
+- the receipt of a batch the plan names is gone (deleted by hand to redo the batch): the
+  summary goes, so Snakemake, which otherwise passes over a missing intermediate behind
+  up-to-date targets, makes it again;
 - a light or master the batch used was rewritten since (its size, modification time or inode
   change time differ: the kernel sets the change time on every write and no program can set it
   back, so a file rewritten with its old size and modification time is caught too).
@@ -33,7 +36,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from imgproc.manifest import FAILED, SKIPPED, read_tsv
+from imgproc.manifest import FAILED, OK, SKIPPED, read_tsv
 from imgproc.stamps import digest, file_id, read_json, write_json
 
 #: The record of the intermediates ``--clean`` deleted (in ``work/``).
@@ -100,6 +103,18 @@ def stale_receipts(
     return stale, {receipt: reason for receipt, reason in deferred.items() if receipt not in stale}
 
 
+def missing_receipts(output: Path) -> list[str]:
+    """Receipts (``calibrated/c0000``…) of the batches the plan names that are not on disk."""
+    plan = output / "work" / "plan.tsv"
+    rows = [row for row in read_tsv(plan) if row["status"] == OK] if plan.exists() else []
+    batches = {("calibrated", row["cal_batch"]) for row in rows} | {("published", row["pub_batch"]) for row in rows}
+    return [
+        f"{folder}/{batch}"
+        for folder, batch in sorted(batches)
+        if batch and not (output / "work" / folder / f"{batch}.json").exists()
+    ]
+
+
 def _item_problem(path: Path, item: Mapping[str, Any], checksums: bool) -> str:
     if item.get("retry"):
         return f"{path.name}: {item.get('reason', 'a passing fault')}"
@@ -154,8 +169,10 @@ def invalidate(output: Path, checksums: bool = False) -> list[str]:
     for receipt, reason in stale.items():
         receipt.unlink(missing_ok=True)
         notes.append(f"{receipt.parent.name}/{receipt.stem}: {reason}: redone")
-    if (output / "summary.json").exists() and not (output / "work" / "plan.tsv").exists():
-        notes.append("work/ is gone: every step is judged again, and outputs are kept where current")
+    if (output / "summary.json").exists():
+        if not (output / "work" / "plan.tsv").exists():
+            notes.append("work/ is gone: every step is judged again, and outputs are kept where current")
+        notes += [f"{receipt}: receipt missing: redone" for receipt in missing_receipts(output)]
     if notes:
         (output / "summary.json").unlink(missing_ok=True)
     return notes

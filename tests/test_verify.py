@@ -138,3 +138,15 @@ def test_a_master_rewritten_with_its_old_size_and_mtime_is_used_again(night, tmp
     assert _run(night, out) == EXIT_OK
     after = sha256_tree(out)
     assert {name for name in after if after[name] != before[name]} == {n for n in after if "_V_" in n}
+
+
+def test_a_deleted_receipt_makes_its_batch_again(night, tmp_path: Path) -> None:
+    """Deleting a batch's receipt (with its output) redoes the batch: Snakemake alone would
+    pass over the missing receipt behind an up-to-date summary and report it complete."""
+    out = tmp_path / "out"
+    assert _run(night, out, "-s", "-S", "2") == EXIT_OK
+    clean = sha256_tree(out)
+    for path in [*out.glob("*.fits"), *(out / "work" / "published").glob("*.json")]:
+        path.unlink()
+    assert _run(night, out, "-s", "-S", "2") == EXIT_OK
+    assert sha256_tree(out) == clean
