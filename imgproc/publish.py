@@ -159,7 +159,7 @@ class ShiftedSource:
 #: aligned group may take to be kept in memory from registering to combining (with ``-S 20`` on
 #: 2048² frames, 8 frames of 16 MB), instead of being read again from their intermediates, a
 #: strip at a time. The combine gets the rest of the budget; bigger groups are read again.
-KEEP_FRAMES_SHARE = 0.25
+KEEP_FRAMES_SHARE = 0.5
 
 #: Registrars of this process's publish jobs (threads of the workflow's process), built once
 #: per reference intermediate and settings.

@@ -27,6 +27,7 @@ are within 0.02-0.05 px of the truth for stars of SNR > 30; FWHM within 3 %.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = [
     "fwhm_estimate",
     "local_maxima",
     "noise_sigma",
+    "opencv",
     "regular_sample",
     "robust_background",
     "thumbnail_stars",
@@ -222,14 +224,12 @@ def find_stars(
     radius
         Stamp half-size (px); None = from the stars' typical width (3 sigma + 1, 4 to 15).
     """
-    import scipy.ndimage
-
     data = np.array(image, dtype=np.float32, copy=True)
     if data.ndim != 2:
         raise ValueError(f"image must be 2-D, got shape {data.shape}")
     invalid = ~np.isfinite(data)
     sky_map = background(data, box)
-    sky = float(bn.nanmedian(sky_map)) if sky_map.size else 0.0
+    sky = float(bn.nanmedian(sky_map[::STAT_STEP, ::STAT_STEP])) if sky_map.size else 0.0
     data -= sky_map
     data[invalid] = 0.0
     del sky_map, invalid  # a 61-MP frame's are 300 MB: gone before the smoothed copy is made
@@ -238,7 +238,7 @@ def find_stars(
     if not sigma > 0:  # noiseless frame: only its zero-valued pixels tell
         sigma = max(float(np.max(np.abs(data))) * 1e-6, np.finfo(np.float32).tiny)
     despike(data, sigma)
-    smooth = scipy.ndimage.gaussian_filter(data, 1.0, mode="constant", truncate=3.0)
+    smooth = _smoothed(data)
     smooth_sigma = noise_sigma(smooth) or sigma * 0.28
     iy, ix = _peaks(smooth, threshold * smooth_sigma, edge=4)
     if iy.size == 0:
@@ -259,6 +259,23 @@ def find_stars(
     keep = _isolated(y, x, r)
     y, x, width, ratio, flux = (a[keep][:max_stars] for a in (y, x, width, ratio, flux))
     return Stars(y, x, flux, width * _FWHM_PER_SIGMA, ratio, sky, sigma)
+
+
+def _smoothed(data: np.ndarray) -> np.ndarray:
+    """``data`` convolved with a Gaussian of 1 px sigma (7×7 taps, zero outside the frame):
+    OpenCV's ``GaussianBlur``, 7 ms on a 2048² frame against 75 ms for scipy.ndimage's
+    ``gaussian_filter`` (the same kernel and border), on every calibrated frame."""
+    return opencv().GaussianBlur(data, (7, 7), 1.0, borderType=opencv().BORDER_CONSTANT)
+
+
+@functools.cache
+def opencv() -> Any:
+    """The ``cv2`` module, on one thread: frames are measured and resampled in parallel by the
+    jobs' own threads (OpenCV's pool would oversubscribe the cores)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    return cv2
 
 
 def _peaks(smooth: np.ndarray, threshold: float, edge: int) -> tuple[np.ndarray, np.ndarray]:

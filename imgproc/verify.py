@@ -107,7 +107,9 @@ def missing_receipts(output: Path) -> list[str]:
     """Receipts (``calibrated/c0000``…) of the batches the plan names that are not on disk."""
     plan = output / "work" / "plan.tsv"
     rows = [row for row in read_tsv(plan) if row["status"] == OK] if plan.exists() else []
-    batches = {("calibrated", row["cal_batch"]) for row in rows} | {("published", row["pub_batch"]) for row in rows}
+    batches = {("calibrated", row["cal_batch"]) for row in rows} | {
+        ("published", row["pub_batch"]) for row in rows
+    }
     return [
         f"{folder}/{batch}"
         for folder, batch in sorted(batches)

@@ -307,6 +307,13 @@ def test_apply_shift_nan_spreads_to_interpolation_footprint_only():
     assert bad.min(axis=0).tolist() == [9, 9] and bad.max(axis=0).tolist() == [12, 12]
     assert len(bad) == 16
 
+    bicubic = apply_shift(image, Shift(0.5, 0.5, False, 1.0), kernel="cubic")  # taps -1..+2
+    bad = np.argwhere(np.isnan(bicubic[2:-1, 2:-1])) + 2
+    assert bad.min(axis=0).tolist() == [9, 9] and bad.max(axis=0).tolist() == [12, 12]
+    assert len(bad) == 16
+    assert np.isnan(bicubic[:2]).all() and np.isnan(bicubic[:, :2]).all()
+    assert np.isnan(bicubic[-1]).all() and np.isfinite(bicubic[-2, 2:9]).all()
+
     lanczos = apply_shift(image, Shift(0.5, 0.5, False, 1.0), kernel="lanczos4")  # taps -3..+4
     bad = np.argwhere(np.isnan(lanczos[5:-3, 5:-3])) + 5
     assert bad.min(axis=0).tolist() == [7, 7] and bad.max(axis=0).tolist() == [14, 14]
@@ -330,7 +337,7 @@ def test_apply_shift_preserves_flux_of_interior_star():
 
 def test_apply_shift_rejects_unknown_kernel():
     with pytest.raises(ValueError, match="kernel"):
-        apply_shift(np.zeros((8, 8)), Shift(0.5, 0.5, False, 1.0), kernel="cubic")
+        apply_shift(np.zeros((8, 8)), Shift(0.5, 0.5, False, 1.0), kernel="nearest")
 
 
 @pytest.mark.parametrize(("size", "n_stars"), [(64, 10), (256, 40), (1024, 20), (2048, 80)])

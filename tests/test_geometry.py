@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from conftest import master_flags, reference_light, run_cli
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imgproc import report
@@ -193,6 +193,10 @@ def test_taper_on_tiny_and_odd_sides(n: int) -> None:
 
 #: Shifts that are whole or clearly fractional: within 1e-3 px of a whole number, whether the
 #: resampler copies or interpolates is a tolerance, not a property (hypothesis found dx=1e-6).
+def _whole(p: np.ndarray) -> np.ndarray:
+    return np.abs(p - np.rint(p)) < 1e-6
+
+
 SHIFTS = st.floats(-6.0, 6.0).filter(lambda v: v == round(v) or abs(v - round(v)) > 1e-3)
 
 
@@ -209,33 +213,44 @@ def test_apply_shift_moves_a_plane_on_any_shape(
     assert out.shape == shape and out.dtype == np.float32
     # out[y, x] samples the (rotated) frame at (y - dy, x - dx): its footprint, rows fy - below
     # to fy + above, inside the frame (integer shifts: a copy; an axis with a whole shift is
-    # copied too, except by OpenCV's Lanczos, whose zero-weight taps still see the NaN outside)
+    # copied too, except by OpenCV, whose zero-weight taps still see the NaN outside)
     py, px = yy - dy, xx - dx
-    below, above = {"bilinear": (0, 1), "spline": (1, 2), "lanczos4": (3, 4)}[kernel]
-    whole_y, whole_x = np.abs(py - np.rint(py)) < 1e-6, np.abs(px - np.rint(px)) < 1e-6
-    # OpenCV's taps, -3..+4 of the source's pixel, are -4..+3 of a turned frame's at whole positions
-    lanczos = kernel == "lanczos4" and not (whole_y.all() and whole_x.all())
-    if lanczos:  # OpenCV places samples to 1/32 px (a shift halfway between two places is either)
-        assume(all(abs((64 * v) % 2 - 1) > 1e-6 for v in (dy, dx)))
-        py, px = np.round(32 * py) / 32, np.round(32 * px) / 32
-        whole_y, whole_x = np.abs(py - np.rint(py)) < 1e-6, np.abs(px - np.rint(px)) < 1e-6
-    fy, fx = np.floor(py + 1e-6), np.floor(px + 1e-6)
-    if lanczos:
-        below_y, above_y = (np.where(flip & whole_y, 4, 3), np.where(flip & whole_y, 3, 4))
-        below_x, above_x = (np.where(flip & whole_x, 4, 3), np.where(flip & whole_x, 3, 4))
-        whole_y = whole_x = np.zeros_like(whole_y)
-    else:
-        below_y = below_x = below
-        above_y = above_x = above
-    inside_y = np.where(
-        whole_y, (np.rint(py) >= 0) & (np.rint(py) <= ny - 1), (fy >= below_y) & (fy + above_y <= ny - 1)
-    )
-    inside_x = np.where(
-        whole_x, (np.rint(px) >= 0) & (np.rint(px) <= nx - 1), (fx >= below_x) & (fx + above_x <= nx - 1)
-    )
-    np.testing.assert_array_equal(np.isfinite(out), inside_y & inside_x)
+    below, above = {"bilinear": (0, 1), "spline": (1, 2), "cubic": (1, 2), "lanczos4": (3, 4)}[kernel]
+    opencv = kernel == "lanczos4" and not (_whole(py).all() and _whole(px).all())
+    cubic = kernel == "cubic" and not (_whole(py).all() and _whole(px).all())
+
+    def inside(p: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Where the footprint is inside for certain, and where it may be. OpenCV places its
+        samples on a 1/32 px grid of the source (rounded by Lanczos-4, truncated by bicubic),
+        and its taps (Lanczos -3..+4, bicubic -1..+2) are -4..+3 (-2..+1) of a turned frame's
+        at whole positions. OpenCV's bicubic frame is masked by the exact positions: its whole
+        footprint, -1..+2 of the source's pixel."""
+        if cubic:
+            f = np.floor((n - 1 - p if flip else p) + 1e-6)
+            ok = (f >= 1) & (f + 2 <= n - 1)
+            return ok, ok
+        if not opencv:
+            f, whole = np.floor(p + 1e-6), _whole(p)
+            ok = np.where(
+                whole, (np.rint(p) >= 0) & (np.rint(p) <= n - 1), (f >= below) & (f + above <= n - 1)
+            )
+            return ok, ok
+        source = n - 1 - p if flip else p
+        placed = [np.round(32 * source) / 32, np.floor(32 * source + 1e-6) / 32]
+        variants = []
+        for q in placed:
+            q = n - 1 - q if flip else q
+            f, whole = np.floor(q + 1e-6), _whole(q)
+            low, high = np.where(flip & whole, above, below), np.where(flip & whole, below, above)
+            variants.append((f >= low) & (f + high <= n - 1))
+        return variants[0] & variants[1], variants[0] | variants[1]
+
+    (sure_y, may_y), (sure_x, may_x) = inside(py[:, 0], ny), inside(px[0], nx)
+    finite = np.isfinite(out)
+    assert not finite[~may_y].any() and not finite[:, ~may_x].any()
+    assert finite[np.ix_(sure_y, sure_x)].all()
     expected = 50.0 + 0.5 * py - 0.25 * px
-    inner = np.isfinite(out) & (py > 4) & (py < ny - 5) & (px > 4) & (px < nx - 5)
+    inner = finite & (py > 4) & (py < ny - 5) & (px > 4) & (px < nx - 5)
     np.testing.assert_allclose(out[inner], expected[inner], atol=1e-3 if kernel == "bilinear" else 0.05)
 
 

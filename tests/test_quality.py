@@ -160,7 +160,7 @@ def test_a_defocused_light_is_left_out_of_its_aligned_stack_and_named(tmp_path: 
     assert marked == [chosen]
 
 
-@pytest.mark.parametrize("kernel", ["lanczos4", "spline"])
+@pytest.mark.parametrize("kernel", ["lanczos4", "cubic", "spline"])
 def test_aligned_stack_of_a_turning_field_is_as_sharp_as_one_frame(tmp_path: Path, kernel: str):
     night = make_night(
         tmp_path / "night",

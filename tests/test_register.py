@@ -133,7 +133,7 @@ def test_resampled_rotated_frame_lands_on_the_reference_stars(kernel):
     assert ratio <= (1.2 if kernel == "bilinear" else 1.05)
 
 
-@pytest.mark.parametrize("kernel", ["spline", "lanczos4"])
+@pytest.mark.parametrize("kernel", ["spline", "cubic", "lanczos4"])
 def test_sharp_resampling_keeps_the_flux_of_a_star(kernel):
     shape = (101, 131)
     star = np.array([[50.3, 60.6, 1e5]])
@@ -149,7 +149,7 @@ def test_nan_pixels_spread_only_within_the_kernel_reach():
     frame = np.full(shape, 5.0, np.float32)
     frame[40, 60] = np.nan
     turned = shift_from_map(np.array([[np.cos(0.2), np.sin(0.2)], [-np.sin(0.2), np.cos(0.2)]]), 0.4, 0.3)
-    for kernel, most in (("bilinear", 9), ("spline", 36), ("lanczos4", 81)):
+    for kernel, most in (("bilinear", 9), ("spline", 36), ("cubic", 25), ("lanczos4", 81)):
         aligned = apply_shift(frame, turned, kernel=kernel)
         inner = aligned[16:-16, 16:-16]  # clear of the turned frame's corners
         assert 1 <= np.isnan(inner).sum() <= most
