@@ -51,7 +51,17 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from imgproc.binning import binned_shape, block_sum
-from imgproc.stars import MAD_TO_STD, STAT_STEP, Stars, background, despike, find_stars, noise_sigma, opencv
+from imgproc.stars import (
+    MAD_TO_STD,
+    STAT_STEP,
+    RowSource,
+    Stars,
+    background,
+    despike,
+    find_stars,
+    noise_sigma,
+    opencv,
+)
 
 __all__ = [
     "MODELS",
@@ -619,7 +629,7 @@ class StarRegistrar:
 
 
 def registration_stars(
-    image: np.ndarray, *, mosaic: bool = False, max_stars: int = REGISTRATION_STARS
+    image: np.ndarray | RowSource, *, mosaic: bool = False, max_stars: int = REGISTRATION_STARS
 ) -> Stars:
     """The stars registration matches in a frame, and frame quality is measured from
     (:func:`imgproc.stars.find_stars`): a colour sensor's ``mosaic`` on its 2×2 superpixels

@@ -8,7 +8,6 @@ A dark of another exposure is scaled by k = light / dark exposure (only with a b
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -280,7 +279,6 @@ def calibrate_frame(
     cache: MasterCache,
     target: Path,
     light: LightSettings,
-    keep: bool = True,
 ) -> tuple[np.ndarray, fits.Header]:
     """Read, calibrate and bin one light into the float32 FITS file ``target``; returns its
     pixels and header. ``light.dark_scale`` multiplies the dark (one of another exposure). A
@@ -291,14 +289,13 @@ def calibrate_frame(
     CPU cache from the read through calibration and binning to the write, instead of a
     dozen passes over the whole frame. The pixels are the same as :func:`calibrate_image`
     and :func:`bin_image` of the whole frame give. A frame over :data:`WHOLE_FRAME_MAX_BYTES`
-    is not held whole, unless ``keep`` (the unbinned pixels are needed whole): the unbinned
-    pixels returned are then ``target`` memory-mapped (read as they are used).
+    is not held whole: the unbinned pixels returned are then ``target`` memory-mapped (read as
+    they are used; its stars are measured from the file, a band of rows at a time).
     """
     if light.cfa:
         return calibrate_colour_frame(light_path, hdu, masters, cache, target, light)
     binning, dark_scale = light.binning, light.dark_scale
-    whole = math.inf if keep and binning == 1 else WHOLE_FRAME_MAX_BYTES
-    header, shape, image, blocks = image_blocks(light_path, hdu, binning, whole)
+    header, shape, image, blocks = image_blocks(light_path, hdu, binning, WHOLE_FRAME_MAX_BYTES)
     frames = {role: cache.rows(role, path) for role, path in masters.items() if path is not None}
     check_master_shapes(shape, frames)  # whole frames: each block's slices would agree
     out_header = calibrated_header(header, masters, light)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from imgproc.stars import Stars
+from imgproc.stars import RowSource, Stars
 
 __all__ = [
     "MIN_FRAMES",
@@ -99,7 +99,7 @@ def frame_quality(stars: Stars, *, factor: int = 1, transparency: float = float(
     )
 
 
-def measure_frame(data: np.ndarray, *, mosaic: bool = False) -> tuple[FrameQuality, Stars]:
+def measure_frame(data: np.ndarray | RowSource, *, mosaic: bool = False) -> tuple[FrameQuality, Stars]:
     """The quality of a frame from its pixels, and the stars it is made of: those registration
     matches (:func:`imgproc.align.registration_stars`; a colour sensor's ``mosaic`` is measured
     on its 2×2 superpixels)."""

@@ -24,7 +24,7 @@ import numpy as np
 from imgproc import __version__
 from imgproc.calibrate import HEADER_CARDS, MASTERS, ROLES, LightSettings, MasterCache, calibrate_frame
 from imgproc.colour import green, read_frame
-from imgproc.fitsio import FitsError, checksum_problem, write_atomic
+from imgproc.fitsio import FitsError, Float32Rows, checksum_problem, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, shown, write_tsv
 from imgproc.masterbuild import build_master
@@ -187,10 +187,12 @@ def frame_diagnostics(entry: Mapping[str, Any], stats: Mapping[str, float]) -> s
     return f"{name}: {masters or 'no masters'} sky={stats['sky']:.2f} noise={stats['noise']:.2f}"
 
 
-def measured(data: np.ndarray, header: fits.Header) -> dict[str, Any]:
-    """The ``quality`` record of a calibrated frame (an RGB cube: its green plane) and the
-    ``stars`` it is made of, which registration matches (:func:`imgproc.quality.measure_frame`)."""
-    quality, stars = measure_frame(green(data), mosaic=bool(normalise(header)["bayerpat"]))
+def measured(data: np.ndarray | Float32Rows, header: fits.Header) -> dict[str, Any]:
+    """The ``quality`` record of a calibrated frame (an RGB cube: its green plane; or a mono
+    frame's rows on disk) and the ``stars`` it is made of, which registration matches
+    (:func:`imgproc.quality.measure_frame`)."""
+    image = green(data) if isinstance(data, np.ndarray) else data
+    quality, stars = measure_frame(image, mosaic=bool(normalise(header)["bayerpat"]))
     return {"quality": quality.record(), "stars": stars.record()}
 
 
@@ -224,21 +226,15 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
         cfa=entry.get("cfa") or None, channel=entry.get("channel") or None,
         object_name=entry.get("object_set") or None, cards=provenance_cards(stamp, [entry["path"]]),
     )  # fmt: skip
-    data, header = calibrate_frame(  # the whole frame kept only to measure its stars
-        Path(entry["path"]),
-        int(entry["hdu"]),
-        {r: entry.get(r) for r in ROLES},
-        cache,
-        target,
-        light,
-        quality,
+    data, header = calibrate_frame(
+        Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target, light
     )
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
     stats, no_airmass, size = frame_statistics(green(data)), airmass_problem(header), file_record(target)
     record = {"stamp": stamp, "source": entry["path"], "stats": stats, "no_airmass": no_airmass, **size}
-    if quality:
-        record |= measured(data, header)
+    if quality:  # a frame too big to hold whole is measured from its file, a band at a time
+        record |= measured(Float32Rows(target) if isinstance(data, np.memmap) else data, header)
     write_json(stamp_path, record)
     log.debug("%s", frame_diagnostics(entry, stats))
     return {"status": "calibrated", "stamp": stamp, "no_airmass": no_airmass, **stats, **size}

@@ -320,9 +320,8 @@ def _light_and_masters(tmp_path, shape: tuple[int, int], seed: int = 7) -> tuple
     ("shape", "binning"), [((2049, 1001), 2), ((300, 257), 3), ((129, 64), 1), ((513, 700), 4), ((5, 9), 5)]
 )
 @pytest.mark.parametrize("big", [False, True], ids=["whole-masters", "masters-by-rows"])
-@pytest.mark.parametrize("keep", [True, False], ids=["kept", "not-kept"])
 def test_calibrate_frame_streams_the_same_pixels_as_whole_frame_calibration(
-    tmp_path, monkeypatch, shape, binning, big, keep
+    tmp_path, monkeypatch, shape, binning, big
 ):
     if big:  # every master read a block of rows at a time, and the light not held whole
         monkeypatch.setattr(calibrate, "WHOLE_FRAME_MAX_BYTES", 0)
@@ -332,13 +331,13 @@ def test_calibrate_frame_streams_the_same_pixels_as_whole_frame_calibration(
     cache = MasterCache()
     data, header = calibrate_frame(
         tmp_path / "light.fits", 0, masters, cache, target,
-        LightSettings("ABC", datetime(2025, 5, 1, 21), 0.0, binning=binning), keep,
+        LightSettings("ABC", datetime(2025, 5, 1, 21), 0.0, binning=binning),
     )  # fmt: skip
     bias, dark, flat = (found[role][1] for role in ("bias", "dark", "flat"))
     expected = bin_image(calibrate_image(raw.astype(np.float32), bias, dark, normalise_flat(flat)), binning)
     assert np.array_equal(data, expected, equal_nan=True)
     assert isinstance(cache.rows("flat", masters["flat"]), calibrate.MasterRows) == big
-    assert isinstance(data, np.memmap) == (binning == 1 and big and not keep)  # the file, not a copy
+    assert isinstance(data, np.memmap) == (binning == 1 and big)  # the file, not a copy
     with fits.open(target, checksum=True) as hdul:
         assert hdul[0].verify_checksum() == 1 and hdul[0].verify_datasum() == 1
         assert np.array_equal(hdul[0].data, expected, equal_nan=True)
@@ -358,10 +357,10 @@ def test_calibrate_frame_of_a_big_frame_holds_neither_the_frame_nor_its_masters(
     cache = MasterCache()
     settings = LightSettings("ABC", datetime(2025, 5, 1, 21), 0.0)
     light = tmp_path / "light.fits"
-    calibrate_frame(light, 0, masters, cache, tmp_path / "first.fits", settings, keep=False)  # flat's mean
+    calibrate_frame(light, 0, masters, cache, tmp_path / "first.fits", settings)  # flat's mean
     tracemalloc.start()
     try:
-        data, _ = calibrate_frame(light, 0, masters, cache, tmp_path / "second.fits", settings, keep=False)
+        data, _ = calibrate_frame(light, 0, masters, cache, tmp_path / "second.fits", settings)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -18,14 +19,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imgproc import report
+from imgproc import stars as stars_module
 from imgproc.align import KERNELS, MosaicRegistrar, Registrar, Shift, _taper, apply_shift
 from imgproc.binning import bin_image, binned_shape
 from imgproc.cli import EXIT_OK
+from imgproc.fitsio import Float32Rows
 from imgproc.report import block_mean, stretch, thumbnail_of
 from imgproc.stack import ArraySource, combine
 from imgproc.stages import frame_statistics
 from imgproc.stars import background as _background
 from imgproc.stars import despike as _despike
+from imgproc.stars import find_stars as _find_stars
 from imgproc.stars import fwhm_estimate, local_maxima
 from imgproc.synth import NightSpec, make_night, random_stars, star_field
 
@@ -461,3 +465,53 @@ def test_large_sensor_register_shift_bin_thumbnail(size: tuple[int, int]) -> Non
     assert bin_image(aligned, 3).shape == (height // 3, width // 3)
     small, _, factor = block_mean(aligned)
     assert small.shape == (math.ceil(height / factor), math.ceil(width / factor)) and max(small.shape) <= 256
+
+
+# -- star detection in bands of rows ---------------------------------------------------------------
+
+
+@SETTINGS
+@given(shape=shapes(24, 300), band=st.integers(1, 80), seed=st.integers(0, 2**16))
+def test_stars_are_the_same_whatever_the_band_height_and_source(
+    shape: tuple[int, int], band: int, seed: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """find_stars reads the frame a band of rows at a time: the stars, the sky and the noise
+    are the same bits for any band height (down to one row, under its halo), from an array or
+    from the intermediate's rows on disk, NaN pixels included."""
+    rng = np.random.default_rng(seed)
+    stars = random_stars(shape, max(3, shape[0] * shape[1] // 400), rng, flux_range=(300, 3e4), margin=2)
+    frame = noisy_field(shape, stars, rng)
+    frame[rng.integers(0, shape[0], 5), rng.integers(0, shape[1], 5)] = np.nan
+    whole = _find_stars(frame, max_stars=50)
+    path = tmp_path_factory.mktemp("rows") / "frame.fits"
+    fits.writeto(path, frame)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stars_module, "STRIP_BYTES", band * shape[1] * 4)
+        for banded in (_find_stars(frame, max_stars=50), _find_stars(Float32Rows(path), max_stars=50)):
+            assert (banded.sky, banded.noise) == (whole.sky, whole.noise)
+            for name in ("y", "x", "flux", "fwhm", "roundness"):
+                np.testing.assert_array_equal(getattr(banded, name), getattr(whole, name))
+
+
+def test_stars_of_a_frame_on_disk_take_bands_not_frames(tmp_path: Path, monkeypatch) -> None:
+    """Measuring a frame from its file in bands of 1 MB allocates those bands, the samples of
+    the sky and noise (3/16 of a frame) and the candidates' stamps (a few MB): well under the
+    frame's float32 pixels, where one band of the whole frame takes 2.5 frames; the stars are
+    the same."""
+    shape = (3001, 2600)
+    rng = np.random.default_rng(4)
+    frame = noisy_field(shape, random_stars(shape, 400, rng, flux_range=(500, 3e4)), rng)
+    path = tmp_path / "frame.fits"
+    fits.writeto(path, frame)
+    expected = _find_stars(frame, max_stars=300)  # and the modules it imports are loaded
+    monkeypatch.setattr(stars_module, "STRIP_BYTES", 1 << 20)
+    tracemalloc.start()
+    try:
+        found = _find_stars(Float32Rows(path), max_stars=300)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.65 * frame.nbytes
+    assert len(found) == 300
+    np.testing.assert_array_equal(found.y, expected.y)
+    np.testing.assert_array_equal(found.flux, expected.flux)
