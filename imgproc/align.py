@@ -43,6 +43,7 @@ per 256², FWHM 3 px): same field 0.8-0.95 (0.4-0.5 at 6× the noise); pure nois
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,7 @@ from imgproc.stars import (
 
 __all__ = [
     "MODELS",
+    "BandResampler",
     "MosaicRegistrar",
     "Registrar",
     "Shift",
@@ -74,6 +76,7 @@ __all__ = [
     "pier_side_flip",
     "registration_stars",
     "shift_from_map",
+    "source_rows",
     "superpixels",
 ]
 
@@ -848,6 +851,8 @@ def _prepare(image: np.ndarray, box: int) -> tuple[np.ndarray, float, np.ndarray
 
 #: Resampling kernels of :func:`apply_shift`, and how far (px) each reaches from a sample point.
 KERNELS = {"bilinear": 1, "spline": 2, "cubic": 2, "lanczos4": 4}
+#: Output rows of each band :class:`BandResampler` makes.
+RESAMPLE_BAND_ROWS = 128
 #: The kernels OpenCV resamples with (:func:`_opencv_warp`), by name.
 OPENCV_KERNELS = ("cubic", "lanczos4")
 
@@ -913,16 +918,34 @@ def _opencv_warp(data: np.ndarray, shift: Shift, kernel: str) -> np.ndarray:
     anywhere in the kernel's footprint, or the outside of the frame (border value NaN), makes
     the output pixel NaN by itself (0 × NaN is NaN).
     """
+    return _opencv_rows(data, 0, data.shape, shift, kernel, (0, data.shape[0]))
+
+
+def _opencv_rows(
+    block: np.ndarray,
+    first: int,
+    shape: tuple[int, int],
+    shift: Shift,
+    kernel: str,
+    rows: tuple[int, int],
+) -> np.ndarray:
+    """Output ``rows`` of a frame of ``shape`` resampled by ``shift`` with OpenCV, from
+    ``block``, the frame's rows from ``first`` on (every row those output rows sample, with the
+    kernel's reach: :func:`source_rows`)."""
     cv2 = opencv()
-    inverse, offset = _inverse_map(data.shape, shift)
+    inverse, offset = _inverse_map(shape, shift)
+    start, stop = rows
+    # the block's own coordinates: output row q - start samples block row p - first
+    local = offset + inverse[:, 0] * start - np.array([first, 0.0])
     matrix = np.array(  # (x, y) order: source = matrix @ (x, y, 1)
-        [[inverse[1, 1], inverse[1, 0], offset[1]], [inverse[0, 1], inverse[0, 0], offset[0]]]
+        [[inverse[1, 1], inverse[1, 0], local[1]], [inverse[0, 1], inverse[0, 0], local[0]]]
     )
+    size = (shape[1], stop - start)
     if kernel == "lanczos4":
         return cv2.warpAffine(
-            np.ascontiguousarray(data),
+            np.ascontiguousarray(block),
             matrix,
-            (data.shape[1], data.shape[0]),
+            size,
             flags=cv2.INTER_LANCZOS4 | cv2.WARP_INVERSE_MAP,
             borderMode=cv2.BORDER_CONSTANT,
             borderValue=float("nan"),
@@ -931,28 +954,86 @@ def _opencv_warp(data: np.ndarray, shift: Shift, kernel: str) -> np.ndarray:
     # pixels, and a row or two more, come out NaN): the border is replicated instead, and the
     # pixels whose 4×4 footprint reaches outside the frame are made NaN here
     out = cv2.warpAffine(
-        np.ascontiguousarray(data),
+        np.ascontiguousarray(block),
         matrix,
-        (data.shape[1], data.shape[0]),
+        size,
         flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REPLICATE,
     )
-    out[~_footprint_inside(data.shape, inverse, offset, 1, 2)] = np.nan
+    out[~_footprint_inside(shape, inverse, offset, 1, 2, rows)] = np.nan
     return out
 
 
+def source_rows(shape: tuple[int, int], shift: Shift, kernel: str, rows: tuple[int, int]) -> tuple[int, int]:
+    """The frame's rows ``[lo, hi)`` that output ``rows`` resampled by ``shift`` sample, the
+    kernel's reach (and a row for OpenCV's 1/32 px placing) included, within the frame."""
+    inverse, offset = _inverse_map(shape, shift)
+    ny, nx = shape
+    corners = np.array([[q, x] for q in (rows[0], rows[1] - 1) for x in (0, nx - 1)], dtype=np.float64)
+    sampled = corners @ inverse[0] + offset[0]
+    reach = KERNELS[kernel]
+    lo = int(np.floor(sampled.min())) - reach - 1
+    hi = int(np.floor(sampled.max())) + reach + 2
+    return min(max(lo, 0), ny), max(min(hi, ny), 0)
+
+
+class BandResampler:
+    """Rows of a frame resampled by ``shift`` with an OpenCV kernel, made a fixed band of
+    :data:`RESAMPLE_BAND_ROWS` output rows at a time from only the source rows each band
+    samples (``read(lo, hi)``: a frame's intermediate file, read as needed): a 61-megapixel
+    frame is resampled without holding it whole. The bands are fixed, so the rows asked for
+    (by strips of any height) are the same bits; the last band is kept for the next strip."""
+
+    def __init__(
+        self, read: Callable[[int, int], np.ndarray], shape: tuple[int, int], shift: Shift, kernel: str
+    ):
+        if kernel not in OPENCV_KERNELS:
+            raise ValueError(f"kernel must be one of {OPENCV_KERNELS}, got {kernel!r}")
+        self.read, self.shape, self.shift, self.kernel = read, shape, shift, kernel
+        self._kept: tuple[int, np.ndarray] | None = None
+
+    def _band(self, index: int) -> np.ndarray:
+        if self._kept is None or self._kept[0] != index:
+            ny, nx = self.shape
+            rows = (index * RESAMPLE_BAND_ROWS, min(ny, (index + 1) * RESAMPLE_BAND_ROWS))
+            lo, hi = source_rows(self.shape, self.shift, self.kernel, rows)
+            if lo >= hi:  # the band samples nothing of the frame
+                band = np.full((rows[1] - rows[0], nx), np.nan, np.float32)
+            else:
+                band = _opencv_rows(self.read(lo, hi), lo, self.shape, self.shift, self.kernel, rows)
+            self._kept = (index, band)
+        return self._kept[1]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Output rows ``[start, stop)`` (float32)."""
+        out = np.empty((stop - start, self.shape[1]), np.float32)
+        for index in range(start // RESAMPLE_BAND_ROWS, (stop - 1) // RESAMPLE_BAND_ROWS + 1):
+            first = index * RESAMPLE_BAND_ROWS
+            band = self._band(index)
+            a, b = max(start, first), min(stop, first + len(band))
+            out[a - start : b - start] = band[a - first : b - first]
+        return out
+
+
 def _footprint_inside(
-    shape: tuple[int, int], inverse: np.ndarray, offset: np.ndarray, below: int, above: int
+    shape: tuple[int, int],
+    inverse: np.ndarray,
+    offset: np.ndarray,
+    below: int,
+    above: int,
+    rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Mask of the output pixels ``q`` whose sample ``p = inverse @ q + offset`` has its kernel
-    footprint, ``floor(p) - below`` to ``floor(p) + above`` on both axes, inside the frame.
+    """Mask of the output pixels ``q`` (of the output ``rows``, default all) whose sample
+    ``p = inverse @ q + offset`` has its kernel footprint, ``floor(p) - below`` to
+    ``floor(p) + above`` on both axes, inside the frame.
 
     The map is affine, so each output row's pixels inside form one run of columns: found per
     row from the four bounds (a few arrays of one row's length), not per pixel.
     """
     ny, nx = shape
-    rows = np.arange(ny, dtype=np.float64)
-    first, last = np.zeros(ny), np.full(ny, nx - 1.0)
+    r0, r1 = rows if rows is not None else (0, ny)
+    rows = np.arange(r0, r1, dtype=np.float64)
+    first, last = np.zeros(r1 - r0), np.full(r1 - r0, nx - 1.0)
     for axis, n in enumerate(shape):
         # p = slope * x + start(y) must stay within [below, n - 1 - above] (floor taken with a
         # tolerance: a sample on a whole pixel counts as that pixel)

@@ -26,6 +26,9 @@ from astropy.io import fits
 from imgproc import __version__
 from imgproc.align import (
     KERNELS,
+    OPENCV_KERNELS,
+    RESAMPLE_BAND_ROWS,
+    BandResampler,
     MosaicRegistrar,
     Registrar,
     Shift,
@@ -35,8 +38,9 @@ from imgproc.align import (
     registration_stars,
 )
 from imgproc.cache import FileCache
+from imgproc.calibrate import WHOLE_FRAME_MAX_BYTES
 from imgproc.colour import channel_shift, green, read_frame, write_cube
-from imgproc.fitsio import Float32Rows, checksum_problem, link_atomic, read_image, write_atomic
+from imgproc.fitsio import Float32Rows, ImageWriter, checksum_problem, link_atomic, read_image, write_atomic
 from imgproc.keywords import normalise
 from imgproc.manifest import OK, SKIPPED
 from imgproc.plan import BEST
@@ -125,6 +129,7 @@ class ShiftedSource:
     def __init__(self, frame: Float32Rows | ArrayRows, shift: Shift, kernel: str = "bilinear") -> None:
         self.shift, self.kernel = shift, kernel
         self._frame = frame
+        self._bands: BandResampler | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -146,7 +151,12 @@ class ShiftedSource:
         return block
 
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) of the aligned frame as float32."""
+        """Rows [r0, r1) of the aligned frame as float32 (a turn, with an OpenCV kernel: from the
+        fixed bands of a :class:`~imgproc.align.BandResampler`, whatever the strips)."""
+        if self.shift.linear is not None and self.kernel in OPENCV_KERNELS:
+            if self._bands is None:
+                self._bands = BandResampler(self._frame.read, self.shape, self.shift, self.kernel)
+            return self._bands.rows(r0, r1)
         whole = math.floor(self.shift.dy)
         margin = 1 + KERNELS[self.kernel]
         window = self._rows(r0 - whole - margin, r1 - whole + margin)
@@ -391,13 +401,34 @@ def publish_single_aligned(
     """Resample one frame (each plane of an RGB cube alike) onto the reference grid (of the light
     named ``reference``) and write it to ``target``, with ``cards`` (keyword, value, comment)
     set in its header."""
-    data, header = read_frame(member.path)
+    rows = Float32Rows(member.path) if by_bands(member.path, kernel) else None
+    data, header = (None, rows.header) if rows else read_frame(member.path)
     out = aligned_header(header, shift, quality)
     if reference:
         out.set("ALIGNREF", reference, "reference frame (raw light)")
     for key, value, comment in cards:
         out.set(key, value, comment)
-    write_output(target, resampled(data, shift, kernel), out)
+    if rows is None:
+        write_output(target, resampled(data, shift, kernel), out)
+        return
+    bands = BandResampler(rows.read, rows.shape, shift, kernel)
+    with ImageWriter(target, out, rows.shape) as writer:
+        for start in range(0, rows.shape[0], RESAMPLE_BAND_ROWS):
+            writer.write(bands.rows(start, min(rows.shape[0], start + RESAMPLE_BAND_ROWS)))
+
+
+def by_bands(path: Path, kernel: str) -> bool:
+    """Whether an aligned frame is resampled a band of rows at a time from its intermediate
+    (:class:`~imgproc.align.BandResampler`) rather than whole: a mono frame over
+    :data:`~imgproc.calibrate.WHOLE_FRAME_MAX_BYTES` of float32 (a 61-megapixel one), with an
+    OpenCV kernel. Its registration reads its stars, not its pixels."""
+    if kernel not in OPENCV_KERNELS or path.suffix != ".fits":
+        return False
+    try:
+        rows = Float32Rows(path)
+    except (OSError, ValueError):
+        return False  # a cube (RGB) or not a plain float32 frame
+    return rows.shape[0] * rows.shape[1] * 4 > WHOLE_FRAME_MAX_BYTES
 
 
 def resampled(data: np.ndarray, shift: Shift, kernel: str) -> np.ndarray:
@@ -637,8 +668,10 @@ def publish_group(
             planes = 3 if entries[0].get("channel") == "RGB" else 1
             group_bytes = len(members) * planes * registrar.shape[0] * registrar.shape[1] * 4
             budget = MEMORY.budget(settings.memory_budget) * KEEP_FRAMES_SHARE
-            keep = len(members) > 1 and group_bytes <= budget
-            resample = len(members) > 1 and whole_frames(settings)
+            # big frames are registered by their stars and resampled by bands as they are combined
+            banded = planes == 1 and by_bands(members[0].path, settings.kernel)
+            keep = len(members) > 1 and group_bytes <= budget and not banded
+            resample = len(members) > 1 and whole_frames(settings) and not banded
 
             # a thread's frame, its measured (green) frame and its resampled copy: registrations
             # wait for room in the stacking budget, as strips of the combine do
@@ -647,8 +680,12 @@ def publish_group(
             def register(
                 member: Member,
             ) -> tuple[Shift, FrameQuality, tuple[np.ndarray, fits.Header] | None]:
-                with MEMORY.reserve(working, settings.memory_budget):
-                    data, header = read_frame(member.path)
+                with MEMORY.reserve(0 if banded else working, settings.memory_budget):
+                    if banded:  # mapped, not read: star matching reads only its stars
+                        rows = Float32Rows(member.path)
+                        data, header = rows.memmap(), rows.header
+                    else:
+                        data, header = read_frame(member.path)
                     probe = green(data) if member.measure is None else read_image(member.measure)[0]
                     cells, stars = int(header.get("CFACELLS", 1)), saved_stars(member.measure or member.path)
                     shift, quality = measure(member, probe, registrar, pierside, cells, stars)

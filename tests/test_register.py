@@ -11,7 +11,15 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from imgproc.align import KERNELS, Shift, StarRegistrar, apply_shift, shift_from_map
+from imgproc.align import (
+    KERNELS,
+    RESAMPLE_BAND_ROWS,
+    BandResampler,
+    Shift,
+    StarRegistrar,
+    apply_shift,
+    shift_from_map,
+)
 from imgproc.publish import Member, aligned_header, measure
 from imgproc.stars import find_stars
 from imgproc.synth import field_positions, random_stars, star_field
@@ -204,3 +212,105 @@ def test_a_moved_wcs_card_keeps_as_much_of_its_comment_as_fits() -> None:
         text = out.tostring()
     assert long.startswith(out.comments["CD1_1"]) and len(out.comments["CD1_1"]) >= 40
     assert out.comments["CD2_2"] == "short" and "CD1_2" in out and len(text) % 80 == 0
+
+
+@pytest.mark.parametrize("kernel", ["lanczos4", "cubic"])
+@pytest.mark.parametrize("flipped", [False, True])
+def test_band_resampling_reads_only_the_rows_it_needs_and_matches_the_whole_frame(kernel, flipped):
+    """A big frame is resampled a fixed band of rows at a time from the source rows each band
+    samples: any strips give the same bits, the NaN border is the whole frame's, the values
+    agree with the whole frame resampled at once, and no read spans much more than a band
+    plus what the turn moves across it."""
+    shape = (613, 397)
+    frame = _frame(shape, _sky(shape, 300, seed=3), seed=4)
+    frame[300, 200] = np.nan
+    shift = shift_from_map(np.array([[np.cos(0.05), np.sin(0.05)], [-np.sin(0.05), np.cos(0.05)]]), 7.3, -4.6)
+    if flipped:
+        shift = Shift(shift.dy, shift.dx, True, 1.0, linear=shift.linear, method="stars")
+    whole = apply_shift(frame, shift, kernel=kernel)
+    spans: list[int] = []
+
+    def read(lo: int, hi: int) -> np.ndarray:
+        spans.append(hi - lo)
+        return frame[lo:hi]
+
+    strips = {}
+    for height in (1, 50, 128, 613):
+        bands = BandResampler(read, shape, shift, kernel)
+        strips[height] = np.concatenate([bands.rows(a, min(613, a + height)) for a in range(0, 613, height)])
+    for rows in strips.values():
+        np.testing.assert_array_equal(rows, strips[613])
+    np.testing.assert_array_equal(np.isfinite(strips[613]), np.isfinite(whole))
+    _agree_to_opencv_placing(strips[613], whole)
+    turn = int(np.ceil(shape[1] * np.sin(0.05)))
+    assert max(spans) <= RESAMPLE_BAND_ROWS + turn + 2 * (KERNELS[kernel] + 2)
+
+
+_BIG_FRAMES = """
+import os
+import imgproc.calibrate, imgproc.publish
+
+imgproc.calibrate.WHOLE_FRAME_MAX_BYTES = imgproc.publish.WHOLE_FRAME_MAX_BYTES = 1 << 16
+
+
+class _Counted(imgproc.publish.BandResampler):
+    def __init__(self, *args, **kwargs):
+        with open(os.environ["IMGPROC_TEST_BANDS"], "a") as log:
+            log.write("band resampler\\n")
+        super().__init__(*args, **kwargs)
+
+
+imgproc.publish.BandResampler = _Counted
+"""
+
+
+def test_a_big_turned_night_is_resampled_by_bands_to_the_same_outputs(tmp_path, monkeypatch):
+    """Frames over the whole-frame limit (lowered to 64 kB in the Snakemake process) are
+    registered by their stars without reading their pixels and resampled by bands, aligned
+    singles and stacks alike: the outputs match those of frames resampled whole."""
+    import os
+
+    from conftest import REPO, master_flags, run_cli
+
+    from imgproc.synth import NightSpec, make_night
+
+    night = make_night(
+        tmp_path / "night",
+        NightSpec(
+            n_lights=4, shape=(331, 257), filters=("V",), n_stars=150, field_rotation=4.0, distractors=False
+        ),
+    )
+    site, log = tmp_path / "site", tmp_path / "bands.log"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BIG_FRAMES, encoding="utf-8")
+    outputs = {}
+    for mode in ("whole", "bands"):
+        with monkeypatch.context() as patch:
+            if mode == "bands":  # the Snakemake process imports sitecustomize
+                patch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(REPO)]))
+                patch.setenv("IMGPROC_TEST_BANDS", str(log))
+            for flags in (("-a",), ("-a", "-s", "-S", "1")):
+                out = tmp_path / f"{mode}{len(flags)}"
+                assert run_cli(night.root / "lights", out, *master_flags(night), *flags) == 0
+                outputs[mode, flags] = {p.name: fits.getdata(p) for p in sorted(out.glob("*.fits"))}
+    # 4 aligned singles, then the stack's 4 frames (each fitted by its stars, the reference too)
+    assert log.read_text().count("band resampler") == 8
+    for flags in (("-a",), ("-a", "-s", "-S", "1")):
+        whole, bands = outputs["whole", flags], outputs["bands", flags]
+        assert sorted(whole) == sorted(bands) and len(whole) == (4 if len(flags) == 1 else 1)
+        for name in whole:
+            assert np.isfinite(whole[name]).mean() > 0.8
+            _agree_to_opencv_placing(bands[name], whole[name])
+
+
+def _agree_to_opencv_placing(found: np.ndarray, expected: np.ndarray) -> None:
+    """Equal but where OpenCV places a sample on the next 1/32 px (its positions, computed from
+    another offset, round the other way): there by at most 1/32 of the local gradient on each
+    axis, at a few per cent of the pixels."""
+    np.testing.assert_array_equal(np.isfinite(found), np.isfinite(expected))
+    finite = np.isfinite(expected)
+    gy, gx = np.gradient(np.where(finite, expected, np.nanmedian(expected)))
+    slack = (np.abs(gy) + np.abs(gx)) / 32 * 1.5 + 1e-3
+    differ = finite & (np.abs(found - expected) > 1e-3 + 1e-6 * np.abs(expected))
+    assert differ.mean() < 0.05
+    assert (np.abs(found - expected)[finite] <= slack[finite] + 1e-6 * np.abs(expected[finite])).all()
