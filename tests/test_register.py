@@ -250,7 +250,7 @@ _BIG_FRAMES = """
 import os
 import imgproc.calibrate, imgproc.publish
 
-imgproc.calibrate.WHOLE_FRAME_MAX_BYTES = imgproc.publish.WHOLE_FRAME_MAX_BYTES = 1 << 16
+imgproc.calibrate.WHOLE_FRAME_MAX_BYTES = 1 << 16
 
 
 class _Counted(imgproc.publish.BandResampler):
