@@ -193,6 +193,8 @@ def registrar_for(reference: Path, settings: StackSettings) -> AnyRegistrar:
         options = {"upsample": settings.upsample, "min_significance": settings.min_significance}
         if settings.registration == "stars":
             stars = saved_stars(reference)
+            if rows and stars is None:  # found from the file a band at a time, not the map
+                stars = registration_stars(rows)
             return StarRegistrar(data, model=settings.model, mosaic=mosaic, stars=stars, **options)
         return (MosaicRegistrar if mosaic else Registrar)(data, **options)
 
@@ -692,6 +694,8 @@ def publish_group(
                         data, header = read_frame(member.path)
                     probe = green(data) if member.measure is None else read_image(member.measure)[0]
                     cells, stars = int(header.get("CFACELLS", 1)), saved_stars(member.measure or member.path)
+                    if banded and stars is None:  # found from the file a band at a time, not the map
+                        stars = registration_stars(Float32Rows(member.path))
                     shift, quality = measure(member, probe, registrar, pierside, cells, stars)
                     if resample and not check_shift(shift, registrar):  # see whole_frames
                         data = resampled(data, shift, settings.kernel)
