@@ -43,6 +43,7 @@ per 256², FWHM 3 px): same field 0.8-0.95 (0.4-0.5 at 6× the noise); pure nois
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -991,18 +992,23 @@ class BandResampler:
             raise ValueError(f"kernel must be one of {OPENCV_KERNELS}, got {kernel!r}")
         self.read, self.shape, self.shift, self.kernel = read, shape, shift, kernel
         self._kept: tuple[int, np.ndarray] | None = None
+        self._lock = threading.Lock()  # the strips of a combine are read by several threads
 
     def _band(self, index: int) -> np.ndarray:
-        if self._kept is None or self._kept[0] != index:
-            ny, nx = self.shape
-            rows = (index * RESAMPLE_BAND_ROWS, min(ny, (index + 1) * RESAMPLE_BAND_ROWS))
-            lo, hi = source_rows(self.shape, self.shift, self.kernel, rows)
-            if lo >= hi:  # the band samples nothing of the frame
-                band = np.full((rows[1] - rows[0], nx), np.nan, np.float32)
-            else:
-                band = _opencv_rows(self.read(lo, hi), lo, self.shape, self.shift, self.kernel, rows)
+        with self._lock:
+            kept = self._kept
+        if kept is not None and kept[0] == index:
+            return kept[1]
+        ny, nx = self.shape
+        rows = (index * RESAMPLE_BAND_ROWS, min(ny, (index + 1) * RESAMPLE_BAND_ROWS))
+        lo, hi = source_rows(self.shape, self.shift, self.kernel, rows)
+        if lo >= hi:  # the band samples nothing of the frame
+            band = np.full((rows[1] - rows[0], nx), np.nan, np.float32)
+        else:
+            band = _opencv_rows(self.read(lo, hi), lo, self.shape, self.shift, self.kernel, rows)
+        with self._lock:
             self._kept = (index, band)
-        return self._kept[1]
+        return band
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Output rows ``[start, stop)`` (float32)."""

@@ -130,7 +130,8 @@ class ShiftedSource:
     def __init__(self, frame: Float32Rows | ArrayRows, shift: Shift, kernel: str = "bilinear") -> None:
         self.shift, self.kernel = shift, kernel
         self._frame = frame
-        self._bands: BandResampler | None = None
+        turned = shift.linear is not None and kernel in OPENCV_KERNELS
+        self._bands = BandResampler(frame.read, frame.shape, shift, kernel) if turned else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -154,9 +155,7 @@ class ShiftedSource:
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows [r0, r1) of the aligned frame as float32 (a turn, with an OpenCV kernel: from the
         fixed bands of a :class:`~imgproc.align.BandResampler`, whatever the strips)."""
-        if self.shift.linear is not None and self.kernel in OPENCV_KERNELS:
-            if self._bands is None:
-                self._bands = BandResampler(self._frame.read, self.shape, self.shift, self.kernel)
+        if self._bands is not None:
             return self._bands.rows(r0, r1)
         whole = math.floor(self.shift.dy)
         margin = 1 + KERNELS[self.kernel]
