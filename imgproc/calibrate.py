@@ -28,6 +28,7 @@ from imgproc.fitsio import (
     PlainRows,
     image_blocks,
     read_image,
+    set_card,
     write_atomic,
 )
 from imgproc.timecards import apply_time_cards, header_airmass
@@ -214,13 +215,6 @@ def _master_rows(role: str, path: str) -> np.ndarray | MasterRows:
 MASTERS = MasterCache()
 
 
-def _set_fitting(header: fits.Header, key: str, value: str, comment: str) -> None:
-    """Set a string card, with ``comment`` only where the card has room for it (a long value
-    would get it cut, with a warning)."""
-    room = 80 - 10 - len(value.replace("'", "''")) - 2 - 3
-    header.set(key, value, comment if len(comment) <= room else "")
-
-
 @dataclass(frozen=True)
 class LightSettings:
     """What calibrating one light takes besides its pixels and masters (a plan row's values)."""
@@ -261,20 +255,20 @@ def calibrated_header(
             _CAL_CARDS[role], path is not None, f"{role} subtracted" if role != "flat" else "flat-fielded"
         )
         if path is not None:
-            out.set(_FILE_CARDS[role], Path(path).name, f"master {role} used")
+            set_card(out, _FILE_CARDS[role], Path(path).name, f"master {role} used")
     original = out.get("OBSERVER")
     if isinstance(original, str) and original.strip() and original != observer:
-        _set_fitting(out, "ORIGOBS", original, "camera's OBSERVER")
+        set_card(out, "ORIGOBS", original, "camera's OBSERVER")
     out.set("OBSERVER", observer, "observer code")
     if light.object_name:
-        _set_fitting(out, "OBJECT", light.object_name, "from imgproc --object: none in the header")
+        set_card(out, "OBJECT", light.object_name, "from imgproc --object: none in the header")
     apply_time_cards(out, [(mid - timedelta(seconds=exptime / 2.0), exptime)], header_airmass(header, [mid]))
     out.add_history(f"Calibrated by imgproc {__version__}")
     if masters.get("dark") is not None and dark_scale is not None:
         out.set("DARKSCAL", float(dark_scale), "dark scaled by the exposure ratio light/dark")
         out.add_history(f"dark {Path(masters['dark']).name} scaled by {dark_scale:.6g} (exposure ratio)")
     for key, value, comment in light.cards:
-        out.set(key, value, comment)
+        set_card(out, key, value, comment)
     return out
 
 

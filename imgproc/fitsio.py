@@ -173,6 +173,15 @@ def clean_header(header: fits.Header) -> fits.Header:
         return cleaned
 
 
+def set_card(header: fits.Header, key: str, value: object, comment: str) -> None:
+    """Set a card, with ``comment`` only where the card has room for it: a long string value
+    would have it cut, with astropy's warning."""
+    if isinstance(value, str):
+        room = 80 - 10 - len(value.replace("'", "''")) - 2 - 3
+        comment = comment if len(comment) <= room else ""
+    header.set(key, value, comment)
+
+
 def _card_number(raw: bytes, key: str) -> int | None:
     """The integer value of card ``key`` in a raw header, or None when it is absent."""
     for start in range(0, len(raw), 80):

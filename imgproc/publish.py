@@ -40,7 +40,15 @@ from imgproc.align import (
 from imgproc.cache import FileCache
 from imgproc.calibrate import held_whole
 from imgproc.colour import channel_shift, green, read_frame, write_cube
-from imgproc.fitsio import Float32Rows, ImageWriter, checksum_problem, link_atomic, read_image, write_atomic
+from imgproc.fitsio import (
+    Float32Rows,
+    ImageWriter,
+    checksum_problem,
+    link_atomic,
+    read_image,
+    set_card,
+    write_atomic,
+)
 from imgproc.keywords import normalise
 from imgproc.manifest import OK, SKIPPED
 from imgproc.plan import BEST
@@ -410,9 +418,9 @@ def publish_single_aligned(
     data, header = (None, rows.header) if rows else read_frame(member.path)
     out = aligned_header(header, shift, quality)
     if reference:
-        out.set("ALIGNREF", reference, "reference frame (raw light)")
+        set_card(out, "ALIGNREF", reference, "reference frame (raw light)")
     for key, value, comment in cards:
-        out.set(key, value, comment)
+        set_card(out, key, value, comment)
     if rows is None:
         write_output(target, resampled(data, shift, kernel), out)
         return
@@ -540,7 +548,7 @@ def publish_stack(
     if offsets is not None:
         header.add_history(f"sky of every frame offset to {sky:.3f} (additive normalisation)")
     for key, value, comment in cards:
-        header.set(key, value, comment)
+        set_card(header, key, value, comment)
     write_output(target, data, header)
     return data, header
 

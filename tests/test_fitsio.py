@@ -16,8 +16,25 @@ from imgproc.fitsio import (
     encode_checksum,
     ones_complement_sum,
     read_image,
+    set_card,
     write_atomic,
 )
+
+SEESTAR_NAME = "Light_NGC 7023_10.0s_IRCUT_20240730-224436.fit"
+
+
+def test_set_card_keeps_a_comment_only_where_it_fits() -> None:
+    header = fits.Header()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_card(header, "ALIGNREF", SEESTAR_NAME, "reference frame (raw light)")
+        set_card(header, "BIASFILE", "bias.fits", "master bias used")
+        set_card(header, "QUOTED", "it's" * 14, "doubled quotes")
+        set_card(header, "NSTARS", 123, "stars found")
+        header.tostring()  # where astropy would cut a comment, with a warning
+    assert header["ALIGNREF"] == SEESTAR_NAME
+    assert header.comments["ALIGNREF"] == "" and header.comments["QUOTED"] == ""
+    assert header.comments["BIASFILE"] == "master bias used" and header.comments["NSTARS"] == "stars found"
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 13), (64, 64), (100, 37)])
