@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.io import fits
 from conftest import REPO, master_flags, run_cli
 
 import imgproc.stages
@@ -82,6 +83,8 @@ def test_an_internal_error_in_one_output_fails_the_run_and_the_rest_is_written(
 
 
 def _entries(night) -> list[dict]:
+    """Plan rows of the night's first four lights, with the columns calibration reads."""
+    ny, nx = fits.getdata(night.lights[0]).shape
     return [
         {
             "frame_id": f"f{i}",
@@ -90,6 +93,8 @@ def _entries(night) -> list[dict]:
             "mid": f"2025-05-02T0{i}:00:00",
             "exptime": 60.0,
             "pub_kind": "stack",
+            "ny": ny,
+            "nx": nx,
         }
         for i, path in enumerate(night.lights[:4])
     ]
