@@ -33,10 +33,11 @@ from astropy.utils.exceptions import AstropyWarning
 
 from imgproc import __version__
 from imgproc.binning import block_sum
+from imgproc.fitsio import FitsError, Float32Rows
 from imgproc.manifest import OK, read_tsv
 from imgproc.plan import calibration_notes
 from imgproc.stamps import read_json, receipt_items, write_json
-from imgproc.stars import regular_sample, robust_background, thumbnail_stars
+from imgproc.stars import RowSource, regular_sample, robust_background, thumbnail_stars
 
 #: Longest side of a thumbnail, in pixels.
 THUMB_MAX = 256
@@ -110,22 +111,24 @@ def png_bytes(indices: np.ndarray, palette: bytes = PALETTE) -> bytes:
     )
 
 
-def block_mean(data: np.ndarray, max_side: int = THUMB_MAX) -> tuple[np.ndarray, np.ndarray, int]:
+def block_mean(data: np.ndarray | RowSource, max_side: int = THUMB_MAX) -> tuple[np.ndarray, np.ndarray, int]:
     """Mean of ``f`` x ``f`` blocks (NaN ignored; all-NaN blocks stay NaN), with the smallest
     factor ``f`` that makes the long side at most ``max_side``.  Partial edge blocks are kept.
     Returns the means, the number of finite pixels behind each, and ``f``.
 
     Sums are float32 (a thumbnail, not science). The frame is taken in strips of whole blocks
-    (about :data:`STRIP_BYTES`), so a big frame, or one memory-mapped, is never copied whole;
-    a strip without NaN and whose width is a multiple of ``f`` (the usual case) is not copied.
+    (about :data:`STRIP_BYTES`), so a big frame is never copied whole; a strip without NaN and
+    whose width is a multiple of ``f`` (the usual case) is not copied. ``data`` may be rows on
+    disk (a :class:`~imgproc.stars.RowSource`), read a strip at a time.
     """
     ny, nx = data.shape
+    read = data.read if hasattr(data, "read") else lambda a, b: data[a:b]  # type: ignore[index]
     factor = max(1, math.ceil(max(ny, nx) / max_side))
     ty, tx = math.ceil(ny / factor), math.ceil(nx / factor)
     total, counts = np.empty((ty, tx), np.float32), np.empty((ty, tx), np.int64)
     step = factor * max(1, STRIP_BYTES // (4 * tx * factor * factor))
     for start in range(0, ny, step):
-        strip = np.asarray(data[start : start + step], dtype=np.float32)
+        strip = np.asarray(read(start, min(ny, start + step)), dtype=np.float32)
         shape = (math.ceil(len(strip) / factor) * factor, tx * factor)
         if strip.shape != shape:
             padded = np.full(shape, np.nan, dtype=np.float32)
@@ -182,12 +185,14 @@ def open_output(path: Path) -> tuple[fits.HDUList, int]:
     raise ValueError("no 2-D image or RGB cube")
 
 
-def thumbnail_of(data: np.ndarray, header: fits.Header, max_side: int = THUMB_MAX) -> dict[str, Any]:
+def thumbnail_of(
+    data: np.ndarray | Float32Rows, header: fits.Header, max_side: int = THUMB_MAX
+) -> dict[str, Any]:
     """Thumbnail (PNG bytes and size, long side at most ``max_side``), header facts and star
-    statistics of an image. An RGB cube (3, ny, nx) gives a colour thumbnail, each plane stretched
-    alike from its own sky and noise (so the sky comes out neutral grey); its statistics are
-    those of the green plane."""
-    cube = data if data.ndim == 3 else None
+    statistics of an image, or of a float32 image's rows on disk. An RGB cube (3, ny, nx) gives
+    a colour thumbnail, each plane stretched alike from its own sky and noise (so the sky comes
+    out neutral grey); its statistics are those of the green plane."""
+    cube = data if isinstance(data, np.ndarray) and data.ndim == 3 else None
     if cube is not None:
         data = cube[1]
     small, counts, factor = block_mean(data, max_side)
@@ -197,7 +202,8 @@ def thumbnail_of(data: np.ndarray, header: fits.Header, max_side: int = THUMB_MA
         rgb = np.round(levels.astype(np.float32) * (255.0 / (NAN_INDEX - 1))).astype(np.uint8)
         rgb[(levels == NAN_INDEX).any(axis=-1)] = NAN_RGB
         indices = rgb
-    stars, fwhm = thumbnail_stars(data, small, counts, factor)
+    pixels = data.memmap() if isinstance(data, Float32Rows) else data  # stamps: a few pages of it
+    stars, fwhm = thumbnail_stars(pixels, small, counts, factor)
     return {
         "png": png_bytes(indices[::-1]),  # FITS row 0 is the bottom of the image
         "width": small.shape[1],
@@ -213,10 +219,16 @@ def thumbnail_of(data: np.ndarray, header: fits.Header, max_side: int = THUMB_MA
 
 
 def thumbnail(path: Path, max_side: int = THUMB_MAX) -> dict[str, Any]:
-    """:func:`thumbnail_of` the image in a FITS file (memory-mapped)."""
-    hdul, index = open_output(path)
-    with hdul:
-        return thumbnail_of(hdul[index].data, hdul[index].header, max_side)
+    """:func:`thumbnail_of` the image in a FITS file: an imgproc float32 image read a strip of
+    rows at a time (a memory map read through would hold every page of a 61-MP frame, 245 MB,
+    in the process until it is closed), anything else memory-mapped."""
+    try:
+        rows = Float32Rows(path)
+    except FitsError:  # an RGB cube, a linked raw frame
+        hdul, index = open_output(path)
+        with hdul:
+            return thumbnail_of(hdul[index].data, hdul[index].header, max_side)
+    return thumbnail_of(rows, rows.header, max_side)
 
 
 def cached_thumbnail(
@@ -231,14 +243,15 @@ def cached_thumbnail(
     the file's) while the file's size and modification time are unchanged.
 
     The jobs that write a file fill the cache from the ``data`` and ``header`` they hold, in
-    parallel; the report only reads it.
+    parallel (a memory map of the file, as calibration gives for a 61-MP frame, is read from
+    the file by strips instead); the report only reads it.
     """
     stat = path.stat()
     key = [stat.st_size, stat.st_mtime_ns]
     store = cache / f"{name or path.name}.json"
     entry = read_json(store)
     if not entry or entry.get("key") != key:
-        if data is None or header is None:
+        if data is None or header is None or isinstance(data, np.memmap):
             thumb = thumbnail(path, max_side)
         else:
             thumb = thumbnail_of(data, header, max_side)

@@ -17,7 +17,9 @@ import pytest
 from astropy.io import fits
 from conftest import REPO, master_flags, run_cli
 
+import imgproc.report as report
 from imgproc.cli import EXIT_INCOMPLETE
+from imgproc.fitsio import Float32Rows, write_atomic
 from imgproc.manifest import read_tsv
 from imgproc.report import (
     NAN_RGB,
@@ -164,6 +166,29 @@ def test_thumbnail_downsamples_and_marks_nan(tmp_path: Path) -> None:
     assert (pixels[-10:] == NAN_RGB).all()  # bottom rows (last PNG rows) are the NaN colour
     assert not (pixels[:80] == NAN_RGB).all(axis=2).any()
     assert thumb["stars"] >= 1
+
+
+def test_a_float32_file_thumbnail_is_read_in_strips_not_mapped_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thumbnail of an imgproc float32 file (a 61-MP output) reads it a strip of rows at a
+    time, the same bits as the thumbnail of the array: a memory map read through would keep
+    every page of the frame in the process until it is closed."""
+    rng = np.random.default_rng(4)
+    data = rng.normal(100, 5, (333, 517)).astype(np.float32)
+    data[200:204, 300:304] = 3000.0
+    data[:7] = np.nan
+    write_atomic(tmp_path / "frame.fits", data, fits.Header({"FILTER": "V"}))
+    reads: list[tuple[int, int]] = []
+    original = Float32Rows.read
+    monkeypatch.setattr(Float32Rows, "read", lambda self, a, b: reads.append((a, b)) or original(self, a, b))
+    monkeypatch.setattr(report, "STRIP_BYTES", 64 * 1024)
+    monkeypatch.setattr(report, "open_output", None)  # never through astropy's memory map
+    thumb = thumbnail(tmp_path / "frame.fits")
+    assert len(reads) > 3 and [a for a, _ in reads] == sorted({b for _, b in reads} - {333} | {0})
+    assert reads[-1][1] == 333
+    whole = report.thumbnail_of(data, fits.Header({"FILTER": "V"}))
+    assert thumb == whole and thumb["stars"] >= 1 and thumb["header"]["FILTER"] == "V"
 
 
 def test_png_writer_round_trip() -> None:
