@@ -13,7 +13,7 @@ import logging
 import math
 import tempfile
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
@@ -486,9 +486,10 @@ def publish_stack(
     qualities: Sequence[FrameQuality | None] | None = None,
     notes: Sequence[str] = (),
     sky: float | None = None,
-) -> tuple[np.ndarray, fits.Header]:
+) -> tuple[np.ndarray | None, fits.Header]:
     """Combine ``members`` (each resampled by its shift, if any) into ``target``, with ``cards``
-    (keyword, value, comment) set in its header; returns the stack and its header.
+    (keyword, value, comment) set in its header; returns the stack (None for a mono frame too
+    big to hold whole, written as its strips are combined) and its header.
 
     ``frames`` are the members' pixels and headers when the caller holds them (it read them to
     register them): the combine then gets :data:`KEEP_FRAMES_SHARE` less of the budget. Without
@@ -527,12 +528,21 @@ def publish_stack(
     weights = None
     if settings.weighting == "quality" and measured and settings.method != "median":
         weights = quality_weights(qualities)  # type: ignore[arg-type]
-    planes = [
-        combine(
-            [
-                ArraySource(r.data) if resampled else ShiftedSource(r, s or no_shift, settings.kernel)  # type: ignore[union-attr]
-                for r, s in zip(layer, shifts, strict=True)
-            ],
+    header = stack_header(headers, members, shifts, settings, qualities, notes, weights)
+    if offsets is not None:
+        header.add_history(f"sky of every frame offset to {sky:.3f} (additive normalisation)")
+    for key, value, comment in cards:
+        set_card(header, key, value, comment)
+
+    def combined(
+        layer: list[Float32Rows | ArrayRows], sink: Callable[[np.ndarray], None] | None = None
+    ) -> np.ndarray | None:
+        sources = [
+            ArraySource(r.data) if resampled else ShiftedSource(r, s or no_shift, settings.kernel)  # type: ignore[union-attr]
+            for r, s in zip(layer, shifts, strict=True)
+        ]
+        return combine(
+            sources,
             method=settings.method,
             sigma_low=settings.sigma_low,
             sigma_high=settings.sigma_high,
@@ -540,15 +550,16 @@ def publish_stack(
             threads=threads,
             offsets=offsets,
             weights=weights,
+            sink=sink,
         )
-        for layer in layers
-    ]
+
+    shape = layers[0][0].shape
+    if not cube and not held_whole(shape):  # a 61-MP stack is written as its strips are made
+        with ImageWriter(target, header, shape) as writer:
+            combined(layers[0], writer.write)
+        return None, header
+    planes = [combined(layer) for layer in layers]
     data = np.stack(planes) if cube else planes[0]
-    header = stack_header(headers, members, shifts, settings, qualities, notes, weights)
-    if offsets is not None:
-        header.add_history(f"sky of every frame offset to {sky:.3f} (additive normalisation)")
-    for key, value, comment in cards:
-        set_card(header, key, value, comment)
     write_output(target, data, header)
     return data, header
 
@@ -735,6 +746,8 @@ def publish_group(
                 sky = float(np.median([q.sky for q in qualities if q is not None]))
             frames = [f for _, _, _, f in kept] if kept[0][3] is not None else None  # type: ignore[misc]
             del kept
+            if banded:  # what finding big frames' stars took goes back before they are combined
+                release_freed_memory()
         single_shift = shifts[0]
         cards = provenance_cards(stamp, sources)
         made: tuple[np.ndarray | None, fits.Header | None] = (None, None)

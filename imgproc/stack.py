@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Protocol, runtime_checkable
 
 import bottleneck as bn
@@ -199,7 +199,8 @@ def combine(
     threads: int = 1,
     offsets: Sequence[float] | None = None,
     weights: Sequence[float] | None = None,
-) -> np.ndarray:
+    sink: Callable[[np.ndarray], None] | None = None,
+) -> np.ndarray | None:
     """Combine equally-shaped frames into a float32 image, in row strips, NaN-aware.
 
     Parameters
@@ -230,6 +231,10 @@ def combine(
         Weight of each source in the mean of ``'sigclip'``, ``'winsorized'`` and ``'mean'``
         (after rejection: each pixel's mean is ``sum(w x) / sum(w)`` over its kept values);
         None: equal weights (the plain mean).  Not for ``'median'``.
+    sink
+        Given, each strip of the result is handed to it in row order (an
+        :class:`~imgproc.fitsio.ImageWriter`'s ``write``) and None is returned: a 61-MP stack
+        is never held whole. The same bits either way.
 
     NaN inputs are ignored; a pixel with no valid input is NaN.
     """
@@ -262,9 +267,8 @@ def combine(
     if threads > 1:
         rows = min(rows, math.ceil(n_rows / (2 * threads)))
     strip_bytes = rows * row_bytes(len(sources), n_cols)
-    out = np.empty(shape, np.float32)
 
-    def reduce_strip(r0: int) -> None:
+    def reduce_strip(r0: int) -> np.ndarray:
         r1 = min(n_rows, r0 + rows)
         with MEMORY.reserve(strip_bytes, memory_budget):
             # frame by frame into contiguous planes, then transposed a row at a time (each row
@@ -282,15 +286,16 @@ def combine(
             for row in range(r1 - r0):
                 cube[row] = planes[:, row, :].T
             del planes
-            out[r0:r1] = _reduce(cube, method, sigma_low, sigma_high, max_iters, width, weight)
+            return _reduce(cube, method, sigma_low, sigma_high, max_iters, width, weight)
 
+    out = np.empty(shape, np.float32) if sink is None else None
     starts = range(0, n_rows, rows)
-    if threads == 1:
-        for r0 in starts:
-            reduce_strip(r0)
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(reduce_strip, starts))
+    with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+        for r0, strip in zip(starts, (pool.map if pool else map)(reduce_strip, starts), strict=True):
+            if out is None:
+                sink(strip)  # type: ignore[misc]
+            else:
+                out[r0 : r0 + len(strip)] = strip
     return out
 
 

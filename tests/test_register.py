@@ -303,6 +303,34 @@ def test_a_big_turned_night_is_resampled_by_bands_to_the_same_outputs(tmp_path, 
             _agree_to_opencv_placing(bands[name], whole[name])
 
 
+def test_a_big_stack_is_written_as_it_is_combined_to_the_same_bytes(tmp_path, monkeypatch):
+    """A stack of frames over the whole-frame limit (lowered to 64 kB in the Snakemake
+    process) goes to its file strip by strip as it is combined, never held whole: the same
+    file, byte for byte, as a stack held whole."""
+    import os
+
+    from conftest import REPO, master_flags, run_cli
+
+    from imgproc.synth import NightSpec, make_night
+
+    night = make_night(
+        tmp_path / "night", NightSpec(n_lights=5, shape=(211, 173), filters=("V",), distractors=False)
+    )
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BIG_FRAMES, encoding="utf-8")
+    made = {}
+    for mode in ("whole", "bands"):
+        with monkeypatch.context() as patch:
+            if mode == "bands":
+                patch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(REPO)]))
+                patch.setenv("IMGPROC_TEST_BANDS", str(tmp_path / "bands.log"))
+            out = tmp_path / mode
+            assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1") == 0
+            made[mode] = {p.name: p.read_bytes() for p in out.glob("*.fits")}
+    assert len(made["whole"]) == 1 and made["bands"] == made["whole"]
+
+
 def _agree_to_opencv_placing(found: np.ndarray, expected: np.ndarray) -> None:
     """Equal but where OpenCV places a sample on the next 1/32 px (its positions, computed from
     another offset, round the other way): there by at most 1/32 of the local gradient on each

@@ -312,6 +312,21 @@ def test_combine_on_threads_equals_one_thread_and_reads_every_row_once():
         assert sorted(src.reads) == [(r0, min(r0 + 10, 57)) for r0 in range(0, 57, 10)]
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_combine_into_a_sink_gives_the_strips_in_order_and_the_same_bits(threads: int) -> None:
+    """A 61-MP stack goes to its file strip by strip: the strips, in row order, are the bits
+    of the whole result, on any threads, and nothing is returned."""
+    frames = _frames(9, shape=(83, 31), seed=5, nan_fraction=0.02)
+    whole = combine([ArraySource(f) for f in frames], memory_budget=40_000)
+    strips: list[np.ndarray] = []
+    assert (
+        combine([ArraySource(f) for f in frames], memory_budget=40_000, threads=threads, sink=strips.append)
+        is None
+    )
+    assert len(strips) > 3 and all(s.shape[1] == 31 for s in strips)
+    np.testing.assert_array_equal(np.concatenate(strips), whole)
+
+
 def _peak_of_eight_strips(memory: WorkingMemory, size: int, budget: int) -> int:
     """Largest memory in use while 8 threads each reserve ``size`` of ``budget`` for a while."""
     peak, lock = [0], threading.Lock()
