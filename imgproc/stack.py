@@ -65,7 +65,8 @@ def strip_rows(n_frames: int, shape: tuple[int, int], memory_budget: int) -> int
     The working set of a strip of ``r`` rows is ``r × cols × (n_frames ×
     WORKING_BYTES_PER_ELEMENT + PER_PIXEL_BYTES)``; the result is clamped to ``1..rows``
     (a single row may exceed a budget that is too small).  The output image itself
-    (``rows × cols × 4`` bytes) is not part of the budget.
+    (``rows × cols × 4`` bytes) is not part of the budget (a 61-MP one is not held at all:
+    :func:`combine`'s ``sink``).
     """
     if n_frames < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")
