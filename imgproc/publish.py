@@ -191,7 +191,7 @@ def registrar_for(reference: Path, settings: StackSettings) -> AnyRegistrar:
     :class:`MosaicRegistrar` for a colour sensor's frames (a CFA pattern in the header)."""
 
     def build() -> AnyRegistrar:
-        rows = Float32Rows(reference) if by_bands(reference, settings.kernel) else None
+        rows = banded_rows(reference, settings.kernel)
         # a big frame mapped, not read: star matching needs only its stars, and only the
         # cross-correlation fallback (built if a frame needs it) reads its pixels
         data, header = (rows.memmap(), rows.header) if rows else read_frame(reference)
@@ -414,7 +414,7 @@ def publish_single_aligned(
     """Resample one frame (each plane of an RGB cube alike) onto the reference grid (of the light
     named ``reference``) and write it to ``target``, with ``cards`` (keyword, value, comment)
     set in its header."""
-    rows = Float32Rows(member.path) if by_bands(member.path, kernel) else None
+    rows = banded_rows(member.path, kernel)
     data, header = (None, rows.header) if rows else read_frame(member.path)
     out = aligned_header(header, shift, quality)
     if reference:
@@ -430,18 +430,18 @@ def publish_single_aligned(
             writer.write(bands.rows(start, min(rows.shape[0], start + RESAMPLE_BAND_ROWS)))
 
 
-def by_bands(path: Path, kernel: str) -> bool:
-    """Whether an aligned frame is resampled a band of rows at a time from its intermediate
-    (:class:`~imgproc.align.BandResampler`) rather than whole: a mono frame over
-    :data:`~imgproc.calibrate.WHOLE_FRAME_MAX_BYTES` of float32 (a 61-megapixel one), with an
-    OpenCV kernel. Its registration reads its stars, not its pixels."""
+def banded_rows(path: Path, kernel: str) -> Float32Rows | None:
+    """The rows of an aligned frame's intermediate when it is resampled a band of rows at a
+    time (:class:`~imgproc.align.BandResampler`) rather than whole, else None: a mono frame
+    over :data:`~imgproc.calibrate.WHOLE_FRAME_MAX_BYTES` of float32 (a 61-megapixel one),
+    with an OpenCV kernel. Its registration reads its stars, not its pixels."""
     if kernel not in OPENCV_KERNELS or path.suffix != ".fits":
-        return False
+        return None
     try:
         rows = Float32Rows(path)
     except (OSError, ValueError):
-        return False  # a cube (RGB) or not a plain float32 frame
-    return not held_whole(rows.shape)
+        return None  # a cube (RGB) or not a plain float32 frame
+    return None if held_whole(rows.shape) else rows
 
 
 def resampled(data: np.ndarray, shift: Shift, kernel: str) -> np.ndarray:
@@ -693,7 +693,7 @@ def publish_group(
             group_bytes = len(members) * planes * registrar.shape[0] * registrar.shape[1] * 4
             budget = MEMORY.budget(settings.memory_budget) * KEEP_FRAMES_SHARE
             # big frames are registered by their stars and resampled by bands as they are combined
-            banded = planes == 1 and by_bands(members[0].path, settings.kernel)
+            banded = planes == 1 and banded_rows(members[0].path, settings.kernel) is not None
             keep = len(members) > 1 and group_bytes <= budget and not banded
             resample = len(members) > 1 and whole_frames(settings) and not banded
 
@@ -705,15 +705,13 @@ def publish_group(
                 member: Member,
             ) -> tuple[Shift, FrameQuality, tuple[np.ndarray, fits.Header] | None]:
                 with MEMORY.reserve(0 if banded else working, settings.memory_budget):
-                    if banded:  # mapped, not read: star matching reads only its stars
-                        rows = Float32Rows(member.path)
-                        data, header = rows.memmap(), rows.header
-                    else:
-                        data, header = read_frame(member.path)
+                    rows = Float32Rows(member.path) if banded else None
+                    # a big frame mapped, not read: star matching reads only its stars
+                    data, header = (rows.memmap(), rows.header) if rows else read_frame(member.path)
                     probe = green(data) if member.measure is None else read_image(member.measure)[0]
                     cells, stars = int(header.get("CFACELLS", 1)), saved_stars(member.measure or member.path)
-                    if banded and stars is None:  # found from the file a band at a time, not the map
-                        stars = registration_stars(Float32Rows(member.path))
+                    if rows and stars is None:  # found from the file a band at a time, not the map
+                        stars = registration_stars(rows)
                     shift, quality = measure(member, probe, registrar, pierside, cells, stars)
                     if resample and not check_shift(shift, registrar):  # see whole_frames
                         data = resampled(data, shift, settings.kernel)

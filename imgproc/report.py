@@ -37,7 +37,7 @@ from imgproc.fitsio import FitsError, Float32Rows
 from imgproc.manifest import OK, read_tsv
 from imgproc.plan import calibration_notes
 from imgproc.stamps import read_json, receipt_items, write_json
-from imgproc.stars import RowSource, regular_sample, robust_background, thumbnail_stars
+from imgproc.stars import RowSource, regular_sample, robust_background, row_reader, thumbnail_stars
 
 #: Longest side of a thumbnail, in pixels.
 THUMB_MAX = 256
@@ -122,7 +122,7 @@ def block_mean(data: np.ndarray | RowSource, max_side: int = THUMB_MAX) -> tuple
     disk (a :class:`~imgproc.stars.RowSource`), read a strip at a time.
     """
     ny, nx = data.shape
-    read = data.read if hasattr(data, "read") else lambda a, b: data[a:b]  # type: ignore[index]
+    read = row_reader(data)
     factor = max(1, math.ceil(max(ny, nx) / max_side))
     ty, tx = math.ceil(ny / factor), math.ceil(nx / factor)
     total, counts = np.empty((ty, tx), np.float32), np.empty((ty, tx), np.int64)

@@ -50,6 +50,7 @@ __all__ = [
     "opencv",
     "regular_sample",
     "robust_background",
+    "row_reader",
     "thumbnail_stars",
 ]
 
@@ -223,6 +224,11 @@ class RowSource(Protocol):
     def read(self, start: int, stop: int) -> np.ndarray: ...
 
 
+def row_reader(frame: np.ndarray | RowSource) -> Callable[[int, int], np.ndarray]:
+    """``read(a, b)``: rows ``a`` to ``b`` of a frame in memory, or on disk (a :class:`RowSource`)."""
+    return frame.read if hasattr(frame, "read") else lambda a, b: frame[a:b]  # type: ignore[union-attr,index]
+
+
 def find_stars(
     image: np.ndarray | RowSource,
     *,
@@ -267,7 +273,7 @@ def _find_stars(
     if len(frame.shape) != 2:
         raise ValueError(f"image must be 2-D, got shape {tuple(frame.shape)}")
     ny, nx = frame.shape
-    read = frame.read if hasattr(frame, "read") else lambda a, b: frame[a:b]  # type: ignore[union-attr]
+    read = row_reader(frame)
     sky_surface = background_mesh(read, (ny, nx), box)
     band = max(1, STRIP_BYTES // (4 * max(nx, 1)))
     bands = [(a, min(ny, a + band)) for a in range(0, ny, band)]
@@ -504,7 +510,7 @@ def despike(data: np.ndarray, sigma: float) -> None:
 def background(data: np.ndarray, box: int) -> np.ndarray:
     """Smooth background: medians of ``box``-sized cells, bilinearly interpolated (float32;
     see :func:`background_mesh`)."""
-    return background_mesh(lambda a, b: data[a:b], data.shape, box).rows(0, data.shape[0])
+    return background_mesh(row_reader(data), data.shape, box).rows(0, data.shape[0])
 
 
 @dataclass(frozen=True)
