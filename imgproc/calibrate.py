@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from imgproc import __version__
+from imgproc import __version__, limits
 from imgproc.binning import bin_header, bin_image, binned_shape
 from imgproc.cache import FileCache
 from imgproc.colour import colour_image, normalise_colour_flat, write_cube
@@ -31,6 +31,7 @@ from imgproc.fitsio import (
     set_card,
     write_atomic,
 )
+from imgproc.limits import held_whole
 from imgproc.timecards import apply_time_cards, header_airmass
 
 ROLES = ("bias", "dark", "flat")
@@ -44,18 +45,6 @@ _DROP = ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM")
 #: Cards the FITS standard requires to be numbers; a camera's non-number (PANOPTES writes
 #: ``EQUINOX = ''``) is removed, so the output passes fitsverify, and kept in HISTORY.
 _NUMBERS = ("EQUINOX", "EPOCH")
-#: Frames bigger than this (float32 bytes) are not held whole while calibrated: their masters
-#: are read a block of rows at a time as each light goes through (:class:`MasterRows`), and the
-#: light streams through a buffer of one block: a 61-megapixel camera's bias, dark, flat and
-#: light are 980 MB in every worker process. Up to it (4096² pixels), whole frames are faster
-#: and small.
-WHOLE_FRAME_MAX_BYTES = 64 << 20
-
-
-def held_whole(shape: Sequence[int]) -> bool:
-    """Whether a frame of ``shape`` (rows, columns) is held whole as float32, or is too big
-    (over :data:`WHOLE_FRAME_MAX_BYTES`) and streamed by rows."""
-    return int(np.prod(shape[-2:])) * 4 <= WHOLE_FRAME_MAX_BYTES
 
 
 def _usable(flat: np.ndarray) -> np.ndarray:
@@ -125,7 +114,7 @@ def check_master_shapes(
 
 
 class MasterRows:
-    """A master too big to hold whole (over :data:`WHOLE_FRAME_MAX_BYTES`), read from its
+    """A master too big to hold whole (over :data:`~imgproc.limits.WHOLE_FRAME_MAX_BYTES`), read from its
     plain file by blocks of rows: ``master[rows]`` is what the same rows of the whole master
     (:class:`MasterCache`.get) hold. A flat's mean over its usable pixels is taken once, from
     the whole flat (as :func:`normalise_flat` takes it, so the pixels are the same)."""
@@ -174,7 +163,7 @@ class MasterCache:
 
     def rows(self, role: str, path: str) -> np.ndarray | MasterRows:
         """The master of ``role`` at ``path`` to be indexed by row slices: :meth:`get`'s whole
-        frame, or for a plain file of a frame over :data:`WHOLE_FRAME_MAX_BYTES`, a
+        frame, or for a plain file of a frame over :data:`~imgproc.limits.WHOLE_FRAME_MAX_BYTES`, a
         :class:`MasterRows` that reads the rows asked for."""
         return self._files.get(f"{role} rows", path, lambda: _master_rows(role, path))
 
@@ -288,14 +277,14 @@ def calibrate_frame(
     The frame streams through in blocks of rows (a multiple of ``binning``) that stay in the
     CPU cache from the read through calibration and binning to the write, instead of a
     dozen passes over the whole frame. The pixels are the same as :func:`calibrate_image`
-    and :func:`bin_image` of the whole frame give. A frame over :data:`WHOLE_FRAME_MAX_BYTES`
+    and :func:`bin_image` of the whole frame give. A frame over :data:`~imgproc.limits.WHOLE_FRAME_MAX_BYTES`
     is not held whole: the unbinned pixels returned are then ``target`` memory-mapped (read as
     they are used; its stars are measured from the file, a band of rows at a time).
     """
     if light.cfa:
         return calibrate_colour_frame(light_path, hdu, masters, cache, target, light)
     binning, dark_scale = light.binning, light.dark_scale
-    header, shape, image, blocks = image_blocks(light_path, hdu, binning, WHOLE_FRAME_MAX_BYTES)
+    header, shape, image, blocks = image_blocks(light_path, hdu, binning, limits.WHOLE_FRAME_MAX_BYTES)
     frames = {role: cache.rows(role, path) for role, path in masters.items() if path is not None}
     check_master_shapes(shape, frames)  # whole frames: each block's slices would agree
     out_header = calibrated_header(header, masters, light)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from imgproc.limits import held_bytes
 from imgproc.manifest import COLUMNS as MANIFEST_COLUMNS
 from imgproc.manifest import OK, list_fits, output_conflict, read_tsv, shown, watchable
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
@@ -22,7 +23,8 @@ from imgproc.plan import COLUMNS as PLAN_COLUMNS
 
 ROLES = ("bias", "dark", "flat")
 _SNAKEMAKE_SYNTAX = re.compile(r"[{}<>]")
-#: Bytes per pixel held by a calibrate job per frame-sized array (light, result, 3 masters...).
+#: Frame-sized float32 arrays a calibrate or publish job holds at once (light, result, 3
+#: masters...); a frame too big to hold whole counts as :func:`~imgproc.limits.held_bytes`.
 _CAL_ARRAYS = 8
 _OVERHEAD_MB = 400
 #: Priority of calibrate jobs: below hard-link publish jobs, above aligning and stacking ones
@@ -218,9 +220,7 @@ class WorkflowInputs:
 
     def calibrate_mem_mb(self, wildcards: Any, attempt: int = 1) -> int:
         """Memory of a calibrate job: a handful of frame-sized float32 arrays (more on a retry)."""
-        members = self._members("cal_batch", wildcards.cal_batch)
-        pixels = max((row["ny"] * row["nx"] for row in members), default=0)
-        return attempt * (_OVERHEAD_MB + pixels * 4 * _CAL_ARRAYS // 1024**2)
+        return attempt * (_OVERHEAD_MB + _frames_mb(self._members("cal_batch", wildcards.cal_batch)))
 
     def calibrate_runtime(self, wildcards: Any, attempt: int = 1) -> int:
         """Wall-time limit (minutes) of a calibrate job, generous: ~6 s per 4-megapixel frame."""
@@ -294,10 +294,13 @@ class WorkflowInputs:
 
     def publish_mem_mb(self, wildcards: Any, attempt: int = 1) -> int:
         """Memory of a publish job: the stacking budget plus a few frames (alignment FFTs)."""
-        members = self._members("pub_batch", wildcards.pub_batch)
-        pixels = max((row["ny"] * row["nx"] for row in members), default=0)
         budget = self.layout.config["stacking"]["memory_budget_mb"]
-        return attempt * (_OVERHEAD_MB + budget + pixels * 4 * _CAL_ARRAYS // 1024**2)
+        return attempt * (_OVERHEAD_MB + budget + _frames_mb(self._members("pub_batch", wildcards.pub_batch)))
+
+
+def _frames_mb(rows: Iterable[Mapping[str, Any]]) -> int:
+    """MiB of the frame-sized arrays of a job over ``rows`` (frames with ny, nx)."""
+    return max((held_bytes((row["ny"], row["nx"])) for row in rows), default=0) * _CAL_ARRAYS // 1024**2
 
 
 def _runtime(rows: Iterable[Mapping[str, Any]], minutes_per_4mp: float) -> int:

@@ -38,7 +38,6 @@ from imgproc.align import (
     registration_stars,
 )
 from imgproc.cache import FileCache
-from imgproc.calibrate import held_whole
 from imgproc.colour import channel_shift, green, read_frame, write_cube
 from imgproc.fitsio import (
     Float32Rows,
@@ -50,6 +49,7 @@ from imgproc.fitsio import (
     write_atomic,
 )
 from imgproc.keywords import normalise
+from imgproc.limits import held_whole
 from imgproc.manifest import OK, SKIPPED
 from imgproc.plan import BEST
 from imgproc.progress import Progress
@@ -433,7 +433,7 @@ def publish_single_aligned(
 def banded_rows(path: Path, kernel: str) -> Float32Rows | None:
     """The rows of an aligned frame's intermediate when it is resampled a band of rows at a
     time (:class:`~imgproc.align.BandResampler`) rather than whole, else None: a mono frame
-    over :data:`~imgproc.calibrate.WHOLE_FRAME_MAX_BYTES` of float32 (a 61-megapixel one),
+    over :data:`~imgproc.limits.WHOLE_FRAME_MAX_BYTES` of float32 (a 61-megapixel one),
     with an OpenCV kernel. Its registration reads its stars, not its pixels."""
     if kernel not in OPENCV_KERNELS or path.suffix != ".fits":
         return None

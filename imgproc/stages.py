@@ -29,11 +29,11 @@ from imgproc.calibrate import (
     LightSettings,
     MasterCache,
     calibrate_frame,
-    held_whole,
 )
 from imgproc.colour import green, read_frame
 from imgproc.fitsio import FitsError, Float32Rows, checksum_problem, write_atomic
 from imgproc.keywords import normalise
+from imgproc.limits import held_whole
 from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, shown, write_tsv
 from imgproc.masterbuild import build_master
 from imgproc.masters import COLUMNS as MASTER_COLUMNS

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from imgproc import calibrate
+from imgproc import calibrate, limits
 from imgproc.binning import bin_image
 from imgproc.calibrate import (
     LightSettings,
@@ -324,7 +324,7 @@ def test_calibrate_frame_streams_the_same_pixels_as_whole_frame_calibration(
     tmp_path, monkeypatch, shape, binning, big
 ):
     if big:  # every master read a block of rows at a time, and the light not held whole
-        monkeypatch.setattr(calibrate, "WHOLE_FRAME_MAX_BYTES", 0)
+        monkeypatch.setattr(limits, "WHOLE_FRAME_MAX_BYTES", 0)
     raw, found = _light_and_masters(tmp_path, shape)
     masters = {role: path for role, (path, _) in found.items()}
     target = tmp_path / "out" / "calibrated.fits"
@@ -350,7 +350,7 @@ def test_calibrate_frame_of_a_big_frame_holds_neither_the_frame_nor_its_masters(
     """With masters by rows and the frame not kept, calibrating a frame allocates a few blocks of
     rows (BLOCK_BYTES each) for the masters and the light, not frames: here under half of one
     frame's float32 pixels (three masters and a whole light were 4 frames), the output the same."""
-    monkeypatch.setattr(calibrate, "WHOLE_FRAME_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(limits, "WHOLE_FRAME_MAX_BYTES", 1 << 20)
     shape = (3000, 2300)
     raw, found = _light_and_masters(tmp_path, shape, seed=11)
     masters = {role: path for role, (path, _) in found.items()}
@@ -372,7 +372,7 @@ def test_calibrate_frame_of_a_big_frame_holds_neither_the_frame_nor_its_masters(
 
 
 def test_masters_by_rows_of_a_flat_without_usable_pixel_name_the_master(tmp_path, monkeypatch):
-    monkeypatch.setattr(calibrate, "WHOLE_FRAME_MAX_BYTES", 0)
+    monkeypatch.setattr(limits, "WHOLE_FRAME_MAX_BYTES", 0)
     flat = _master(tmp_path / "flat.fits", -1.0)
     with pytest.raises(FitsError, match=r"master flat\.fits: flat has no positive finite pixel"):
         MasterCache().rows("flat", flat)

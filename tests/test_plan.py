@@ -297,6 +297,28 @@ def test_publish_threads_spread_the_cores_over_the_publish_batches(cores, batche
     assert inputs.publish_threads(cores)(SimpleNamespace(pub_batch="p9999")) == 1
 
 
+def test_memory_requests_count_a_streamed_frame_as_the_part_a_job_holds():
+    """A 61-MP frame (245 MB of float32) is streamed by rows: its jobs ask for the budget and
+    8 arrays of at most WHOLE_FRAME_MAX_BYTES (64 MiB), not 8 whole frames (1,870 MiB)."""
+    from types import SimpleNamespace
+
+    from imgproc.dag import Layout, WorkflowInputs
+
+    inputs = WorkflowInputs(
+        Layout({"input_dir": "lights", "stacking": {"memory_budget_mb": 1024}}), lambda: None
+    )
+    shapes = {"0": (1080, 1920), "1": (6388, 9576), "2": (4096, 4096)}
+    rows = [
+        {"cal_batch": f"c{k}", "pub_batch": f"p{k}", "ny": ny, "nx": nx} for k, (ny, nx) in shapes.items()
+    ]
+    inputs.plan = lambda: rows  # type: ignore[method-assign]
+    calibrate = {k: inputs.calibrate_mem_mb(SimpleNamespace(cal_batch=f"c{k}")) for k in shapes}
+    publish = {k: inputs.publish_mem_mb(SimpleNamespace(pub_batch=f"p{k}")) for k in shapes}
+    assert calibrate == {"0": 400 + 1080 * 1920 * 4 * 8 // 2**20, "1": 400 + 512, "2": 400 + 512}
+    assert publish == {k: mb + 1024 for k, mb in calibrate.items()}
+    assert inputs.calibrate_mem_mb(SimpleNamespace(cal_batch="c1"), attempt=2) == 2 * (400 + 512)
+
+
 def test_thumbnails_of_lone_frames_are_an_even_sample_and_stacks_always_have_one(rows, monkeypatch):
     import imgproc.plan
 

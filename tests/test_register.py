@@ -248,9 +248,9 @@ def test_band_resampling_reads_only_the_rows_it_needs_and_matches_the_whole_fram
 
 _BIG_FRAMES = """
 import os
-import imgproc.calibrate, imgproc.publish
+import imgproc.limits, imgproc.publish
 
-imgproc.calibrate.WHOLE_FRAME_MAX_BYTES = 1 << 16
+imgproc.limits.WHOLE_FRAME_MAX_BYTES = 1 << 16
 
 
 class _Counted(imgproc.publish.BandResampler):

@@ -1,0 +1,31 @@
+"""The size above which a frame is streamed by rows, never held whole, by every job that reads
+one (calibration, alignment, stacking) and by the workflow's memory requests for those jobs.
+
+Imports nothing heavy: the workflow's resource functions (:mod:`imgproc.dag`) use it when
+Snakemake parses the workflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+#: Frames bigger than this (float32 bytes) are not held whole: while one is calibrated its
+#: masters are read a block of rows at a time as each light goes through
+#: (:class:`~imgproc.calibrate.MasterRows`) and the light streams through a buffer of one
+#: block (a 61-megapixel camera's bias, dark, flat and light are 980 MB in every worker
+#: process); it is aligned and stacked by bands of rows. Up to it (4096² pixels), whole
+#: frames are faster and small.
+WHOLE_FRAME_MAX_BYTES = 64 << 20
+
+
+def held_whole(shape: Sequence[int]) -> bool:
+    """Whether a frame of ``shape`` (rows, columns) is held whole as float32, or is too big
+    (over :data:`WHOLE_FRAME_MAX_BYTES`) and streamed by rows."""
+    return math.prod(int(n) for n in shape[-2:]) * 4 <= WHOLE_FRAME_MAX_BYTES
+
+
+def held_bytes(shape: Sequence[int]) -> int:
+    """Float32 bytes of a frame of ``shape`` that a job holds at once: the whole frame, or
+    for a streamed one at most :data:`WHOLE_FRAME_MAX_BYTES`."""
+    return min(math.prod(int(n) for n in shape[-2:]) * 4, WHOLE_FRAME_MAX_BYTES)
