@@ -856,6 +856,12 @@ KERNELS = {"bilinear": 1, "spline": 2, "cubic": 2, "lanczos4": 4}
 RESAMPLE_BAND_ROWS = 128
 #: The kernels OpenCV resamples with (:func:`_opencv_warp`), by name.
 OPENCV_KERNELS = ("cubic", "lanczos4")
+#: A map that samples every pixel of the frame within this many pixels of where one translation
+#: would (an equatorial mount's night: the fitted turn and scale are noise, 1e-6 or so) is
+#: resampled as that translation, in two 1-D passes (:func:`_translated_rows`). That is 15×
+#: faster than ``warpAffine``'s Lanczos-4 (13 ms against 200 ms on 2048²) and more exact than
+#: its 1/32 px sample positions (up to 1/64 px off).
+TRANSLATION_TOL = 0.01
 
 
 def apply_shift(image: np.ndarray, shift: Shift, *, kernel: str = "bilinear") -> np.ndarray:
@@ -935,6 +941,9 @@ def _opencv_rows(
     kernel's reach: :func:`source_rows`)."""
     cv2 = opencv()
     inverse, offset = _inverse_map(shape, shift)
+    translation = _translation(shape, inverse, offset)
+    if translation is not None:
+        return _translated_rows(block, first, shape, translation, kernel, rows)
     start, stop = rows
     # the block's own coordinates: output row q - start samples block row p - first
     local = offset + inverse[:, 0] * start - np.array([first, 0.0])
@@ -962,6 +971,73 @@ def _opencv_rows(
         borderMode=cv2.BORDER_REPLICATE,
     )
     out[~_footprint_inside(shape, inverse, offset, 1, 2, rows)] = np.nan
+    return out
+
+
+def _translation(
+    shape: tuple[int, int], inverse: np.ndarray, offset: np.ndarray
+) -> tuple[float, float] | None:
+    """``(ty, tx)`` when the map ``p = inverse @ q + offset`` of a frame of ``shape`` samples
+    every pixel within :data:`TRANSLATION_TOL` px of ``p = q + t`` (the map's own translation of
+    the frame's centre), else None. Its farthest pixel from ``t`` is a corner: the deviation
+    ``(inverse - I) (q - c)`` is largest there on each axis."""
+    centre = (np.array(shape, dtype=np.float64) - 1.0) / 2.0
+    if np.max(np.abs(inverse - np.eye(2)) @ centre) > TRANSLATION_TOL:
+        return None
+    ty, tx = inverse @ centre + offset - centre
+    return float(ty), float(tx)
+
+
+def _taps(kernel: str, frac: float) -> np.ndarray:
+    """Float32 weights of the ``2 × reach`` taps ``floor(p) - reach + 1 … floor(p) + reach`` of a
+    sample ``frac`` past ``floor(p)``: OpenCV's Lanczos-4 (``sinc(d) sinc(d/4)``, normalised to a
+    sum of 1 as OpenCV does) or bicubic convolution (``a = -0.75``)."""
+    reach = KERNELS[kernel]
+    distance = frac + reach - 1 - np.arange(2 * reach, dtype=np.float64)
+    if kernel == "lanczos4":
+        weights = np.sinc(distance) * np.sinc(distance / 4)
+        weights /= weights.sum()
+    else:
+        a, x = -0.75, np.abs(distance)
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        weights = np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+    return weights.astype(np.float32)
+
+
+def _translated_rows(
+    block: np.ndarray,
+    first: int,
+    shape: tuple[int, int],
+    translation: tuple[float, float],
+    kernel: str,
+    rows: tuple[int, int],
+) -> np.ndarray:
+    """Output ``rows`` of a frame of ``shape`` whose pixel ``q`` samples the frame at ``q + t``
+    (``translation``), from ``block`` (the frame's rows from ``first`` on, as for
+    :func:`_opencv_rows`), by the ``kernel``'s taps along rows and then along columns
+    (``cv2.sepFilter2D``). Each output pixel is the same sum of the same products whatever the
+    block, so a frame resampled in bands is the same bits as resampled whole. A pixel whose
+    footprint reaches outside the frame, or touches a NaN (0 × NaN is NaN), is NaN."""
+    cv2 = opencv()
+    (iy, fy), (ix, fx) = (_split(t) for t in translation)
+    reach = KERNELS[kernel]
+    below = reach - 1  # the taps of a sample at floor(p): floor(p) - below ... floor(p) + reach
+    filtered = cv2.sepFilter2D(
+        np.ascontiguousarray(block, dtype=np.float32),
+        cv2.CV_32F,
+        _taps(kernel, fx),
+        _taps(kernel, fy),
+        anchor=(below, below),
+        borderType=cv2.BORDER_CONSTANT,
+    )
+    (ny, nx), (start, stop) = shape, rows
+    out = np.full((stop - start, nx), np.nan, np.float32)
+    # output q samples floor(p) = q + i: valid when below <= q + i and q + i + reach <= n - 1
+    y0, y1 = max(start, below - iy), min(stop, ny - reach - iy)
+    x0, x1 = max(0, below - ix), min(nx, nx - reach - ix)
+    if y0 < y1 and x0 < x1:
+        out[y0 - start : y1 - start, x0:x1] = filtered[y0 + iy - first : y1 + iy - first, x0 + ix : x1 + ix]
     return out
 
 

@@ -11,6 +11,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from imgproc import align
 from imgproc.align import (
     KERNELS,
     RESAMPLE_BAND_ROWS,
@@ -216,15 +217,18 @@ def test_a_moved_wcs_card_keeps_as_much_of_its_comment_as_fits() -> None:
 
 @pytest.mark.parametrize("kernel", ["lanczos4", "cubic"])
 @pytest.mark.parametrize("flipped", [False, True])
-def test_band_resampling_reads_only_the_rows_it_needs_and_matches_the_whole_frame(kernel, flipped):
+@pytest.mark.parametrize("angle", [0.05, 1e-7], ids=["turned", "translation"])
+def test_band_resampling_reads_only_the_rows_it_needs_and_matches_the_whole_frame(kernel, flipped, angle):
     """A big frame is resampled a fixed band of rows at a time from the source rows each band
     samples: any strips give the same bits, the NaN border is the whole frame's, the values
     agree with the whole frame resampled at once, and no read spans much more than a band
-    plus what the turn moves across it."""
+    plus what the turn moves across it; a map within TRANSLATION_TOL of a translation (two 1-D
+    passes) as much as a turned one (warpAffine)."""
     shape = (613, 397)
     frame = _frame(shape, _sky(shape, 300, seed=3), seed=4)
     frame[300, 200] = np.nan
-    shift = shift_from_map(np.array([[np.cos(0.05), np.sin(0.05)], [-np.sin(0.05), np.cos(0.05)]]), 7.3, -4.6)
+    turn = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+    shift = shift_from_map(turn, 7.3, -4.6)
     if flipped:
         shift = Shift(shift.dy, shift.dx, True, 1.0, linear=shift.linear, method="stars")
     whole = apply_shift(frame, shift, kernel=kernel)
@@ -242,8 +246,34 @@ def test_band_resampling_reads_only_the_rows_it_needs_and_matches_the_whole_fram
         np.testing.assert_array_equal(rows, strips[613])
     np.testing.assert_array_equal(np.isfinite(strips[613]), np.isfinite(whole))
     _agree_to_opencv_placing(strips[613], whole)
-    turn = int(np.ceil(shape[1] * np.sin(0.05)))
-    assert max(spans) <= RESAMPLE_BAND_ROWS + turn + 2 * (KERNELS[kernel] + 2)
+    across = int(np.ceil(shape[1] * np.sin(angle)))
+    assert max(spans) <= RESAMPLE_BAND_ROWS + across + 2 * (KERNELS[kernel] + 2)
+
+
+@pytest.mark.parametrize("kernel", ["lanczos4", "cubic"])
+def test_a_near_translation_is_resampled_in_two_passes_with_opencvs_values_and_footprint(kernel, monkeypatch):
+    """A map that moves no pixel more than TRANSLATION_TOL from one translation is resampled
+    by the kernel's taps along rows, then columns: at sample positions on OpenCV's 1/32-px grid
+    the values of warpAffine to float rounding, and the same NaN pixels (the frame's border and
+    the footprint of a NaN pixel: 8×8 for Lanczos-4, 4×4 for bicubic). Beyond the tolerance (a
+    turn of 1e-4 rad moves a 2048² frame's corners 0.1 px), warpAffine resamples."""
+    shape = (211, 173)
+    frame = _frame(shape, _sky(shape, 60, seed=5), seed=6)
+    frame[100, 80] = np.nan
+    shift = shift_from_map(np.array([[1.0, 1e-8], [-1e-8, 1.0]]), 3.375, -5.8125)
+    assert align._translation(shape, *align._inverse_map(shape, shift)) == pytest.approx((-3.375, 5.8125))
+    corners = [np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]]) for a in (1e-4, 1e-6)]
+    maps = [align._inverse_map((2048, 2048), shift_from_map(m, 0.5, 0.5)) for m in corners]
+    assert align._translation((2048, 2048), *maps[0]) is None
+    assert align._translation((2048, 2048), *maps[1]) == pytest.approx((-0.5, -0.5), abs=1e-5)
+    two_pass = apply_shift(frame, shift, kernel=kernel)
+    monkeypatch.setattr(align, "TRANSLATION_TOL", -1.0)  # every map through warpAffine
+    np.testing.assert_allclose(two_pass, apply_shift(frame, shift, kernel=kernel), rtol=2e-6, atol=1e-3)
+    reach = KERNELS[kernel]
+    # output q samples q - (3.375, -5.8125): its taps are rows q - 4 - (reach - 1) ... q - 4 + reach
+    nan_rows, nan_cols = np.nonzero(np.isnan(two_pass[10:-10, 15:-15]))
+    assert sorted(set(nan_rows + 10)) == list(range(100 + 4 - reach, 100 + 4 + reach))
+    assert sorted(set(nan_cols + 15)) == list(range(80 - 5 - reach, 80 - 5 + reach))
 
 
 _BIG_FRAMES = """
