@@ -883,6 +883,9 @@ def apply_shift(image: np.ndarray, shift: Shift, *, kernel: str = "bilinear") ->
     ``lanczos4``
         OpenCV's Lanczos-4 (8×8, windowed sinc: :func:`_opencv_warp`): as sharp as the spline
         and 6-8× faster; passes more of the finest detail (and noise) than bicubic.
+
+    With ``cubic`` and ``lanczos4``, a map within :data:`TRANSLATION_TOL` of a translation
+    is resampled as that translation, in two 1-D passes (:func:`_translated_rows`).
     """
     data = np.asarray(image, dtype=np.float32)
     if data.ndim != 2:
@@ -923,7 +926,8 @@ def _opencv_warp(data: np.ndarray, shift: Shift, kernel: str) -> np.ndarray:
     0.2 % and their positions within 0.005 px RMS (OpenCV rounds sample positions to 1/32 px).
     Siril resamples registered frames with it too (bicubic in its ``register`` command). A NaN
     anywhere in the kernel's footprint, or the outside of the frame (border value NaN), makes
-    the output pixel NaN by itself (0 × NaN is NaN).
+    the output pixel NaN by itself (0 × NaN is NaN). A near-translation takes the two 1-D
+    passes of :func:`_translated_rows` instead.
     """
     return _opencv_rows(data, 0, data.shape, shift, kernel, (0, data.shape[0]))
 
