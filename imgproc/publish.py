@@ -140,6 +140,8 @@ class ShiftedSource:
         self._frame = frame
         turned = shift.linear is not None and kernel in OPENCV_KERNELS
         self._bands = BandResampler(frame.read, frame.shape, shift, kernel) if turned else None
+        # unaligned, or the reference frame: the rows themselves, not resampled by nothing
+        self._identity = shift.linear is None and not shift.flipped and shift.dy == shift.dx == 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -165,6 +167,8 @@ class ShiftedSource:
         fixed bands of a :class:`~imgproc.align.BandResampler`, whatever the strips)."""
         if self._bands is not None:
             return self._bands.rows(r0, r1)
+        if self._identity and 0 <= r0 <= r1 <= self.shape[0]:
+            return self._frame.read(r0, r1)  # an intermediate's rows as stored (big-endian)
         whole = math.floor(self.shift.dy)
         margin = 1 + KERNELS[self.kernel]
         window = self._rows(r0 - whole - margin, r1 - whole + margin)

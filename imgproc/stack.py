@@ -329,7 +329,8 @@ def _reduce(
         elif width == "std":
             spread = bn.nanstd(cube, axis=-1)
         else:
-            deviation = np.abs(cube - centre[..., None])
+            deviation = np.subtract(cube, centre[..., None])
+            np.abs(deviation, out=deviation)
             spread = nanmedian_last(deviation) * np.float32(MAD_TO_STD)
             del deviation
         low = (centre - np.float32(sigma_low) * spread)[..., None]
@@ -365,9 +366,9 @@ def nanmedian_last(cube: np.ndarray) -> np.ndarray:
     through ``bottleneck.nanmedian``.
     """
     n = cube.shape[-1]
-    missing = bn.anynan(cube, axis=-1)
     k = n // 2
     cube.sort(axis=-1)  # NaN sorts last, so only the pixels with NaN are wrong here
+    missing = np.isnan(cube[..., -1])  # and a pixel has one if its last value is NaN
     centre = cube[..., k].copy()
     if n % 2 == 0:
         centre += cube[..., k - 1]

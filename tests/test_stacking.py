@@ -17,10 +17,11 @@ from astropy.wcs import WCS
 from conftest import master_flags, reference_light, run_cli, sha256_tree
 
 from imgproc import publish
-from imgproc.align import Registrar
+from imgproc.align import Registrar, Shift
 from imgproc.cache import FileCache
 from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
 from imgproc.dag import Layout
+from imgproc.fitsio import Float32Rows, write_atomic
 from imgproc.manifest import read_tsv
 from imgproc.publish import ArrayRows, StackSettings
 from imgproc.synth import NightSpec, make_night
@@ -166,6 +167,24 @@ def test_frames_kept_from_registering_to_combining_give_the_same_stack(
             if settings == default:
                 assert stacks[0] == made.read_bytes()
     assert not list((out / "work" / "pub").glob("resampled-*"))  # the spilled frames are removed
+
+
+@pytest.mark.parametrize("kernel", ["bilinear", "lanczos4"])
+def test_an_unmoved_frame_is_read_strip_by_strip_without_resampling(tmp_path: Path, kernel: str) -> None:
+    """An unaligned member (or the reference frame) gives the combine its intermediate's rows
+    as they are, reading just the strip's rows: no margin for a kernel that moves nothing."""
+    data = np.random.default_rng(5).normal(100.0, 5.0, (83, 61)).astype(np.float32)
+    data[7, 3] = np.nan
+    write_atomic(tmp_path / "frame.fits", data, fits.Header())
+    frame, reads = Float32Rows(tmp_path / "frame.fits"), []
+    read = frame.read
+    frame.read = lambda start, stop: reads.append((start, stop)) or read(start, stop)  # type: ignore[method-assign]
+    unmoved = publish.ShiftedSource(frame, Shift(0.0, 0.0, False, 1.0), kernel)
+    for r0, r1 in ((0, 41), (41, 82), (82, 83)):
+        np.testing.assert_array_equal(unmoved.read_rows(r0, r1), data[r0:r1])
+    assert reads == [(0, 41), (41, 82), (82, 83)]
+    turned = publish.ShiftedSource(frame, Shift(0.0, 0.0, True, 1.0), kernel)  # turned by 180°
+    np.testing.assert_array_equal(turned.read_rows(0, 83), data[::-1, ::-1])
 
 
 def test_stars_measured_at_calibration_are_not_found_again_and_give_the_same_stack(
