@@ -48,13 +48,15 @@ _NUMBERS = ("EQUINOX", "EPOCH")
 
 
 def _usable(flat: np.ndarray) -> np.ndarray:
-    return np.isfinite(flat) & (flat > 0)
+    return (flat > 0) & (flat < np.inf)  # positive and finite: NaN fails both
 
 
 def _usable_flat(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The flat as float32 with its unusable pixels NaN, and the mask of the usable ones."""
     usable = _usable(flat)
-    return np.where(usable, flat, np.nan).astype(np.float32), usable
+    out = flat.astype(np.float32)
+    np.copyto(out, np.float32(np.nan), where=~usable)
+    return out, usable
 
 
 def _scaled(flat: np.ndarray, mean: float) -> np.ndarray:

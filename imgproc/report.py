@@ -127,13 +127,18 @@ def block_mean(data: np.ndarray | RowSource, max_side: int = THUMB_MAX) -> tuple
     ty, tx = math.ceil(ny / factor), math.ceil(nx / factor)
     total, counts = np.empty((ty, tx), np.float32), np.empty((ty, tx), np.int64)
     step = factor * max(1, STRIP_BYTES // (4 * tx * factor * factor))
+    padded = None  # made once, the first time a strip needs it: NaN beyond the last column
     for start in range(0, ny, step):
-        strip = np.asarray(read(start, min(ny, start + step)), dtype=np.float32)
+        strip = read(start, min(ny, start + step))
         shape = (math.ceil(len(strip) / factor) * factor, tx * factor)
-        if strip.shape != shape:
-            padded = np.full(shape, np.nan, dtype=np.float32)
+        if strip.shape == shape:
+            strip = np.asarray(strip, dtype=np.float32)
+        else:  # copied (and converted, a file's rows being big-endian) into the padded strip
+            if padded is None:
+                padded = np.full((min(step, ty * factor), tx * factor), np.nan, dtype=np.float32)
             padded[: len(strip), :nx] = strip
-            strip = padded
+            padded[len(strip) :] = np.nan
+            strip = padded[: shape[0]]
         rows = slice(start // factor, start // factor + shape[0] // factor)
         total[rows] = block_sum(strip, factor, np.float32)
         if np.isfinite(total[rows]).all():  # no NaN or inf: every block is full

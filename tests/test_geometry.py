@@ -333,20 +333,22 @@ def test_thumbnail_keeps_the_aspect_on_any_shape(shape: tuple[int, int], max_sid
 def test_thumbnail_in_strips_is_the_thumbnail_of_the_whole_frame(
     shape: tuple[int, int], max_side: int, seed: int
 ) -> None:
-    """block_mean takes a frame a strip of whole blocks at a time: with strips of one block row
-    (a NaN block, a NaN pixel and an inf among them, a big-endian memory-mapped file's byte
-    order), it gives the same bits as in one strip."""
+    """block_mean takes a frame a strip of whole blocks at a time: with strips of one or three
+    block rows (a NaN block, a NaN pixel and an inf among them, a big-endian memory-mapped
+    file's byte order, the last strip shorter), it gives the same bits as in one strip."""
     rng = np.random.default_rng(seed)
     data = rng.normal(100.0, 10.0, shape).astype(">f4")
     data[rng.integers(0, shape[0]), rng.integers(0, shape[1])] = np.nan
     data[rng.integers(0, shape[0]), rng.integers(0, shape[1])] = np.inf
     data[: min(4, shape[0]), : min(4, shape[1])] = np.nan
     whole = block_mean(data.astype(np.float32), max_side)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(report, "STRIP_BYTES", 1)
-        strips = block_mean(data, max_side)
-    assert strips[2] == whole[2]
-    assert np.array_equal(strips[0], whole[0], equal_nan=True) and np.array_equal(strips[1], whole[1])
+    factor = whole[2]
+    for block_rows in (1, 3):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(report, "STRIP_BYTES", 4 * whole[0].shape[1] * factor**2 * block_rows)
+            strips = block_mean(data, max_side)
+        assert strips[2] == factor
+        assert np.array_equal(strips[0], whole[0], equal_nan=True) and np.array_equal(strips[1], whole[1])
 
 
 @SETTINGS
