@@ -11,12 +11,15 @@ import math
 from collections.abc import Sequence
 
 #: Frames bigger than this (float32 bytes) are not held whole: while one is calibrated its
-#: masters are read a block of rows at a time as each light goes through
+#: masters are mapped a block of rows at a time as each light goes through
 #: (:class:`~imgproc.calibrate.MasterRows`) and the light streams through a buffer of one
 #: block (a 61-megapixel camera's bias, dark, flat and light are 980 MB in every worker
 #: process); it is aligned and stacked by bands of rows. Up to it (4096² pixels), whole
 #: frames are faster and small.
 WHOLE_FRAME_MAX_BYTES = 64 << 20
+#: Folder of the work folder where the masters of such frames are kept prepared for
+#: calibration (:func:`imgproc.calibrate.prepared_master`); ``--clean`` deletes it.
+PREPARED_DIR = "prepared"
 
 
 def held_whole(shape: Sequence[int]) -> bool:

@@ -33,7 +33,7 @@ from imgproc.calibrate import (
 from imgproc.colour import green, read_frame
 from imgproc.fitsio import FitsError, Float32Rows, checksum_problem, write_atomic
 from imgproc.keywords import normalise
-from imgproc.limits import held_whole
+from imgproc.limits import PREPARED_DIR, held_whole
 from imgproc.manifest import FAILED, LISTED, OK, SKIPPED, read_tsv, shown, write_tsv
 from imgproc.masterbuild import build_master
 from imgproc.masters import COLUMNS as MASTER_COLUMNS
@@ -236,8 +236,9 @@ def calibrate_entry(entry: Mapping[str, Any], workdir: Path, cache: MasterCache,
         object_name=entry.get("object_set") or None, cards=provenance_cards(stamp, [entry["path"]]),
     )  # fmt: skip
     data, header = calibrate_frame(
-        Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target, light
-    )
+        Path(entry["path"]), int(entry["hdu"]), {r: entry.get(r) for r in ROLES}, cache, target, light,
+        prepared=workdir / PREPARED_DIR,
+    )  # fmt: skip
     if entry.get("pub_kind") == "link" and entry.get("thumb"):  # the output is this very file
         cached_thumbnail(target, workdir / "thumbs", entry["output"], data, header, FRAME_THUMB_MAX)
     stats, no_airmass, size = frame_statistics(green(data)), airmass_problem(header), file_record(target)

@@ -36,6 +36,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from imgproc.limits import PREPARED_DIR
 from imgproc.manifest import FAILED, OK, SKIPPED, read_tsv
 from imgproc.stamps import digest, file_id, read_json, write_json
 
@@ -197,12 +198,13 @@ def cleaned_frames(output: Path) -> set[str]:
 
 def clean_intermediates(output: Path) -> tuple[int, int]:
     """Delete the intermediates (``work/cal/*.fits``; an output hard-linked to one keeps its
-    data), recording them for :func:`cleaned_frames`; (files deleted, bytes freed)."""
+    data), recording them for :func:`cleaned_frames`, and the big masters prepared for
+    calibration (``work/prepared``); (intermediates deleted, bytes freed)."""
     files = sorted((output / "work" / "cal").glob("*.fits"))
     frames = cleaned_frames(output) | {path.stem for path in files}
     write_json(output / "work" / CLEANED_NAME, {"config": _config_digest(output), "frames": sorted(frames)})
     freed = 0
-    for path in files:
+    for path in [*files, *sorted((output / "work" / PREPARED_DIR).glob("*.f32"))]:
         stat = path.stat()
         freed += stat.st_size if stat.st_nlink == 1 else 0
         path.unlink()

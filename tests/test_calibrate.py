@@ -13,6 +13,7 @@ from astropy.io import fits
 from imgproc import calibrate, limits
 from imgproc.binning import bin_image
 from imgproc.calibrate import (
+    ROLES,
     LightSettings,
     MasterCache,
     calibrate_frame,
@@ -331,12 +332,12 @@ def test_calibrate_frame_streams_the_same_pixels_as_whole_frame_calibration(
     cache = MasterCache()
     data, header = calibrate_frame(
         tmp_path / "light.fits", 0, masters, cache, target,
-        LightSettings("ABC", datetime(2025, 5, 1, 21), 0.0, binning=binning),
+        LightSettings("ABC", datetime(2025, 5, 1, 21), 0.0, binning=binning), prepared=tmp_path / "prepared",
     )  # fmt: skip
     bias, dark, flat = (found[role][1] for role in ("bias", "dark", "flat"))
     expected = bin_image(calibrate_image(raw.astype(np.float32), bias, dark, normalise_flat(flat)), binning)
     assert np.array_equal(data, expected, equal_nan=True)
-    assert isinstance(cache.rows("flat", masters["flat"]), calibrate.MasterRows) == big
+    assert isinstance(cache.rows("flat", masters["flat"], tmp_path / "prepared"), calibrate.MasterRows) == big
     assert isinstance(data, np.memmap) == (binning == 1 and big)  # the file, not a copy
     with fits.open(target, checksum=True) as hdul:
         assert hdul[0].verify_checksum() == 1 and hdul[0].verify_datasum() == 1
@@ -357,10 +358,13 @@ def test_calibrate_frame_of_a_big_frame_holds_neither_the_frame_nor_its_masters(
     cache = MasterCache()
     settings = LightSettings("ABC", datetime(2025, 5, 1, 21), 0.0)
     light = tmp_path / "light.fits"
-    calibrate_frame(light, 0, masters, cache, tmp_path / "first.fits", settings)  # flat's mean
+    prepared = tmp_path / "prepared"
+    calibrate_frame(light, 0, masters, cache, tmp_path / "first.fits", settings, prepared=prepared)
     tracemalloc.start()
     try:
-        data, _ = calibrate_frame(light, 0, masters, cache, tmp_path / "second.fits", settings)
+        data, _ = calibrate_frame(
+            light, 0, masters, cache, tmp_path / "2nd.fits", settings, prepared=prepared
+        )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -368,14 +372,66 @@ def test_calibrate_frame_of_a_big_frame_holds_neither_the_frame_nor_its_masters(
     bias, dark, flat = (found[role][1] for role in ("bias", "dark", "flat"))
     expected = calibrate_image(raw.astype(np.float32), bias, dark, normalise_flat(flat))
     assert np.array_equal(data, expected, equal_nan=True)
-    assert (tmp_path / "first.fits").read_bytes() == (tmp_path / "second.fits").read_bytes()
+    assert (tmp_path / "first.fits").read_bytes() == (tmp_path / "2nd.fits").read_bytes()
+
+
+def _mapped_bytes(path) -> int:
+    """Bytes of ``path`` this process has mapped and resident (its ``Rss`` in /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
+        for line in smaps:
+            if "-" in line.split(" ", 1)[0]:  # a mapping's first line: "start-end perms ... path"
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_a_big_master_is_prepared_once_and_mapped_a_block_at_a_time(tmp_path, monkeypatch):
+    """A master too big to hold whole is written once to ``prepared`` as calibration uses it
+    (native float32, a flat normalised), kept for the next process while the master is
+    unchanged and made again when it changes; calibrating a light maps a block of its rows at
+    a time, not the master (the pages of the rows used before are dropped)."""
+    monkeypatch.setattr(limits, "WHOLE_FRAME_MAX_BYTES", 1 << 20)
+    shape = (3000, 2300)
+    raw, found = _light_and_masters(tmp_path, shape, seed=5)
+    masters = {role: path for role, (path, _) in found.items()}
+    prepared, settings = tmp_path / "prepared", LightSettings("ABC", datetime(2025, 5, 1, 21), 0.0)
+
+    def calibrate_to(name: str, cache: MasterCache) -> None:
+        calibrate_frame(
+            tmp_path / "light.fits", 0, masters, cache, tmp_path / name, settings, prepared=prepared
+        )
+
+    first = MasterCache()
+    calibrate_to("a.fits", first)
+    files = {path.name.split("-")[0]: path for path in prepared.iterdir()}
+    assert sorted(files) == ["bias", "dark", "flat"]
+    bias, dark, flat = (found[role][1] for role in ROLES)
+    made = {role: np.fromfile(path, np.float32).reshape(shape) for role, path in files.items()}
+    assert np.array_equal(made["flat"], normalise_flat(flat), equal_nan=True)
+    assert np.array_equal(made["bias"], bias) and np.array_equal(made["dark"], dark)
+    for path in files.values():  # still mapped by the first cache, a block of it resident
+        assert 0 < _mapped_bytes(path) <= 2 * BLOCK_BYTES + 2 * os.sysconf("SC_PAGE_SIZE")
+    stamps = {path: path.stat().st_mtime_ns for path in files.values()}
+    cache = MasterCache()  # another worker: the prepared masters are used as they are
+    calibrate_to("b.fits", cache)
+    assert {path: path.stat().st_mtime_ns for path in prepared.iterdir()} == stamps
+    assert (tmp_path / "a.fits").read_bytes() == (tmp_path / "b.fits").read_bytes()
+    fits.writeto(masters["flat"], flat * 2, overwrite=True)  # a new flat: the same normalised pixels
+    os.utime(masters["flat"], ns=(1, 1))
+    calibrate_to("c.fits", cache)
+    assert len(list(prepared.iterdir())) == 3 and not files["flat"].exists()  # the old version is gone
+    data = fits.getdata(tmp_path / "c.fits")
+    expected = calibrate_image(raw.astype(np.float32), bias, dark, normalise_flat(flat * 2))
+    assert np.array_equal(data, expected, equal_nan=True)
 
 
 def test_masters_by_rows_of_a_flat_without_usable_pixel_name_the_master(tmp_path, monkeypatch):
     monkeypatch.setattr(limits, "WHOLE_FRAME_MAX_BYTES", 0)
     flat = _master(tmp_path / "flat.fits", -1.0)
     with pytest.raises(FitsError, match=r"master flat\.fits: flat has no positive finite pixel"):
-        MasterCache().rows("flat", flat)
+        MasterCache().rows("flat", flat, tmp_path / "prepared")
 
 
 def test_calibrate_frame_of_a_truncated_light_leaves_no_file(tmp_path):
@@ -386,5 +442,5 @@ def test_calibrate_frame_of_a_truncated_light_leaves_no_file(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(FitsError, match="truncated"):
         calibrate_frame(tmp_path / "light.fits", 0, {}, MasterCache(), out / "calibrated.fits",
-                        LightSettings("ABC", datetime(2025, 5, 1), 0.0))  # fmt: skip
+                        LightSettings("ABC", datetime(2025, 5, 1), 0.0), prepared=out / "m")  # fmt: skip
     assert not out.exists() or list(out.iterdir()) == []  # refused before the writer starts, or cleaned

@@ -86,6 +86,7 @@ def _calibrate(
     return calibrate_frame(
         path, 0, {"flat": str(flat)}, MasterCache(), target,
         LightSettings("DGAH", MID, 30.0, binning=binning, cfa=cfa, channel=channel),
+        prepared=target.parent / "prepared",
     )  # fmt: skip
 
 
