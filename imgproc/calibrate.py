@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -32,6 +31,7 @@ from imgproc.fitsio import (
     PlainRows,
     image_blocks,
     read_image,
+    replaced_atomically,
     set_card,
     write_atomic,
 )
@@ -159,19 +159,13 @@ def prepared_master(role: str, rows: PlainRows, folder: Path) -> Path:
     ny, nx = rows.shape
     if path.is_file() and path.stat().st_size == 4 * ny * nx:
         return path
-    folder.mkdir(parents=True, exist_ok=True)
     mean = _flat_mean(rows) if role == "flat" else None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            step = max(1, BLOCK_BYTES // (4 * nx))
-            for start in range(0, ny, step):
-                block = rows.read(start, min(ny, start + step))
-                out.write(block if mean is None else _scaled(_usable_flat(block)[0], mean))
-        os.replace(tmp, path)  # another worker making it at the same time writes the same bytes
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # another worker making it at the same time writes the same bytes
+    with replaced_atomically(path) as temporary, temporary.open("wb") as out:
+        step = max(1, BLOCK_BYTES // (4 * nx))
+        for start in range(0, ny, step):
+            block = rows.read(start, min(ny, start + step))
+            out.write(block if mean is None else _scaled(_usable_flat(block)[0], mean))
     for older in folder.glob(f"{role}-{source}-*.f32"):
         if older != path:
             older.unlink(missing_ok=True)

@@ -25,8 +25,6 @@ Output modes (config ``colour.output``):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from astropy.io import fits
 
 from imgproc.align import Shift
 from imgproc.binning import bin_header, bin_image
-from imgproc.fitsio import FitsError, read_image
+from imgproc.fitsio import FitsError, read_image, replaced_atomically
 from imgproc.keywords import CHANNEL_FILTERS
 
 #: Header cards that describe a mosaic; removed from frames that are no longer one.
@@ -199,16 +197,9 @@ def green(data: np.ndarray) -> np.ndarray:
 def write_cube(target: Path, cube: np.ndarray, header: fits.Header) -> None:
     """Write a float32 cube to ``target`` atomically (a temporary file renamed into place), with
     CHECKSUM and DATASUM (:func:`imgproc.fitsio.checksum_problem` checks it before reuse)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with replaced_atomically(target) as temporary:
         hdu = fits.PrimaryHDU(cube.astype(np.float32, copy=False), header=header)
         hdu.writeto(temporary, overwrite=True, checksum=True)  # DATASUM: reruns verify the cube
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def read_frame(path: Path) -> tuple[np.ndarray, fits.Header]:

@@ -14,6 +14,7 @@ import stat
 import tempfile
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -638,6 +639,20 @@ class ImageWriter:
     def _discard(self) -> None:
         self._handle.close()
         Path(self._tmp).unlink(missing_ok=True)
+
+
+@contextmanager
+def replaced_atomically(target: Path) -> Iterator[Path]:
+    """A new temporary file beside ``target`` to write, renamed over ``target`` when the block
+    ends without an error and deleted when it raises: a crash never leaves half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, target)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, data: np.ndarray, header: fits.Header) -> None:

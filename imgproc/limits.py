@@ -22,13 +22,17 @@ WHOLE_FRAME_MAX_BYTES = 64 << 20
 PREPARED_DIR = "prepared"
 
 
+def _float32_bytes(shape: Sequence[int]) -> int:
+    return math.prod(int(n) for n in shape[-2:]) * 4
+
+
 def held_whole(shape: Sequence[int]) -> bool:
     """Whether a frame of ``shape`` (rows, columns) is held whole as float32, or is too big
     (over :data:`WHOLE_FRAME_MAX_BYTES`) and streamed by rows."""
-    return math.prod(int(n) for n in shape[-2:]) * 4 <= WHOLE_FRAME_MAX_BYTES
+    return _float32_bytes(shape) <= WHOLE_FRAME_MAX_BYTES
 
 
 def held_bytes(shape: Sequence[int]) -> int:
     """Float32 bytes of a frame of ``shape`` that a job holds at once: the whole frame, or
     for a streamed one at most :data:`WHOLE_FRAME_MAX_BYTES`."""
-    return min(math.prod(int(n) for n in shape[-2:]) * 4, WHOLE_FRAME_MAX_BYTES)
+    return min(_float32_bytes(shape), WHOLE_FRAME_MAX_BYTES)

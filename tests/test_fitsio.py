@@ -16,6 +16,7 @@ from imgproc.fitsio import (
     encode_checksum,
     ones_complement_sum,
     read_image,
+    replaced_atomically,
     set_card,
     write_atomic,
 )
@@ -141,3 +142,16 @@ def test_float32_rows_reads_an_intermediate_and_refuses_anything_else(tmp_path: 
     fits.PrimaryHDU(np.zeros((4, 4), np.uint16)).writeto(tmp_path / "u16.fits")
     with pytest.raises(FitsError, match="not a plain float32 image"):
         Float32Rows(tmp_path / "u16.fits")
+
+
+def test_a_file_replaced_atomically_appears_whole_or_not_at_all(tmp_path) -> None:
+    target = tmp_path / "sub" / "frame.f32"
+    with replaced_atomically(target) as temporary:
+        temporary.write_bytes(b"first")
+        assert not target.exists()  # nothing at the target until the block ends
+    assert target.read_bytes() == b"first"
+    with pytest.raises(RuntimeError), replaced_atomically(target) as temporary:
+        temporary.write_bytes(b"half")
+        raise RuntimeError("crash")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in target.parent.iterdir()] == ["frame.f32"]  # no temporary left
