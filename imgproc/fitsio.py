@@ -350,11 +350,22 @@ class Float32Rows:
             raise FitsError(f"{path.name}: not a plain float32 {'image' if plane is None else 'cube'}")
         self.header, self.shape = primary[0], (int(primary[0]["NAXIS2"]), int(primary[0]["NAXIS1"]))
         self.path, self._start = path, layout[0] + (plane or 0) * self.shape[0] * self.shape[1] * 4
+        self._dtype = np.dtype(">f4")
+
+    @classmethod
+    def raw(cls, path: Path, shape: tuple[int, int], plane: int = 0) -> Float32Rows:
+        """Rows of plane ``plane`` of a headerless file of native float32 planes of ``shape``
+        (a resampled frame spilled from memory); its header is empty."""
+        rows = cls.__new__(cls)
+        rows.header, rows.shape, rows.path = fits.Header(), shape, path
+        rows._start, rows._dtype = plane * shape[0] * shape[1] * 4, np.dtype(np.float32)
+        return rows
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` (within the image) as stored: big-endian float32."""
+        """Rows ``[start, stop)`` (within the image) as stored: big-endian float32 (native for
+        :meth:`raw`)."""
         nx = self.shape[1]
-        rows = np.empty((stop - start, nx), ">f4")
+        rows = np.empty((stop - start, nx), self._dtype)
         with self.path.open("rb") as handle:
             handle.seek(self._start + start * nx * 4)
             got = handle.readinto(rows)  # type: ignore[arg-type]
@@ -363,9 +374,9 @@ class Float32Rows:
         return rows
 
     def memmap(self) -> np.ndarray:
-        """The whole image, memory-mapped read-only (big-endian float32): only the pages a
+        """The whole image, memory-mapped read-only (as stored): only the pages a
         caller touches are read."""
-        return np.memmap(self.path, ">f4", "r", self._start, self.shape)
+        return np.memmap(self.path, self._dtype, "r", self._start, self.shape)
 
 
 class PlainRows:

@@ -179,9 +179,12 @@ class ShiftedSource:
 
 #: Part of this process's stacking budget (:data:`imgproc.stack.MEMORY`) that the frames of an
 #: aligned group may take to be kept in memory from registering to combining (with ``-S 20`` on
-#: 2048² frames, 8 frames of 16 MB), instead of being read again from their intermediates, a
-#: strip at a time. The combine gets the rest of the budget; bigger groups are read again.
-KEEP_FRAMES_SHARE = 0.5
+#: 2048² frames, 8 frames of 16 MB), instead of being read again from their intermediates (or,
+#: resampled whole, from a scratch file), a strip at a time. The combine gets the rest of the
+#: budget. With the default 2 GiB, 32 frames of 2048² are kept: a 40-frame stack of 2048² kept
+#: whole (640 MiB, half the budget) took its process to 1.13 GiB, and was no faster (5.0 s
+#: against 4.7 s spilled, bench/siril.py).
+KEEP_FRAMES_SHARE = 0.25
 
 #: Registrars of this process's publish jobs (threads of the workflow's process), built once
 #: per reference intermediate and settings.
@@ -471,11 +474,18 @@ def whole_frames(settings: StackSettings) -> bool:
     return settings.align and (settings.registration == "stars" or settings.kernel != "bilinear")
 
 
-def _spill(data: np.ndarray, path: Path) -> np.ndarray:
-    """``data`` saved to ``path`` and mapped back read-only (a resampled frame that is not
-    kept in memory)."""
-    np.save(path, data)
-    return np.load(path, mmap_mode="r")
+def _spill(data: np.ndarray, path: Path) -> list[Float32Rows]:
+    """A resampled frame (or RGB cube) that is not kept in memory, written to ``path`` as native
+    float32, and each plane's rows read back from it: the combine reads a strip at a time,
+    whose pages stay in the page cache, not in this process (mapped, all of them stayed)."""
+    np.ascontiguousarray(data, np.float32).tofile(path)
+    planes = len(data) if data.ndim == 3 else 1
+    return [Float32Rows.raw(path, data.shape[-2:], plane) for plane in range(planes)]
+
+
+def _planes(data: np.ndarray) -> list[ArrayRows]:
+    """The rows of a frame held in memory, or of each plane of an RGB cube."""
+    return [ArrayRows(plane) for plane in (data if data.ndim == 3 else [data])]
 
 
 def publish_stack(
@@ -484,7 +494,7 @@ def publish_stack(
     target: Path,
     settings: StackSettings,
     threads: int = 1,
-    frames: Sequence[tuple[np.ndarray, fits.Header]] | None = None,
+    frames: Sequence[tuple[Sequence[Float32Rows | ArrayRows], fits.Header]] | None = None,
     cards: Sequence[tuple[str, str, str]] = (),
     resampled: bool = False,
     qualities: Sequence[FrameQuality | None] | None = None,
@@ -495,10 +505,11 @@ def publish_stack(
     (keyword, value, comment) set in its header; returns the stack (None for a mono frame too
     big to hold whole, written as its strips are combined) and its header.
 
-    ``frames`` are the members' pixels and headers when the caller holds them (it read them to
-    register them): the combine then gets :data:`KEEP_FRAMES_SHARE` less of the budget. Without
-    them each member is read from its intermediate, a strip at a time.  ``resampled``: the
-    ``frames`` are already on the reference grid (``shifts`` only go into the header).
+    ``frames`` are the rows of the members' planes (in memory, or spilled to a scratch file)
+    and their headers when the caller made them (it read the frames to register them): the
+    combine then gets :data:`KEEP_FRAMES_SHARE` less of the budget. Without them each member is
+    read from its intermediate, a strip at a time.  ``resampled``: the ``frames`` are already
+    on the reference grid (``shifts`` only go into the header).
     ``qualities`` and ``notes`` go into its HISTORY (:func:`stack_header`).  With
     ``settings.normalize == 'additive'``, a ``sky`` level and every frame's quality, each frame
     is offset so that its sky (``FrameQuality.sky``) is ``sky`` before the rejection: a sky
@@ -517,11 +528,8 @@ def publish_stack(
         headers = [rows.header for rows in layers[0]]  # type: ignore[union-attr]
         budget = settings.memory_budget
     else:
-        cube = frames[0][0].ndim == 3
-        layers = [
-            [ArrayRows(data[plane] if cube else data) for data, _ in frames]
-            for plane in range(3 if cube else 1)
-        ]
+        layers = [list(layer) for layer in zip(*(planes for planes, _ in frames), strict=True)]
+        cube = len(layers) == 3
         headers = [header for _, header in frames]
         budget = int(settings.memory_budget * (1 - KEEP_FRAMES_SHARE))
     no_shift = Shift(0.0, 0.0, False, 1.0)
@@ -542,7 +550,9 @@ def publish_stack(
         layer: list[Float32Rows | ArrayRows], sink: Callable[[np.ndarray], None] | None = None
     ) -> np.ndarray | None:
         sources = [
-            ArraySource(r.data) if resampled else ShiftedSource(r, s or no_shift, settings.kernel)  # type: ignore[union-attr]
+            ArraySource(r.data)
+            if resampled and isinstance(r, ArrayRows)
+            else ShiftedSource(r, no_shift if resampled else s or no_shift, settings.kernel)
             for r, s in zip(layer, shifts, strict=True)
         ]
         return combine(
@@ -679,7 +689,7 @@ def publish_group(
     measured_quality: dict[str, FrameQuality] = {}
     notes: list[str] = []
     sky: float | None = None  # the reference's, which aligned stacks are normalised to
-    frames: list[tuple[np.ndarray, fits.Header]] | None = None
+    frames: list[tuple[list[Float32Rows] | list[ArrayRows], fits.Header]] | None = None
     resample = False
     with tempfile.TemporaryDirectory(prefix="resampled-", dir=stamp_path.parent) as scratch:
         if settings.align and entries[0].get("pub_kind") != "link":  # a mosaic is never resampled
@@ -707,7 +717,7 @@ def publish_group(
 
             def register(
                 member: Member,
-            ) -> tuple[Shift, FrameQuality, tuple[np.ndarray, fits.Header] | None]:
+            ) -> tuple[Shift, FrameQuality, tuple[list[Float32Rows] | list[ArrayRows], fits.Header] | None]:
                 with MEMORY.reserve(0 if banded else working, settings.memory_budget):
                     rows = Float32Rows(member.path) if banded else None
                     # a big frame mapped, not read: star matching reads only its stars
@@ -719,10 +729,9 @@ def publish_group(
                     shift, quality = measure(member, probe, registrar, pierside, cells, stars)
                     if resample and not check_shift(shift, registrar):  # see whole_frames
                         data = resampled(data, shift, settings.kernel)
-                        if not keep:
-                            data = _spill(data, Path(scratch) / f"{member.frame_id}.npy")
-                        return shift, quality, (data, header)
-                    return shift, quality, (data, header) if keep else None
+                        spilled = None if keep else _spill(data, Path(scratch) / f"{member.frame_id}.f32")
+                        return shift, quality, (spilled or _planes(data), header)
+                    return shift, quality, (_planes(data), header) if keep else None
 
             with ThreadPoolExecutor(threads) as pool:
                 measured = list(pool.map(register, members))

@@ -144,6 +144,20 @@ def test_float32_rows_reads_an_intermediate_and_refuses_anything_else(tmp_path: 
         Float32Rows(tmp_path / "u16.fits")
 
 
+def test_float32_rows_of_a_raw_file_read_each_planes_rows_natively(tmp_path: Path) -> None:
+    """A resampled RGB cube spilled as raw native float32: each plane's rows, native-endian."""
+    cube = np.random.default_rng(3).normal(0.0, 1.0, (3, 9, 7)).astype(np.float32)
+    cube.tofile(tmp_path / "cube.f32")
+    for plane in range(3):
+        rows = Float32Rows.raw(tmp_path / "cube.f32", (9, 7), plane)
+        block = rows.read(2, 8)
+        assert block.dtype == np.dtype(np.float32) and block.dtype.isnative and rows.shape == (9, 7)
+        np.testing.assert_array_equal(block, cube[plane, 2:8])
+        np.testing.assert_array_equal(rows.memmap(), cube[plane])
+    with pytest.raises(FitsError, match="truncated"):
+        Float32Rows.raw(tmp_path / "cube.f32", (10, 7), 2).read(0, 10)
+
+
 def test_a_file_replaced_atomically_appears_whole_or_not_at_all(tmp_path) -> None:
     target = tmp_path / "sub" / "frame.f32"
     with replaced_atomically(target) as temporary:

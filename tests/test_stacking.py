@@ -23,7 +23,7 @@ from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
 from imgproc.dag import Layout
 from imgproc.fitsio import Float32Rows, write_atomic
 from imgproc.manifest import read_tsv
-from imgproc.publish import ArrayRows, StackSettings
+from imgproc.publish import StackSettings
 from imgproc.synth import NightSpec, make_night
 
 
@@ -142,10 +142,10 @@ def test_frames_kept_from_registering_to_combining_give_the_same_stack(
     assert run_cli(night.root / "lights", out, *master_flags(night), "-s", "-S", "1", "-a") == EXIT_OK
     plan = read_tsv(out / "work" / "plan.tsv")
     default = StackSettings(**Layout(yaml.safe_load((out / "imgproc.yaml").read_text())).stack_params())
-    spilled: list[bool] = []
-    monkeypatch.setattr(
-        publish, "ArrayRows", lambda data: spilled.append(isinstance(data, np.memmap)) or ArrayRows(data)
-    )
+    held: list[str] = []  # how each frame made to register it went on to the combine
+    spill, planes = publish._spill, publish._planes
+    monkeypatch.setattr(publish, "_spill", lambda data, path: held.append("spilled") or spill(data, path))
+    monkeypatch.setattr(publish, "_planes", lambda data: held.append("kept") or planes(data))
     for made in sorted(out.glob("*.fits")):
         group = [row for row in plan if row["output"] == made.name]
         ref_light = str(reference_light(out, made.name))
@@ -155,14 +155,15 @@ def test_frames_kept_from_registering_to_combining_give_the_same_stack(
             for label, budget in (("kept", settings.memory_budget), ("read-again", 1)):
                 folder = tmp_path / f"{label}-{settings.registration}"
                 folder.mkdir(exist_ok=True)
-                before = len(spilled)
+                before = len(held)
                 item = publish.publish_group(
                     made.name, group, reference, out / "work", folder, replace(settings, memory_budget=budget)
                 )
                 assert item["status"] == "written" and item["ncombine"] == 4
                 stacks.append((folder / made.name).read_bytes())
                 whole = settings.registration == "stars"
-                assert spilled[before:] == [label != "kept"] * (4 if whole or label == "kept" else 0)
+                expected = ["kept"] * 4 if label == "kept" else ["spilled"] * (4 if whole else 0)
+                assert held[before:] == expected
             assert stacks[0] == stacks[1]
             if settings == default:
                 assert stacks[0] == made.read_bytes()
