@@ -38,7 +38,7 @@ from imgproc.naming import check_observer, default_output_dirname
 from imgproc.overrides import OverrideError, apply_overrides, check_config, take_snakemake_config
 from imgproc.plan import MAX_BIN, calibration_gaps, format_plan
 from imgproc.progress import ProgressMonitor
-from imgproc.verify import clean_intermediates, invalidate
+from imgproc.verify import clean_intermediates, invalidate, remove_scratch
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 CONFIG_NAME = "imgproc.yaml"
@@ -464,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         config_path = write_config(output, config)
         report_redone(invalidate(output, checksums=args.verify))
+        freed = remove_scratch(output)
+        if freed:
+            print(f"imgproc: deleted the resampled frames a stopped stack left ({freed / 2**20:.0f} MiB)",
+                  file=sys.stderr)  # fmt: skip
     except UsageError as exc:
         print(f"imgproc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

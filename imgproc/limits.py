@@ -20,6 +20,10 @@ WHOLE_FRAME_MAX_BYTES = 64 << 20
 #: Folder of the work folder where the masters of such frames are kept prepared for
 #: calibration (:func:`imgproc.calibrate.prepared_master`); ``--clean`` deletes it.
 PREPARED_DIR = "prepared"
+#: Prefix of the scratch folders in ``work/pub`` that hold an aligned stack's resampled frames
+#: while it is combined (:func:`imgproc.publish.publish_group`), deleted with the stack; one
+#: left by a killed run is deleted by the next (:func:`imgproc.verify.remove_scratch`).
+SCRATCH_PREFIX = "resampled-"
 
 
 def _float32_bytes(shape: Sequence[int]) -> int:

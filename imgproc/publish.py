@@ -49,7 +49,7 @@ from imgproc.fitsio import (
     write_atomic,
 )
 from imgproc.keywords import normalise
-from imgproc.limits import held_whole
+from imgproc.limits import SCRATCH_PREFIX, held_whole
 from imgproc.manifest import OK, SKIPPED
 from imgproc.plan import BEST
 from imgproc.progress import Progress
@@ -691,7 +691,7 @@ def publish_group(
     sky: float | None = None  # the reference's, which aligned stacks are normalised to
     frames: list[tuple[list[Float32Rows] | list[ArrayRows], fits.Header]] | None = None
     resample = False
-    with tempfile.TemporaryDirectory(prefix="resampled-", dir=stamp_path.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=stamp_path.parent) as scratch:
         if settings.align and entries[0].get("pub_kind") != "link":  # a mosaic is never resampled
             if reference is None or not (workdir / "cal" / f"{reference['frame_id']}.fits").exists():
                 return {

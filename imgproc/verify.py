@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from imgproc.limits import PREPARED_DIR
+from imgproc.limits import PREPARED_DIR, SCRATCH_PREFIX
 from imgproc.manifest import FAILED, OK, SKIPPED, read_tsv
 from imgproc.stamps import digest, file_id, read_json, write_json
 
@@ -179,6 +180,17 @@ def invalidate(output: Path, checksums: bool = False) -> list[str]:
     if notes:
         (output / "summary.json").unlink(missing_ok=True)
     return notes
+
+
+def remove_scratch(output: Path) -> int:
+    """Delete the scratch folders of stacks that a killed run left in ``work/pub`` (their
+    resampled frames: 640 MiB for 40 frames of 2048²); bytes freed. Only while no run works in
+    ``output`` (the command holds its run lock): a running stack deletes its own."""
+    freed = 0
+    for folder in sorted((output / "work" / "pub").glob(f"{SCRATCH_PREFIX}*")):
+        freed += sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+        shutil.rmtree(folder)
+    return freed
 
 
 def _config_digest(output: Path) -> str:

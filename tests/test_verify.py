@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from astropy.io import fits
 from conftest import REPO, master_flags, run_cli, sha256_tree
 
 from imgproc.cli import EXIT_INCOMPLETE, EXIT_OK
 from imgproc.fitsio import checksum_problem, write_atomic
+from imgproc.limits import SCRATCH_PREFIX
 from imgproc.verify import is_transient
 
 
@@ -51,6 +53,22 @@ def test_a_truncated_intermediate_and_its_hard_linked_output_are_made_again(nigh
     assert _run(night, out) == EXIT_OK
     assert sha256_tree(out) == clean
     assert checksum_problem(intermediate) == ""
+
+
+def test_resampled_frames_a_killed_stack_left_are_deleted_by_the_next_run(
+    night, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert _run(night, out, "-s", "-S", "1", "-a") == EXIT_OK
+    made = sha256_tree(out)
+    left = out / "work" / "pub" / f"{SCRATCH_PREFIX}k1ll3d"
+    left.mkdir()
+    np.zeros(3 << 18, np.float32).tofile(left / "frame.f32")  # 3 MiB
+    capsys.readouterr()
+    assert _run(night, out, "-s", "-S", "1", "-a") == EXIT_OK
+    assert "deleted the resampled frames a stopped stack left (3 MiB)" in capsys.readouterr().err
+    assert not left.exists() and (out / "work" / "pub").is_dir()
+    assert sha256_tree(out) == made
 
 
 def test_a_flipped_bit_in_an_output_is_found_by_verify(night, tmp_path: Path) -> None:
