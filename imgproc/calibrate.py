@@ -30,6 +30,7 @@ from imgproc.fitsio import (
     ImageWriter,
     PlainRows,
     image_blocks,
+    locked,
     read_image,
     replaced_atomically,
     set_card,
@@ -152,22 +153,29 @@ def prepared_master(role: str, rows: PlainRows, folder: Path) -> Path:
     flat divided by its mean over usable pixels and NaN where unusable (the pixels of
     :func:`normalise_flat`). Made once, from the master a block of rows at a time, and kept
     while the master's size and modification time are unchanged (they are in its name, and a
-    new version replaces the files of older ones)."""
+    new version replaces the files of older ones). Workers that need it at once wait for the
+    one making it (a lock file beside it) rather than each make it too."""
     stat = rows.path.stat()
     source = hashlib.sha256(os.fsencode(rows.path.resolve())).hexdigest()[:16]
     path = folder / f"{role}-{source}-{stat.st_size}-{stat.st_mtime_ns}.f32"
     ny, nx = rows.shape
-    if path.is_file() and path.stat().st_size == 4 * ny * nx:
+
+    def made() -> bool:
+        return path.is_file() and path.stat().st_size == 4 * ny * nx
+
+    if made():
         return path
-    mean = _flat_mean(rows) if role == "flat" else None
-    # another worker making it at the same time writes the same bytes
-    with replaced_atomically(path) as temporary, temporary.open("wb") as out:
-        step = max(1, BLOCK_BYTES // (4 * nx))
-        for start in range(0, ny, step):
-            block = rows.read(start, min(ny, start + step))
-            out.write(block if mean is None else _scaled(_usable_flat(block)[0], mean))
-    for older in folder.glob(f"{role}-{source}-*.f32"):
-        if older != path:
+    with locked(path.with_suffix(".lock")):
+        if made():  # by the worker that held the lock
+            return path
+        mean = _flat_mean(rows) if role == "flat" else None
+        with replaced_atomically(path) as temporary, temporary.open("wb") as out:
+            step = max(1, BLOCK_BYTES // (4 * nx))
+            for start in range(0, ny, step):
+                block = rows.read(start, min(ny, start + step))
+                out.write(block if mean is None else _scaled(_usable_flat(block)[0], mean))
+    for older in folder.glob(f"{role}-{source}-*"):  # its .f32 and .lock
+        if older.stem != path.stem:
             older.unlink(missing_ok=True)
     return path
 

@@ -216,7 +216,7 @@ def clean_intermediates(output: Path) -> tuple[int, int]:
     frames = cleaned_frames(output) | {path.stem for path in files}
     write_json(output / "work" / CLEANED_NAME, {"config": _config_digest(output), "frames": sorted(frames)})
     freed = 0
-    for path in [*files, *sorted((output / "work" / PREPARED_DIR).glob("*.f32"))]:
+    for path in [*files, *sorted((output / "work" / PREPARED_DIR).glob("*"))]:
         stat = path.stat()
         freed += stat.st_size if stat.st_nlink == 1 else 0
         path.unlink()

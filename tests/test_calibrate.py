@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
 
 import numpy as np
@@ -405,7 +409,7 @@ def test_a_big_master_is_prepared_once_and_mapped_a_block_at_a_time(tmp_path, mo
 
     first = MasterCache()
     calibrate_to("a.fits", first)
-    files = {path.name.split("-")[0]: path for path in prepared.iterdir()}
+    files = {path.name.split("-")[0]: path for path in prepared.glob("*.f32")}
     assert sorted(files) == ["bias", "dark", "flat"]
     bias, dark, flat = (found[role][1] for role in ROLES)
     made = {role: np.fromfile(path, np.float32).reshape(shape) for role, path in files.items()}
@@ -416,15 +420,45 @@ def test_a_big_master_is_prepared_once_and_mapped_a_block_at_a_time(tmp_path, mo
     stamps = {path: path.stat().st_mtime_ns for path in files.values()}
     cache = MasterCache()  # another worker: the prepared masters are used as they are
     calibrate_to("b.fits", cache)
-    assert {path: path.stat().st_mtime_ns for path in prepared.iterdir()} == stamps
+    assert {path: path.stat().st_mtime_ns for path in prepared.glob("*.f32")} == stamps
     assert (tmp_path / "a.fits").read_bytes() == (tmp_path / "b.fits").read_bytes()
     fits.writeto(masters["flat"], flat * 2, overwrite=True)  # a new flat: the same normalised pixels
     os.utime(masters["flat"], ns=(1, 1))
     calibrate_to("c.fits", cache)
-    assert len(list(prepared.iterdir())) == 3 and not files["flat"].exists()  # the old version is gone
+    assert len(list(prepared.glob("*.f32"))) == 3 and not files["flat"].exists()  # the old version is gone
+    assert not files["flat"].with_suffix(".lock").exists()  # and its lock file
     data = fits.getdata(tmp_path / "c.fits")
     expected = calibrate_image(raw.astype(np.float32), bias, dark, normalise_flat(flat * 2))
     assert np.array_equal(data, expected, equal_nan=True)
+
+
+def test_a_big_master_wanted_by_two_workers_at_once_is_prepared_by_one(tmp_path, monkeypatch):
+    """Workers that need the same big master at the same time wait for the one preparing it
+    (a lock file beside it), and map what it wrote, instead of each writing it again."""
+    monkeypatch.setattr(limits, "WHOLE_FRAME_MAX_BYTES", 1 << 20)
+    _, found = _light_and_masters(tmp_path, (700, 450), seed=9)
+    writes, both = [], threading.Barrier(2)
+    replaced = calibrate.replaced_atomically
+
+    @contextmanager
+    def slow_write(path):  # the second worker asks while the first is still writing
+        writes.append(path.name)
+        time.sleep(0.3)
+        with replaced(path) as temporary:
+            yield temporary
+
+    monkeypatch.setattr(calibrate, "replaced_atomically", slow_write)
+
+    def worker(_: int) -> np.ndarray:
+        both.wait()
+        return np.asarray(MasterCache().rows("flat", found["flat"][0], tmp_path / "prepared")[0:700])
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(worker, range(2))
+    assert len(writes) == 1 and writes[0].startswith("flat-")
+    expected = normalise_flat(found["flat"][1])
+    for rows in (first, second):
+        assert np.array_equal(rows, expected, equal_nan=True)
 
 
 def test_masters_by_rows_of_a_flat_without_usable_pixel_name_the_master(tmp_path, monkeypatch):
