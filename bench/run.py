@@ -735,8 +735,11 @@ class Bench:
         return block
 
     def tiny(self) -> None:
+        """The long night: ``--tiny`` lights of 16x16, imgproc's dry run on a fresh folder, real
+        run, dry run once planned and no-op rerun, then the reference's calibration of the same
+        lights, compared with imgproc's outputs."""
         n = self.args.tiny
-        _, meta = ensure_night(self.args.data, f"tiny{n}", night_params(n, 16))
+        night_json, meta = ensure_night(self.args.data, f"tiny{n}", night_params(n, 16))
         root = Path(meta["root"])
         warm_up(root)
         out = self.runs / f"tiny{n}"
@@ -759,13 +762,22 @@ class Bench:
                 print(f"  {info['stages']}", flush=True)
             result.pop("_records"), result.pop("_t0")
             print(
-                f"  {label}: exit {result['status']}, wall {result['wall_s']} s, cpu {result['cpu_s']} s",
+                f"  {label}: exit {result['status']}, wall {result['wall_s']} s, cpu {result['cpu_s']} s, "
+                f"peak RSS sum {result['peak_rss_sum_mib']} MiB",
                 flush=True,
             )
             info[label] = result
+        long_night = Bench(self.args, night_json, meta, self.runs, self.logs)
+        reference, ref_out = long_night.run_method("reference", "calibrate", label=f"tiny{n}-reference")
+        long_night.digest_run("reference", "calibrate", reference, ref_out)
+        info["reference"] = reference
+        if reference["status"] == 0 and info["real_run"]["status"] == 0:
+            info["check"] = compare(out, ref_out, 1e-6)
+            print(f"  vs reference: {info['check']}", flush=True)
         self.results["tiny"] = info
         if not self.args.keep_outputs:
             shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(ref_out, ignore_errors=True)
 
 
 def long_night_stages(breakdown: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -920,13 +932,20 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
                 f"report {st['report_s']} s; report.html {st['report_bytes'] / 1024**2:.1f} MiB "
                 f"with {st['report_images']} images"
             )
-        for label in ("dry_run_fresh", "real_run", "dry_run_after_run", "noop_rerun"):
+        for label in ("dry_run_fresh", "real_run", "dry_run_after_run", "noop_rerun", "reference"):
             if label in t:
                 r = t[label]
                 lines.append(
-                    f"  {label:<20}{r['wall_s']:>8.1f} s  (exit {r['status']}; "
+                    f"  {label:<20}{r['wall_s']:>8.1f} s, {r['cpu_s']:>7.1f} s CPU, "
+                    f"{r['peak_rss_sum_mib']:>7.0f} MiB  (exit {r['status']}; "
                     f"{r.get('slurm_query_s', 0.0)} s of it in scontrol)"
                 )
+        if "reference" in t and "real_run" in t:
+            lines.append(
+                f"  real run / reference: {ratio(t['real_run']['wall_s'], t['reference']['wall_s'])}x wall, "
+                f"{ratio(t['real_run']['cpu_s'], t['reference']['cpu_s'])}x CPU; outputs "
+                f"{agreement(t['check']) if 'check' in t else 'not compared'}"
+            )
     lines += ["", "targets:", *targets(results)]
     return lines
 
@@ -1002,6 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ccdproc", action="store_true", help="skip the ccdproc baseline")
     parser.add_argument("--no-tiny", action="store_true", help="skip the dry-run measurements")
     parser.add_argument(
+        "--tiny-only", action="store_true", help="only the long night of --tiny frames, against the reference"
+    )
+    parser.add_argument(
         "--wait-quiet",
         type=float,
         default=60.0,
@@ -1038,18 +1060,20 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     if args.big:
         return big(args, runs, logs)
+    if args.tiny_only:
+        bench = Bench(args, Path(), {}, runs, logs)
+        bench.results.update(run_header(args))
+        bench.tiny()
+        lines = report(bench.results, args)
+        print("\n" + "\n".join(lines))
+        save(bench.results, lines, f"bench-tiny{args.tiny}-c{args.cores}")
+        return 0
 
     night_json, night = ensure_night(
         args.data, f"night-{args.frames}x{args.size}", night_params(args.frames, args.size, args.stars)
     )
     bench = Bench(args, night_json, night, runs, logs)
-    bench.results.update(
-        started=datetime.now().isoformat(timespec="seconds"),
-        args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        machine=f"{platform.node()} {os.cpu_count()} cpus, python {platform.python_version()}",
-        source=git_state(),
-        night=night["params"],
-    )
+    bench.results.update(run_header(args), night=night["params"])
     print("[warm-up] reading every input file once ...", flush=True)
     bench.results["warm_up"] = warm_up(Path(night["root"]))
     print(f"  {bench.results['warm_up']}", flush=True)
@@ -1070,6 +1094,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_header(args: argparse.Namespace) -> dict[str, Any]:
+    """When, with what arguments, on what machine and from what source a benchmark ran."""
+    return {
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": f"{platform.node()} {os.cpu_count()} cpus, python {platform.python_version()}",
+        "source": git_state(),
+    }
+
+
 def _int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
@@ -1080,13 +1114,7 @@ def big(args: argparse.Namespace, runs: Path, logs: Path) -> int:
     unknown = sorted(set(args.big_modes) - set(BIG_MODES))
     if unknown:
         raise SystemExit(f"--big-modes: unknown {unknown}; known: {', '.join(BIG_MODES)}")
-    results: dict[str, Any] = {
-        "started": datetime.now().isoformat(timespec="seconds"),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": f"{platform.node()} {os.cpu_count()} cpus, python {platform.python_version()}",
-        "source": git_state(),
-        "big": {},
-    }
+    results: dict[str, Any] = {**run_header(args), "big": {}}
     for frames in args.big:
         name = f"big-{frames}x{BIG_SHAPE[1]}x{BIG_SHAPE[0]}"
         night_json, night = ensure_night(args.data, name, night_params(frames, BIG_SHAPE, args.stars))

@@ -1,11 +1,12 @@
 """Where the workflow's jobs run: threads of the Snakemake process, or worker processes.
 
 Every job runs inside the Snakemake process (``run_script`` in ``rules/common.smk``); a new
-interpreter per job would import numpy and astropy again, 0.6-1 s a job. The frame jobs of a
-big night (calibrate and publish batches) run better still in a :class:`WorkerPool`, one worker
-process per core: as threads they share one interpreter with each other and with Snakemake's
-scheduler (the GIL, the allocator), which made a 300-frame night of stacks on 2 cores about 6%
-slower (median 52 s against 49 s). The workers fork from a server that has imported numpy and
+interpreter per job would import numpy and astropy again, 0.6-1 s a job. The frame jobs
+(calibrate and publish batches) of all but the smallest nights run better still in a
+:class:`WorkerPool`, one worker process per core: as threads they share one interpreter with
+each other and with Snakemake's scheduler (the GIL, the allocator), which made a 300-frame
+night of stacks on 2 cores about 6% slower (median 52 s against 49 s) and a night of 5,000
+small frames twice as slow. The workers fork from a server that has imported numpy and
 astropy once (see :data:`PRELOAD`), started in the background when the run starts, so a job
 waits for none of that.
 """
@@ -28,9 +29,15 @@ from typing import Any
 
 from imgproc.manifest import list_fits
 
-#: ``workers: auto`` uses processes when the lights add up to at least this many bytes: below
-#: it the pool's start (a second of one core) is more than the night's threads lose.
-AUTO_MIN_BYTES = 1024**3
+#: ``workers: auto`` uses processes for a night of at least this many lights, or of this many
+#: bytes of lights. The pool's start delays a run by about 0.25 s (a second of the other core);
+#: what threads lose grows with the frames (3-4 ms a frame of header work, which holds the
+#: GIL) and their pixels (about 2 ms a MB). Measured whole runs, processes against threads, on 2
+#: cores: 20 lights of 16x16 0.18 s slower, 40 of 16x16 0.09 s slower, 20 of 1304x976 0.09 s
+#: slower; 40 of 1304x976 0.06 s faster, 100 of 16x16 0.17 s, 40 of 2048x2048 0.3 s, 500 of
+#: 16x16 1.2 s, 5,000 of 16x16 16 s (18 s against 34 s).
+AUTO_MIN_LIGHTS = 64
+AUTO_MIN_BYTES = 128 * 1024**2
 MODES = ("auto", "processes", "threads")
 #: Imported once by the server the workers fork from: the libraries (0.9 s), not imgproc itself
 #: (0.1 s), which a worker imports from the Snakemake process's path (the server's may hold
@@ -84,13 +91,17 @@ def cancel_timers_at_exit() -> None:
 
 def use_processes(mode: str, cores: int, light_dir: str | os.PathLike[str]) -> bool:
     """Whether frame jobs get worker processes: ``mode`` is the config's ``workers`` value;
-    ``auto`` means yes with two cores or more and at least :data:`AUTO_MIN_BYTES` of lights."""
+    ``auto`` means yes with two cores or more and at least :data:`AUTO_MIN_LIGHTS` lights or
+    :data:`AUTO_MIN_BYTES` of them."""
     if mode not in MODES:
         raise ValueError(f"workers must be one of {MODES}, got {mode!r}")
     if mode != "auto" or cores < 2:
         return mode == "processes" and cores >= 2
+    paths = list_fits(Path(light_dir))
+    if len(paths) >= AUTO_MIN_LIGHTS:
+        return True
     total = 0
-    for path in list_fits(Path(light_dir)):
+    for path in paths:
         total += path.stat().st_size if path.is_file() else 0  # not a dangling link, a FIFO...
         if total >= AUTO_MIN_BYTES:
             return True

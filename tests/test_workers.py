@@ -116,15 +116,20 @@ def test_a_worker_keeps_the_freed_frames_of_a_group_for_its_next_job(pool, tmp_p
     assert report["held"] - report["after"] < 16 << 20
 
 
-def test_processes_only_with_two_cores_and_auto_only_for_a_big_night(tmp_path: Path, monkeypatch) -> None:
+def test_processes_with_two_cores_and_auto_only_for_many_or_big_lights(tmp_path: Path, monkeypatch) -> None:
     lights = tmp_path / "lights"
-    lights.mkdir()
+    (lights / "night2").mkdir(parents=True)
     for i in range(3):
-        (lights / f"l{i}.fits").write_bytes(b"\0" * 2880)
+        (lights / "night2" / f"l{i}.fits").write_bytes(b"\0" * 2880)
+    (lights / "l3.fits").symlink_to(lights / "missing.fits")  # dangling: counted, no bytes
     assert use_processes("processes", 2, lights) and not use_processes("processes", 1, lights)
     assert not use_processes("threads", 8, lights)
     assert not use_processes("auto", 2, lights)
     monkeypatch.setattr(workers, "AUTO_MIN_BYTES", 3 * 2880)
+    assert use_processes("auto", 2, lights) and not use_processes("auto", 1, lights)
+    monkeypatch.setattr(workers, "AUTO_MIN_BYTES", 4 * 2880)
+    assert not use_processes("auto", 2, lights)
+    monkeypatch.setattr(workers, "AUTO_MIN_LIGHTS", 4)  # the lights of the whole tree
     assert use_processes("auto", 2, lights) and not use_processes("auto", 1, lights)
     with pytest.raises(ValueError, match="workers must be one of"):
         use_processes("cluster", 2, lights)
