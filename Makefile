@@ -33,6 +33,10 @@ lint: setup
 # wait about 9 s (bench/README.md). Siril (bench/siril.py) comes from Debian when apt-get works.
 BENCH_VENV ?= .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
+# The big-sensor nights (61-MP lights; about 22 GB of disk under BENCH_DATA, 30-40 minutes):
+# `make bench BENCH_BIG=` leaves them out.
+BENCH_BIG ?= 10,40
+BENCH_DATA ?= bench/data
 
 $(BENCH_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -42,9 +46,10 @@ $(BENCH_STAMP): pyproject.toml
 
 bench: $(BENCH_STAMP)
 	command -v siril-cli >/dev/null || (apt-get update -qq && apt-get install -y -qq siril) || echo "make bench: no Siril; bench/siril.py will be skipped"
-	$(BENCH_VENV)/bin/python bench/run.py --repeat 2
+	$(BENCH_VENV)/bin/python bench/run.py --repeat 2 --data $(abspath $(BENCH_DATA))
+	if [ -n "$(BENCH_BIG)" ]; then $(BENCH_VENV)/bin/python bench/run.py --big $(BENCH_BIG) --data $(abspath $(BENCH_DATA)); fi
 	$(BENCH_VENV)/bin/python bench/register.py
-	if command -v siril-cli >/dev/null; then $(BENCH_VENV)/bin/python bench/siril.py; fi
+	if command -v siril-cli >/dev/null; then $(BENCH_VENV)/bin/python bench/siril.py --data $(abspath $(BENCH_DATA)); fi
 
 clean:
 	rm -rf demo .pytest_cache
