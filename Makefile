@@ -37,6 +37,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 # `make bench BENCH_BIG=` leaves them out.
 BENCH_BIG ?= 10,40
 BENCH_DATA ?= bench/data
+BENCH_DIR = $(abspath $(BENCH_DATA))
 
 $(BENCH_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -46,10 +47,10 @@ $(BENCH_STAMP): pyproject.toml
 
 bench: $(BENCH_STAMP)
 	command -v siril-cli >/dev/null || (apt-get update -qq && apt-get install -y -qq siril) || echo "make bench: no Siril; bench/siril.py will be skipped"
-	$(BENCH_VENV)/bin/python bench/run.py --repeat 2 --data $(abspath $(BENCH_DATA))
-	if [ -n "$(BENCH_BIG)" ]; then $(BENCH_VENV)/bin/python bench/run.py --big $(BENCH_BIG) --data $(abspath $(BENCH_DATA)); fi
+	$(BENCH_VENV)/bin/python bench/run.py --repeat 2 --data $(BENCH_DIR)
+	if [ -n "$(BENCH_BIG)" ]; then $(BENCH_VENV)/bin/python bench/run.py --big $(BENCH_BIG) --data $(BENCH_DIR); fi
 	$(BENCH_VENV)/bin/python bench/register.py
-	if command -v siril-cli >/dev/null; then $(BENCH_VENV)/bin/python bench/siril.py --data $(abspath $(BENCH_DATA)); fi
+	if command -v siril-cli >/dev/null; then $(BENCH_VENV)/bin/python bench/siril.py --data $(BENCH_DIR); fi
 
 clean:
 	rm -rf demo .pytest_cache

@@ -734,13 +734,12 @@ class Bench:
             result["all_walls_s"] = walls[label]
         return block
 
-    def tiny(self) -> None:
-        """The long night: ``--tiny`` lights of 16x16, imgproc's dry run on a fresh folder, real
-        run, dry run once planned and no-op rerun, then the reference's calibration of the same
-        lights, compared with imgproc's outputs."""
+    def long_night(self) -> dict[str, Any]:
+        """This bench's night as the long night (:func:`long_night`): imgproc's dry run on a
+        fresh folder, real run, dry run once planned and no-op rerun, then the reference's
+        calibration of the same lights, compared with imgproc's outputs."""
         n = self.args.tiny
-        night_json, meta = ensure_night(self.args.data, f"tiny{n}", night_params(n, 16))
-        root = Path(meta["root"])
+        root = Path(self.night["root"])
         warm_up(root)
         out = self.runs / f"tiny{n}"
         shutil.rmtree(out, ignore_errors=True)
@@ -767,17 +766,23 @@ class Bench:
                 flush=True,
             )
             info[label] = result
-        long_night = Bench(self.args, night_json, meta, self.runs, self.logs)
-        reference, ref_out = long_night.run_method("reference", "calibrate", label=f"tiny{n}-reference")
-        long_night.digest_run("reference", "calibrate", reference, ref_out)
+        reference, ref_out = self.run_method("reference", "calibrate", label=f"tiny{n}-reference")
+        self.digest_run("reference", "calibrate", reference, ref_out)
         info["reference"] = reference
         if reference["status"] == 0 and info["real_run"]["status"] == 0:
             info["check"] = compare(out, ref_out, 1e-6)
             print(f"  vs reference: {info['check']}", flush=True)
-        self.results["tiny"] = info
         if not self.args.keep_outputs:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(ref_out, ignore_errors=True)
+        return info
+
+
+def long_night(args: argparse.Namespace, runs: Path, logs: Path) -> dict[str, Any]:
+    """The long night: ``--tiny`` lights of 16x16 (``DATA/tiny<n>/``, made once), measured by
+    :meth:`Bench.long_night`."""
+    night_json, night = ensure_night(args.data, f"tiny{args.tiny}", night_params(args.tiny, 16))
+    return Bench(args, night_json, night, runs, logs).long_night()
 
 
 def long_night_stages(breakdown: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -1061,12 +1066,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.big:
         return big(args, runs, logs)
     if args.tiny_only:
-        bench = Bench(args, Path(), {}, runs, logs)
-        bench.results.update(run_header(args))
-        bench.tiny()
-        lines = report(bench.results, args)
+        results = {**run_header(args), "tiny": long_night(args, runs, logs)}
+        lines = report(results, args)
         print("\n" + "\n".join(lines))
-        save(bench.results, lines, f"bench-tiny{args.tiny}-c{args.cores}")
+        save(results, lines, f"bench-tiny{args.tiny}-c{args.cores}")
         return 0
 
     night_json, night = ensure_night(
@@ -1083,7 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
     if "stack" in modes:
         bench.big_stack()
     if not args.no_tiny:
-        bench.tiny()
+        bench.results["tiny"] = long_night(args, runs, logs)
 
     lines = report(bench.results, args)
     print("\n" + "\n".join(lines))
